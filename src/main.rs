@@ -1,0 +1,280 @@
+//! The `errand` command line: parses arguments and calls into the library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use errand::catalog::{self, Catalog};
+use errand::chat::{self, ChatOptions};
+use errand::engine::sampler::SamplingParams;
+use errand::engine::{Engine, EngineOptions};
+use errand::model::LoadOptions;
+use errand::prompt::{Lang, Prompts};
+use errand::tools::ToolSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "errand", version, about = "A local-first life assistant")]
+struct Cli {
+    /// Worker threads for inference (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Catalog name, path to a .gguf, or hf:OWNER/REPO/FILE.gguf.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Keep Q5_0/Q5_1/Q4_1 weights as they are instead of re-quantizing them to Q8_0.
+    #[arg(long)]
+    no_requant: bool,
+    /// Read prompt files from this folder instead of the built-in copies of prompts/.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Chat template file overriding the GGUF's own.
+    #[arg(long)]
+    template: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Talk to the assistant in the terminal.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Folder of mini-program manifests whose tools the model may call.
+        #[arg(long, default_value = "tools")]
+        tools: PathBuf,
+        /// Do not offer any tools.
+        #[arg(long)]
+        no_tools: bool,
+        /// Let the model write tool calls freely instead of grammar-constrained.
+        #[arg(long)]
+        unconstrained: bool,
+        /// Conversation language (en, zh, ko); detected from the first message if unset.
+        #[arg(long)]
+        lang: Option<String>,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// Ask one question, print the reply and exit.
+        #[arg(long)]
+        once: Option<String>,
+        /// Print token counts and speed after each reply.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Measure speed against llama.cpp's llama-bench on the same file.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Folder with llama-bench (default: built by scripts/llama-cpp.sh).
+        #[arg(long)]
+        llama_bin: Option<PathBuf>,
+        /// Skip the llama.cpp anchor.
+        #[arg(long)]
+        no_anchor: bool,
+        #[arg(long, default_value = "tools")]
+        tools: PathBuf,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// How often tool calls are valid, with and without constraints (evals/toolcalls.json).
+    Toolcheck {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "evals/toolcalls.json")]
+        cases: PathBuf,
+        #[arg(long, default_value = "tools")]
+        tools: PathBuf,
+    },
+    /// Show the model catalog and what is downloaded.
+    Models,
+    /// Print token ids for a text (as llama-tokenize would).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        text: String,
+        /// Treat control-token text as plain text.
+        #[arg(long)]
+        no_parse_special: bool,
+    },
+}
+
+fn resolve(m: &ModelArgs) -> Result<catalog::ResolvedModel> {
+    let spec = match &m.model {
+        Some(s) => s.clone(),
+        None => Catalog::builtin()?.default_chat,
+    };
+    Ok(catalog::resolve(&spec)?)
+}
+
+fn engine_options(m: &ModelArgs) -> Result<EngineOptions> {
+    let prompts = match &m.prompts {
+        Some(dir) => Prompts::from_dir(dir)?,
+        None => Prompts::builtin(),
+    };
+    let template_override = match &m.template {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("cannot read template {}", p.display()))?),
+        None => None,
+    };
+    Ok(EngineOptions {
+        load: LoadOptions {
+            requantize_to_q8_0: !m.no_requant,
+        },
+        prompts,
+        template_override,
+        ..Default::default()
+    })
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    // candle and gemm size their pools from this before first use.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    match cli.cmd {
+        Cmd::Chat { model, tools, no_tools, unconstrained, lang, temperature, seed, max_tokens, once, stats } => {
+            let lang = match lang.as_deref() {
+                None => None,
+                Some(l) => Some(Lang::parse(l).with_context(|| format!("unknown language `{l}`; use en, zh or ko"))?),
+            };
+            let tools = if no_tools {
+                None
+            } else {
+                Some(Arc::new(ToolSet::load_dir(&tools)?))
+            };
+            let resolved = resolve(&model)?;
+            eprintln!("loading {} …", resolved.path.display());
+            let engine = Engine::start(&resolved, engine_options(&model)?)?;
+            eprintln!(
+                "{} ({}, context {}) ready in {:.1} s. {}",
+                engine.info.name,
+                engine.info.arch,
+                engine.info.context_length,
+                engine.info.load_ms / 1000.0,
+                chat::HELP
+            );
+            let mut sampling = if temperature > 0.0 { SamplingParams::chat(seed) } else { SamplingParams::greedy() };
+            sampling.temperature = temperature;
+            let opts = ChatOptions {
+                lang,
+                tools,
+                constrain: !unconstrained,
+                sampling,
+                max_tokens,
+                stats,
+                ..Default::default()
+            };
+            let mut out = std::io::stdout();
+            match once {
+                Some(q) => {
+                    chat::repl(&engine, opts, std::io::Cursor::new(q), &mut out, false)?;
+                }
+                None => {
+                    let stdin = std::io::stdin();
+                    let interactive = stdin.is_terminal();
+                    chat::repl(&engine, opts, stdin.lock(), &mut out, interactive)?;
+                }
+            }
+        }
+        Cmd::Bench { model, prompt_tokens, gen_tokens, reps, llama_bin, no_anchor, tools, json } => {
+            let resolved = resolve(&model)?;
+            let llama_bin = if no_anchor {
+                None
+            } else {
+                Some(match llama_bin {
+                    Some(d) => d,
+                    None => build_llama_cpp()?,
+                })
+            };
+            let opts = errand::bench::BenchOptions {
+                model: resolved,
+                threads,
+                prompt_tokens,
+                gen_tokens,
+                reps,
+                load: engine_options(&model)?.load,
+                llama_bin,
+                tools_dir: tools,
+            };
+            let report = errand::bench::run(&opts)?;
+            println!("{report}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
+        Cmd::Toolcheck { model, cases, tools } => {
+            let text = std::fs::read_to_string(&cases).with_context(|| format!("cannot read {}", cases.display()))?;
+            let cases: Vec<errand::toolcheck::Case> =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a valid case list", cases.display()))?;
+            let tools = Arc::new(ToolSet::load_dir(&tools)?);
+            let resolved = resolve(&model)?;
+            let engine = Engine::start(&resolved, engine_options(&model)?)?;
+            eprintln!("{} prompts, each with and without constraints …", cases.len());
+            println!("{}", errand::toolcheck::run(&engine, tools, &cases)?);
+        }
+        Cmd::Models => {
+            let c = Catalog::builtin()?;
+            let dir = catalog::models_dir();
+            println!("model cache: {}", dir.display());
+            for m in &c.models {
+                let present = catalog::resolve(&m.name).is_ok();
+                println!(
+                    "{:<30} {:<10} {:<8} {}",
+                    m.name,
+                    m.role,
+                    if present { "present" } else { "missing" },
+                    m.description
+                );
+            }
+            println!("fetch with: python3 models/fetch.py [NAME]");
+        }
+        Cmd::Tokenize { model, text, no_parse_special } => {
+            let resolved = resolve(&model)?;
+            let g = errand::gguf::GgufFile::open(&resolved.path)?;
+            let tok = errand::tokenizer::Tokenizer::from_gguf(&g)?;
+            let ids = tok.encode(&text, !no_parse_special)?;
+            println!("{ids:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs scripts/llama-cpp.sh (a cached build) and returns the folder with llama-bench.
+fn build_llama_cpp() -> Result<PathBuf> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/llama-cpp.sh");
+    eprintln!("building (or finding) llama-bench with {} …", script.display());
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    anyhow::ensure!(out.status.success(), "{} failed; see its messages above", script.display());
+    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_owned();
+    anyhow::ensure!(!dir.is_empty(), "{} printed no directory", script.display());
+    Ok(PathBuf::from(dir))
+}

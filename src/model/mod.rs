@@ -1,0 +1,463 @@
+//! Decoder-only transformers loaded from GGUF, with the KV cache owned by the
+//! caller.
+//!
+//! candle-transformers' quantized models keep one KV cache inside the model,
+//! which allows one conversation at a time. Errand keeps a cache per session
+//! (see `engine::kv_pool`), so the model here is immutable during a forward
+//! pass and takes `&mut KvCache` instead: the same weights serve every
+//! session, a cache can be cut back to a common prefix, and a later batching
+//! scheduler can interleave sessions.
+//!
+//! Architectures are described by [`ArchSpec`]: `qwen2` (biased q/k/v,
+//! NeoX-style rotary) and `llama` (no biases, interleaved rotary) are
+//! implemented. `qwen3` (per-head q/k RMS norm) and `gemma3` (extra norms,
+//! GELU, sliding windows) are recognised and refused with a clear message;
+//! adding them means adding their fields to `ArchSpec` and `Layer`.
+
+mod cache;
+
+pub use cache::KvCache;
+
+use crate::gguf::{GgufError, GgufFile};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(
+        "architecture `{0}` is not supported yet (supported: qwen2, llama){1}"
+    )]
+    UnsupportedArch(String, &'static str),
+    #[error("the model file lacks tensor `{0}`; is it a complete {1} GGUF?")]
+    MissingTensor(String, String),
+    #[error("unsupported model shape: {0}")]
+    Shape(String),
+    #[error("the prompt needs {needed} positions but the model's context holds {limit}")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// What differs between the supported architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchSpec {
+    /// Rotary embedding on interleaved pairs (llama) or on halves (NeoX, qwen2).
+    pub rope_interleaved: bool,
+}
+
+impl ArchSpec {
+    pub fn for_name(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "qwen2" => Ok(Self {
+                rope_interleaved: false,
+            }),
+            "llama" => Ok(Self {
+                rope_interleaved: true,
+            }),
+            "qwen3" => Err(ModelError::UnsupportedArch(
+                name.into(),
+                "; qwen3 needs per-head q/k RMS norms (add them to ArchSpec and Layer)",
+            )),
+            "gemma3" | "gemma2" | "gemma" => Err(ModelError::UnsupportedArch(
+                name.into(),
+                "; gemma needs GELU, extra norms and sliding-window attention",
+            )),
+            other => Err(ModelError::UnsupportedArch(other.into(), "")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: String,
+    pub spec: ArchSpec,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub context_length: usize,
+    pub rms_eps: f64,
+    pub rope_theta: f32,
+    pub vocab_size: usize,
+}
+
+impl ModelConfig {
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let arch = g.architecture()?.to_owned();
+        let spec = ArchSpec::for_name(&arch)?;
+        let k = |s: &str| format!("{arch}.{s}");
+        let n_head = g.u32(&k("attention.head_count"))? as usize;
+        let hidden = g.u32(&k("embedding_length"))? as usize;
+        let head_dim = g
+            .u32(&k("attention.key_length"))
+            .map(|v| v as usize)
+            .unwrap_or(hidden / n_head.max(1));
+        if let Ok(rope_dim) = g.u32(&k("rope.dimension_count")) {
+            if rope_dim as usize != head_dim {
+                return Err(ModelError::Shape(format!(
+                    "partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported"
+                )));
+            }
+        }
+        let vocab_size = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .unwrap_or(0);
+        Ok(Self {
+            spec,
+            n_layer: g.u32(&k("block_count"))? as usize,
+            n_head,
+            n_kv_head: g
+                .u32(&k("attention.head_count_kv"))
+                .map(|v| v as usize)
+                .unwrap_or(n_head),
+            head_dim,
+            hidden,
+            context_length: g.u32(&k("context_length"))? as usize,
+            rms_eps: g.f32(&k("attention.layer_norm_rms_epsilon"))? as f64,
+            rope_theta: g.f32(&k("rope.freq_base")).unwrap_or(10_000.0),
+            vocab_size,
+            arch,
+        })
+    }
+
+    /// Bytes of KV cache one token takes (f32 keys and values, all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layer * self.n_kv_head * self.head_dim * 4
+    }
+}
+
+/// How weights are prepared at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Re-quantize Q5_0/Q5_1/Q4_1 matrices to Q8_0, which has fast SIMD
+    /// kernels in candle; costs memory, keeps more precision than the source.
+    pub requantize_to_q8_0: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            requantize_to_q8_0: true,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Largest number of prompt tokens pushed through the model at once; bounds
+/// the attention scratch memory of a long prefill.
+pub const PREFILL_CHUNK: usize = 512;
+
+impl Transformer {
+    pub fn load(g: &GgufFile, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_gguf(g)?;
+        let mut reader = g.reader()?;
+        let arch = cfg.arch.clone();
+        let mut get = |name: &str| -> Result<Option<QTensor>, ModelError> {
+            if !g.content.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            Ok(Some(g.content.tensor(&mut reader, name, device)?))
+        };
+        let mut tensors = HashMap::new();
+        let mut names: Vec<String> = vec![
+            "token_embd.weight".into(),
+            "output_norm.weight".into(),
+            "output.weight".into(),
+        ];
+        for i in 0..cfg.n_layer {
+            for t in [
+                "attn_norm.weight",
+                "attn_q.weight",
+                "attn_k.weight",
+                "attn_v.weight",
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "attn_output.weight",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ] {
+                names.push(format!("blk.{i}.{t}"));
+            }
+        }
+        for name in names {
+            if let Some(t) = get(&name)? {
+                tensors.insert(name, t);
+            }
+        }
+        let _ = arch;
+        Self::from_tensors(cfg, tensors, device, opts)
+    }
+
+    /// Builds the model from named GGUF-style tensors (`blk.N.attn_q.weight` …).
+    /// Used by [`Transformer::load`] and by tests that make small random models.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        mut tensors: HashMap<String, QTensor>,
+        device: &Device,
+        opts: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let arch = cfg.arch.clone();
+        let mut take = |name: &str| -> Result<QTensor, ModelError> {
+            tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.clone()))
+        };
+        let matmul = |t: QTensor| -> Result<QMatMul, ModelError> {
+            let t = if opts.requantize_to_q8_0
+                && matches!(t.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4_1)
+                && t.shape().dims().last().is_some_and(|k| k % 32 == 0)
+            {
+                let f = t.dequantize(device)?;
+                QTensor::quantize(&f, GgmlDType::Q8_0)?
+            } else {
+                t
+            };
+            Ok(QMatMul::from_arc(Arc::new(t))?)
+        };
+        let vec = |t: QTensor| -> Result<Tensor, ModelError> { Ok(t.dequantize(device)?) };
+        let embed_q = take("token_embd.weight")?;
+        let output = match tensors.remove("output.weight") {
+            Some(t) => matmul(t)?,
+            None => QMatMul::from_arc(Arc::new(QTensor::quantize(
+                &embed_q.dequantize(device)?,
+                if embed_q.dtype() == GgmlDType::F32 {
+                    GgmlDType::F32
+                } else {
+                    GgmlDType::Q8_0
+                },
+            )?))?,
+        };
+        let embed = QMatMul::from_arc(Arc::new(embed_q))?;
+        let mut take = |name: &str| -> Result<QTensor, ModelError> {
+            tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.into(), cfg.arch.clone()))
+        };
+        let norm = vec(take("output_norm.weight")?)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let bias = |t: Option<QTensor>| -> Result<Option<Tensor>, ModelError> {
+                t.map(|t| vec(t)).transpose()
+            };
+            layers.push(Layer {
+                attn_norm: vec(take(&p("attn_norm.weight"))?)?,
+                wq: matmul(take(&p("attn_q.weight"))?)?,
+                wk: matmul(take(&p("attn_k.weight"))?)?,
+                wv: matmul(take(&p("attn_v.weight"))?)?,
+                bq: bias(take(&p("attn_q.bias")).ok())?,
+                bk: bias(take(&p("attn_k.bias")).ok())?,
+                bv: bias(take(&p("attn_v.bias")).ok())?,
+                wo: matmul(take(&p("attn_output.weight"))?)?,
+                ffn_norm: vec(take(&p("ffn_norm.weight"))?)?,
+                gate: matmul(take(&p("ffn_gate.weight"))?)?,
+                up: matmul(take(&p("ffn_up.weight"))?)?,
+                down: matmul(take(&p("ffn_down.weight"))?)?,
+            });
+        }
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layer)
+    }
+
+    /// Runs `tokens` after what `cache` already holds and returns the logits
+    /// (f32, vocabulary-sized) for the position after the last token.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Shape("forward needs at least one token".into()));
+        }
+        let needed = cache.len() + tokens.len();
+        if needed > self.cfg.context_length {
+            return Err(ModelError::ContextOverflow {
+                needed,
+                limit: self.cfg.context_length,
+            });
+        }
+        let mut last = None;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            last = Some(self.forward_chunk(chunk, cache)?);
+        }
+        let hidden = last.expect("at least one chunk");
+        let logits = self.output.forward(&hidden)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+
+    /// One chunk through every layer; returns the normalised hidden state of
+    /// the chunk's last position, shape (1, hidden).
+    fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
+        let c = &self.cfg;
+        let s = tokens.len();
+        let pos = cache.len();
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?.to_dtype(DType::F32)?;
+        let cos = self.cos.narrow(0, pos, s)?;
+        let sin = self.sin.narrow(0, pos, s)?;
+        let n_rep = c.n_head / c.n_kv_head;
+        let mask = if s > 1 {
+            Some(causal_mask(s, pos, n_rep, &self.device)?)
+        } else {
+            None
+        };
+        let eps = c.rms_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = add_bias(layer.wq.forward(&h)?, &layer.bq)?;
+            let k = add_bias(layer.wk.forward(&h)?, &layer.bk)?;
+            let v = add_bias(layer.wv.forward(&h)?, &layer.bv)?;
+            let q = q.reshape((1, s, c.n_head, c.head_dim))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((1, s, c.n_kv_head, c.head_dim))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((1, s, c.n_kv_head, c.head_dim))?.transpose(1, 2)?.contiguous()?;
+            let (q, k) = if c.spec.rope_interleaved {
+                (
+                    candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, &cos, &sin)?,
+                    candle_nn::rotary_emb::rope(&k, &cos, &sin)?,
+                )
+            };
+            let (k_all, v_all) = cache.append(li, &k, &v, pos)?;
+            let kv_len = pos + s;
+            // Grouped-query attention without copying K/V: the n_rep query
+            // heads that share a KV head become extra rows of one matmul.
+            let q = q.reshape((1, c.n_kv_head, n_rep * s, c.head_dim))?;
+            let scale = 1.0 / (c.head_dim as f64).sqrt();
+            let att = (q.matmul(&k_all.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v_all)?; // (1, n_kv, n_rep*s, hd)
+            debug_assert_eq!(y.dims()[2], n_rep * s);
+            let _ = kv_len;
+            let y = y
+                .reshape((1, c.n_head, s, c.head_dim))?
+                .transpose(1, 2)?
+                .reshape((1, s, c.n_head * c.head_dim))?;
+            x = (x + layer.wo.forward(&y)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let u = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(g * u)?)?)?;
+        }
+        cache.set_len(pos + s);
+        let last = x.narrow(1, s - 1, 1)?.reshape((1, c.hidden))?;
+        Ok(candle_nn::ops::rms_norm(&last, &self.norm, eps)?)
+    }
+}
+
+fn add_bias(x: Tensor, b: &Option<Tensor>) -> candle_core::Result<Tensor> {
+    match b {
+        Some(b) => x.broadcast_add(b),
+        None => Ok(x),
+    }
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor), ModelError> {
+    let half = cfg.head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let n = cfg.context_length;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+/// Additive causal mask for `s` new queries after `pos` cached positions,
+/// repeated for the `n_rep` query heads that share one KV head.
+fn causal_mask(s: usize, pos: usize, n_rep: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let kv = pos + s;
+    let mut m = Vec::with_capacity(n_rep * s * kv);
+    for _ in 0..n_rep {
+        for i in 0..s {
+            for j in 0..kv {
+                m.push(if j <= pos + i { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(m, (1, 1, n_rep * s, kv), device)
+}
+
+/// Index of the largest logit (greedy decoding).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[allow(dead_code)]
+fn _dims_check(t: &Tensor) -> candle_core::Result<usize> {
+    t.dim(D::Minus1)
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

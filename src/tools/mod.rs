@@ -1,0 +1,338 @@
+//! Tools: mini-program manifests, tool-call parsing, and constrained decoding.
+//!
+//! A mini-program declares its services in a JSON manifest under `tools/`
+//! (see `tools/README.md`). Each tool has a name, a description in English,
+//! Chinese and Korean, JSON-schema parameters, and whether it needs the
+//! user's confirmation. Manifests are validated at load; arguments the model
+//! produces are validated against the schema before anything is called.
+
+pub mod grammar;
+pub mod parse;
+
+pub use parse::{CallStream, StreamItem, ToolCall};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("tool `{name}` is declared twice: in {first} and in {second}")]
+    Duplicate {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+}
+
+/// Text in the three languages Errand speaks; `en` is required.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Localized {
+    pub en: String,
+    #[serde(default)]
+    pub zh: Option<String>,
+    #[serde(default)]
+    pub ko: Option<String>,
+}
+
+impl Localized {
+    pub fn get(&self, lang: &str) -> &str {
+        match lang {
+            "zh" => self.zh.as_deref().unwrap_or(&self.en),
+            "ko" => self.ko.as_deref().unwrap_or(&self.en),
+            _ => &self.en,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub method: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolDef {
+    pub name: String,
+    pub description: Localized,
+    pub parameters: Value,
+    /// Spends money, books or cancels: never run without the user's yes.
+    #[serde(default)]
+    pub confirm: bool,
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
+    /// How a result is shown (a card kind), for the platform layer.
+    #[serde(default)]
+    pub card: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub app: String,
+    pub title: Localized,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    pub tools: Vec<ToolDef>,
+}
+
+/// A tool with its compiled argument validator.
+pub struct Tool {
+    pub def: ToolDef,
+    pub app: String,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for Tool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tool").field("name", &self.def.name).finish()
+    }
+}
+
+impl Tool {
+    pub fn new(app: &str, def: ToolDef) -> Result<Self, String> {
+        if !valid_name(&def.name) {
+            return Err(format!(
+                "tool name `{}` must be 1-64 characters of a-z, 0-9 and _, starting with a letter",
+                def.name
+            ));
+        }
+        if def.description.en.trim().is_empty() {
+            return Err(format!("tool `{}` needs an English description", def.name));
+        }
+        if def.parameters.get("type") != Some(&json!("object")) {
+            return Err(format!(
+                "tool `{}`: `parameters` must be a JSON schema with \"type\": \"object\"",
+                def.name
+            ));
+        }
+        let validator = jsonschema::validator_for(&def.parameters)
+            .map_err(|e| format!("tool `{}`: `parameters` is not a valid JSON schema: {e}", def.name))?;
+        Ok(Self {
+            def,
+            app: app.into(),
+            validator,
+        })
+    }
+
+    /// Checks arguments against the schema; the error lists every problem in
+    /// words the model can act on.
+    pub fn validate(&self, args: &serde_json::Map<String, Value>) -> Result<(), String> {
+        let v = Value::Object(args.clone());
+        let errors: Vec<String> = self
+            .validator
+            .iter_errors(&v)
+            .map(|e| {
+                let at = e.instance_path.to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{at}: {e}")
+                }
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "invalid arguments for `{}`: {}",
+                self.def.name,
+                errors.join("; ")
+            ))
+        }
+    }
+
+    /// The OpenAI/Hugging Face tool object chat templates render.
+    pub fn template_json(&self, lang: &str) -> Value {
+        json!({
+            "type": "function",
+            "function": {
+                "name": self.def.name,
+                "description": self.def.description.get(lang),
+                "parameters": self.def.parameters,
+            }
+        })
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && s.len() <= 64
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Every tool from every manifest, by name.
+#[derive(Debug, Default, Clone)]
+pub struct ToolSet {
+    tools: Vec<Arc<Tool>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl ToolSet {
+    pub fn from_tools(tools: Vec<Tool>) -> Self {
+        let mut set = Self::default();
+        for t in tools {
+            set.by_name.insert(t.def.name.clone(), set.tools.len());
+            set.tools.push(Arc::new(t));
+        }
+        set
+    }
+
+    /// Loads every `*.json` manifest in `dir`, in name order.
+    pub fn load_dir(dir: &Path) -> Result<Self, ManifestError> {
+        let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        let mut tools = Vec::new();
+        let mut origin: HashMap<String, PathBuf> = HashMap::new();
+        for path in paths {
+            for t in load_manifest(&path)? {
+                if let Some(first) = origin.get(&t.def.name) {
+                    return Err(ManifestError::Duplicate {
+                        name: t.def.name.clone(),
+                        first: first.clone(),
+                        second: path.clone(),
+                    });
+                }
+                origin.insert(t.def.name.clone(), path.clone());
+                tools.push(t);
+            }
+        }
+        Ok(Self::from_tools(tools))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Tool>> {
+        self.by_name.get(name).map(|&i| &self.tools[i])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tool>> {
+        self.tools.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tools.len()
+    }
+
+    pub fn template_json(&self, lang: &str) -> Vec<Value> {
+        self.tools.iter().map(|t| t.template_json(lang)).collect()
+    }
+
+    /// Checks a parsed call: the tool must exist and the arguments must fit
+    /// its schema.
+    pub fn check(&self, call: &ToolCall) -> Result<&Arc<Tool>, String> {
+        let tool = self.get(&call.name).ok_or_else(|| {
+            let known: Vec<&str> = self.tools.iter().map(|t| t.def.name.as_str()).collect();
+            format!(
+                "there is no tool named `{}`; the tools are: {}",
+                call.name,
+                known.join(", ")
+            )
+        })?;
+        tool.validate(&call.arguments)?;
+        Ok(tool)
+    }
+}
+
+pub fn load_manifest(path: &Path) -> Result<Vec<Tool>, ManifestError> {
+    let invalid = |message: String| ManifestError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(format!("not a valid manifest: {e}")))?;
+    if m.tools.is_empty() {
+        return Err(invalid("declares no tools".into()));
+    }
+    m.tools
+        .into_iter()
+        .map(|def| Tool::new(&m.app, def).map_err(&invalid))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(params: Value) -> Result<Tool, String> {
+        Tool::new(
+            "t",
+            ToolDef {
+                name: "ride_quote".into(),
+                description: Localized {
+                    en: "Quote a ride".into(),
+                    zh: None,
+                    ko: None,
+                },
+                parameters: params,
+                confirm: false,
+                endpoint: None,
+                card: None,
+            },
+        )
+    }
+
+    #[test]
+    fn arguments_are_validated_with_actionable_errors() {
+        let t = tool(json!({
+            "type": "object",
+            "properties": {"dropoff": {"type": "string"}, "seats": {"type": "integer", "minimum": 1}},
+            "required": ["dropoff"],
+            "additionalProperties": false
+        }))
+        .unwrap();
+        let ok: serde_json::Map<String, Value> = serde_json::from_value(json!({"dropoff": "PVG"})).unwrap();
+        assert!(t.validate(&ok).is_ok());
+        let bad: serde_json::Map<String, Value> = serde_json::from_value(json!({"seats": 0})).unwrap();
+        let e = t.validate(&bad).unwrap_err();
+        assert!(e.contains("dropoff") && e.contains("seats"), "{e}");
+    }
+
+    #[test]
+    fn bad_manifests_are_rejected_clearly() {
+        assert!(tool(json!({"type": "string"})).unwrap_err().contains("type"));
+        assert!(tool(json!({"type": "object", "properties": {"a": {"type": "nonsense"}}})).is_err());
+        let dir = std::env::temp_dir().join(format!("errand-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("broken.json");
+        std::fs::write(&p, "{\"app\": \"x\"").unwrap();
+        let e = load_manifest(&p).unwrap_err().to_string();
+        assert!(e.contains("broken.json") && e.contains("not a valid manifest"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_manifests_load() {
+        let set = ToolSet::load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools"))).unwrap();
+        assert!(set.len() >= 3);
+        let e = set
+            .check(&ToolCall {
+                name: "teleport".into(),
+                arguments: Default::default(),
+            })
+            .unwrap_err();
+        assert!(e.contains("no tool named"), "{e}");
+    }
+}
