@@ -65,6 +65,17 @@ impl TokenType {
     }
 }
 
+/// Token texts llama.cpp treats as end-of-generation whatever their GGUF
+/// type, forcing them to control tokens (src/llama-vocab.cpp). This matters
+/// for tokenization too: Qwen's vocabulary has an ordinary `</s>` token that
+/// llama.cpp therefore matches as a special token in text.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>", "[e~[",
+];
+
 /// The split regexes llama.cpp uses for a given `tokenizer.ggml.pre`.
 /// These are facts about llama.cpp's behaviour (src/llama-vocab.cpp), written
 /// out here so the two tokenizers split text identically.
@@ -126,8 +137,10 @@ pub struct Tokenizer {
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub add_bos: bool,
-    /// Tokens that end a generation (EOS, `<|im_end|>`, `<|endoftext|>` …).
+    /// Tokens that end a generation (EOS, `<|im_end|>`, `<|endoftext|>` …),
+    /// EOS first.
     pub eog_ids: Vec<u32>,
+    controls: Vec<String>,
 }
 
 impl Tokenizer {
@@ -144,10 +157,20 @@ impl Tokenizer {
             .into_iter()
             .map(str::to_owned)
             .collect();
-        let types: Vec<TokenType> = match g.ints("tokenizer.ggml.token_type") {
+        let mut types: Vec<TokenType> = match g.ints("tokenizer.ggml.token_type") {
             Ok(v) => v.into_iter().map(TokenType::from_i64).collect(),
             Err(_) => vec![TokenType::Normal; tokens.len()],
         };
+        types.resize(tokens.len(), TokenType::Normal);
+        let mut eog_ids: Vec<u32> = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if EOG_TEXTS.contains(&t.as_str()) {
+                eog_ids.push(i as u32);
+                if types[i] != TokenType::Control {
+                    types[i] = TokenType::Control;
+                }
+            }
+        }
         let merges: Vec<(String, String)> = g
             .strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -217,19 +240,17 @@ impl Tokenizer {
         let bos_id = g.u32("tokenizer.ggml.bos_token_id").ok();
         let eos_id = g.u32("tokenizer.ggml.eos_token_id").ok();
         let add_bos = g.bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
-        let mut eog_ids: Vec<u32> = eos_id.into_iter().collect();
-        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"] {
-            if let Some(&id) = tk.get_added_vocabulary().get_vocab().get(name) {
-                if !eog_ids.contains(&id) {
-                    eog_ids.push(id);
-                }
-            }
+        // EOS first: it is the one llguidance is told about.
+        for id in [g.u32("tokenizer.ggml.eot_token_id").ok(), eos_id].into_iter().flatten() {
+            eog_ids.retain(|&e| e != id);
+            eog_ids.insert(0, id);
         }
-        if let Ok(id) = g.u32("tokenizer.ggml.eot_token_id") {
-            if !eog_ids.contains(&id) {
-                eog_ids.push(id);
-            }
-        }
+        let controls = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, ty)| **ty == TokenType::Control)
+            .map(|(t, _)| t.clone())
+            .collect();
         Ok(Self {
             with_special: tk,
             plain,
@@ -239,6 +260,7 @@ impl Tokenizer {
             bos_id,
             eos_id,
             add_bos,
+            controls,
             eog_ids,
         })
     }
@@ -293,13 +315,8 @@ impl Tokenizer {
     }
 
     /// The text of every control token (`<|im_start|>` …).
-    pub fn control_token_strings(&self) -> Vec<String> {
-        self.tokens
-            .iter()
-            .zip(&self.token_types)
-            .filter(|(_, ty)| **ty == TokenType::Control)
-            .map(|(t, _)| t.clone())
-            .collect()
+    pub fn control_token_strings(&self) -> &[String] {
+        &self.controls
     }
 
     pub fn is_eog(&self, id: u32) -> bool {

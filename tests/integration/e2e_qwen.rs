@@ -1,0 +1,119 @@
+//! Tool calling and multilingual answers on the default model,
+//! Qwen2.5-Coder-0.5B-Instruct, with greedy decoding.
+
+use crate::util::{qwen, repo, show};
+use errand::engine::{Prompt, Request};
+use errand::prompt::{now_unix, Lang};
+use errand::template::Message;
+use errand::tools::ToolSet;
+use std::sync::Arc;
+
+fn tools() -> Arc<ToolSet> {
+    Arc::new(ToolSet::load_dir(&repo().join("tools")).unwrap())
+}
+
+fn request(lang: Lang, user: &str, tools: Option<Arc<ToolSet>>, constrain: bool) -> Request {
+    let e = qwen();
+    let system = e.info.prompt.prompts.system(lang, now_unix());
+    let mut r = Request::chat(vec![Message::system(system), Message::user(user)]);
+    r.prompt = Prompt::Chat {
+        messages: vec![
+            Message::system(e.info.prompt.prompts.system(lang, now_unix())),
+            Message::user(user),
+        ],
+        tools,
+        lang: lang.code().into(),
+    };
+    r.max_tokens = 96;
+    r.constrain_tools = constrain;
+    r
+}
+
+#[test]
+fn answers_a_factual_question_in_english_chinese_and_korean() {
+    let e = qwen();
+    for (lang, q, want) in [
+        (Lang::En, "What is the capital of France? Answer in one short sentence.", "Paris"),
+        (Lang::Zh, "法国的首都是哪里？请用一句话回答。", "巴黎"),
+        (Lang::Ko, "프랑스의 수도는 어디인가요? 한 문장으로 답해 주세요.", "파리"),
+    ] {
+        let c = e.generate_blocking(request(lang, q, None, false)).unwrap();
+        assert!(c.text.contains(want), "{lang:?}: {}", c.text);
+        assert!(c.calls.is_empty());
+    }
+}
+
+#[test]
+fn taxi_request_yields_a_schema_valid_ride_call() {
+    let e = qwen();
+    let c = e
+        .generate_blocking(request(Lang::En, "get me a taxi to Pudong airport", Some(tools()), true))
+        .unwrap();
+    assert_eq!(c.calls.len(), 1, "{}", show("completion", &c));
+    let (call, error) = &c.calls[0];
+    assert_eq!(call.name, "ride_quote", "{}", show("call", call));
+    assert!(error.is_none(), "constrained calls must validate: {error:?}");
+    let dropoff = call.arguments["dropoff"].as_str().unwrap_or_default().to_lowercase();
+    assert!(dropoff.contains("pudong"), "{}", show("arguments", &call.arguments));
+    assert!(c.malformed.is_empty());
+}
+
+#[test]
+fn chinese_taxi_request_yields_a_valid_call_too() {
+    let e = qwen();
+    let c = e
+        .generate_blocking(request(Lang::Zh, "帮我叫一辆车去浦东机场", Some(tools()), true))
+        .unwrap();
+    assert_eq!(c.calls.len(), 1, "{}", show("completion", &c));
+    assert_eq!(c.calls[0].0.name, "ride_quote");
+    assert!(c.calls[0].1.is_none());
+}
+
+#[test]
+fn unconstrained_calls_are_still_parsed_from_whatever_shape_the_model_uses() {
+    let e = qwen();
+    let c = e
+        .generate_blocking(request(Lang::En, "get me a taxi to Pudong airport", Some(tools()), false))
+        .unwrap();
+    // Whatever the shape (tags, fence, bare JSON), it comes out as a call, not text.
+    assert!(
+        !c.calls.is_empty() || !c.malformed.is_empty(),
+        "{}",
+        show("completion", &c)
+    );
+    assert!(!c.text.contains("\"arguments\""), "call JSON leaked into text: {}", c.text);
+}
+
+#[test]
+fn small_talk_with_tools_offered_stays_text() {
+    let e = qwen();
+    let c = e
+        .generate_blocking(request(Lang::En, "Hi! How are you today?", Some(tools()), true))
+        .unwrap();
+    assert!(c.calls.is_empty(), "{}", show("completion", &c));
+    assert!(!c.text.trim().is_empty());
+}
+
+#[test]
+fn chinese_and_korean_replies_stream_as_whole_characters() {
+    let e = qwen();
+    for (lang, q) in [(Lang::Zh, "请用两句话介绍一下上海。"), (Lang::Ko, "서울을 두 문장으로 소개해 주세요.")] {
+        let mut r = request(lang, q, None, false);
+        r.max_tokens = 48;
+        let mut rx = e.submit(r).unwrap();
+        let mut deltas = 0;
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            if let errand::engine::Event::Delta(t) = ev {
+                deltas += 1;
+                text.push_str(&t);
+            }
+        }
+        assert!(deltas > 5 && !text.contains('\u{FFFD}'), "{lang:?}: {text:?}");
+        let native = match lang {
+            Lang::Zh => text.chars().any(|c| ('\u{4E00}'..='\u{9FFF}').contains(&c)),
+            _ => text.chars().any(|c| ('\u{AC00}'..='\u{D7A3}').contains(&c)),
+        };
+        assert!(native, "{lang:?}: {text}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Errand's integration tests, built into one test binary.
+//!
+//! They use the real models from the catalog: SmolLM2 for engine mechanics,
+//! Qwen2.5-Coder where tool calling matters. `scripts/test.sh` fetches them
+//! first; run by hand, a missing model fails with the fetch command to run.
+
+mod util;
+
+mod e2e_qwen;
+mod e2e_smollm;
+mod fetch_script;
+mod reference_model;
+mod template_golden;
+mod tokenizer_fixture;

@@ -1,0 +1,39 @@
+//! Shared helpers: models, engines loaded once per test binary, fixtures.
+
+use errand::catalog::{self, ResolvedModel};
+use errand::engine::{Engine, EngineOptions};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+pub const SMOL: &str = "smollm2-135m-instruct";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model(name: &str) -> ResolvedModel {
+    catalog::resolve(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn start(name: &str) -> Engine {
+    Engine::start(&model(name), EngineOptions::default())
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+/// One SmolLM2 engine shared by the tests in this binary.
+pub fn smol() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| start(SMOL))
+}
+
+/// One Qwen engine shared by the tests in this binary.
+pub fn qwen() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| start(QWEN))
+}
+
+/// Pretty-prints what a failing comparison saw, ripgrep-style.
+pub fn show(label: &str, value: &impl std::fmt::Debug) -> String {
+    format!("\n--- {label} ---\n{value:#?}\n")
+}
