@@ -136,8 +136,10 @@ pub fn resolve_in(spec: &str, models: &Path) -> Result<ResolvedModel, CatalogErr
         }
         let repo = format!("{}/{}", parts[0], parts[1]);
         let file = parts[2].to_owned();
+        // fetch.py stores the file under its base name.
+        let base = Path::new(&file).file_name().map(|s| s.to_owned()).unwrap_or_default();
         let dir = models.join("hf").join(parts[0]).join(parts[1]);
-        let path = dir.join(&file);
+        let path = dir.join(base);
         if !path.is_file() {
             return Err(CatalogError::HfNotFetched {
                 spec: spec.into(),

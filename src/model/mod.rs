@@ -20,7 +20,7 @@ pub use cache::KvCache;
 
 use crate::gguf::{GgufError, GgufFile};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -149,19 +149,50 @@ impl Default for LoadOptions {
     }
 }
 
+/// A weight matrix used as `x @ Wᵀ`.
+///
+/// One token at a time (decode) uses candle's quantized matrix-vector
+/// kernels. Many tokens at once (prefill) dequantize the matrix to f32 for the
+/// duration of the call and use the blocked f32 GEMM, which on CPU is several
+/// times faster than quantized row-by-row dot products once the dequantizing
+/// cost is spread over enough rows. Nothing extra stays in memory.
+struct Linear {
+    q: QMatMul,
+}
+
+/// Rows from which [`Linear`] switches to the dequantized GEMM path.
+pub const GEMM_MIN_ROWS: usize = 32;
+
+impl Linear {
+    fn new(q: QMatMul) -> Self {
+        Self { q }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        match &self.q {
+            QMatMul::QTensor(t) if rows >= GEMM_MIN_ROWS => {
+                let w = t.dequantize(x.device())?;
+                x.broadcast_matmul(&w.t()?)
+            }
+            _ => self.q.forward(x),
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
-    wo: QMatMul,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 pub struct Transformer {
@@ -183,7 +214,6 @@ impl Transformer {
     pub fn load(g: &GgufFile, device: &Device, opts: LoadOptions) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_gguf(g)?;
         let mut reader = g.reader()?;
-        let arch = cfg.arch.clone();
         let mut get = |name: &str| -> Result<Option<QTensor>, ModelError> {
             if !g.content.tensor_infos.contains_key(name) {
                 return Ok(None);
@@ -219,7 +249,6 @@ impl Transformer {
                 tensors.insert(name, t);
             }
         }
-        let _ = arch;
         Self::from_tensors(cfg, tensors, device, opts)
     }
 
@@ -277,17 +306,17 @@ impl Transformer {
             };
             layers.push(Layer {
                 attn_norm: vec(take(&p("attn_norm.weight"))?)?,
-                wq: matmul(take(&p("attn_q.weight"))?)?,
-                wk: matmul(take(&p("attn_k.weight"))?)?,
-                wv: matmul(take(&p("attn_v.weight"))?)?,
+                wq: Linear::new(matmul(take(&p("attn_q.weight"))?)?),
+                wk: Linear::new(matmul(take(&p("attn_k.weight"))?)?),
+                wv: Linear::new(matmul(take(&p("attn_v.weight"))?)?),
                 bq: bias(take(&p("attn_q.bias")).ok())?,
                 bk: bias(take(&p("attn_k.bias")).ok())?,
                 bv: bias(take(&p("attn_v.bias")).ok())?,
-                wo: matmul(take(&p("attn_output.weight"))?)?,
+                wo: Linear::new(matmul(take(&p("attn_output.weight"))?)?),
                 ffn_norm: vec(take(&p("ffn_norm.weight"))?)?,
-                gate: matmul(take(&p("ffn_gate.weight"))?)?,
-                up: matmul(take(&p("ffn_up.weight"))?)?,
-                down: matmul(take(&p("ffn_down.weight"))?)?,
+                gate: Linear::new(matmul(take(&p("ffn_gate.weight"))?)?),
+                up: Linear::new(matmul(take(&p("ffn_up.weight"))?)?),
+                down: Linear::new(matmul(take(&p("ffn_down.weight"))?)?),
             });
         }
         let (cos, sin) = rope_tables(&cfg, device)?;
@@ -370,7 +399,6 @@ impl Transformer {
                 )
             };
             let (k_all, v_all) = cache.append(li, &k, &v, pos)?;
-            let kv_len = pos + s;
             // Grouped-query attention without copying K/V: the n_rep query
             // heads that share a KV head become extra rows of one matmul.
             let q = q.reshape((1, c.n_kv_head, n_rep * s, c.head_dim))?;
@@ -382,8 +410,6 @@ impl Transformer {
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let y = att.matmul(&v_all)?; // (1, n_kv, n_rep*s, hd)
-            debug_assert_eq!(y.dims()[2], n_rep * s);
-            let _ = kv_len;
             let y = y
                 .reshape((1, c.n_head, s, c.head_dim))?
                 .transpose(1, 2)?
@@ -452,11 +478,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-#[allow(dead_code)]
-fn _dims_check(t: &Tensor) -> candle_core::Result<usize> {
-    t.dim(D::Minus1)
 }
 
 #[cfg(test)]
