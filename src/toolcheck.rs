@@ -80,6 +80,9 @@ pub fn run(engine: &Engine, tools: Arc<ToolSet>, cases: &[Case]) -> Result<Toolc
             let lang = Lang::parse(&case.lang).unwrap_or(Lang::En);
             let system = engine.info.prompt.prompts.system(lang, now_unix());
             let mut req = Request::chat(Vec::new());
+            // Every prompt shares the system prompt and tool list, so one
+            // session lets each request reuse that prefix's KV cache.
+            req.session = Some(format!("toolcheck-{constrain}"));
             req.prompt = Prompt::Chat {
                 messages: vec![Message::system(system), Message::user(case.text.clone())],
                 tools: Some(tools.clone()),

@@ -214,6 +214,7 @@ pub struct Engine {
     pub info: Arc<ModelInfo>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
+    event_buffer: usize,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -238,6 +239,7 @@ impl Engine {
         let stats2 = stats.clone();
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let queued2 = queued.clone();
+        let event_buffer = opts.event_buffer.max(1);
         std::thread::Builder::new()
             .name("errand-engine".into())
             .spawn(move || match Worker::load(&model, &opts) {
@@ -259,6 +261,7 @@ impl Engine {
             info,
             queued,
             stats,
+            event_buffer,
         })
     }
 
@@ -266,7 +269,7 @@ impl Engine {
     /// receiver cancels the request.
     pub fn submit(&self, req: Request) -> Result<mpsc::Receiver<Event>, EngineError> {
         req.sampling.validate().map_err(EngineError::Invalid)?;
-        let (out, rx) = mpsc::channel(1024);
+        let (out, rx) = mpsc::channel(self.event_buffer);
         let job = Job {
             req,
             out,

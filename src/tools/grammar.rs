@@ -3,7 +3,7 @@
 //! With constraints on, a reply is either plain text, or one or more tool
 //! calls whose JSON validates against the tools' schemas. Calls may be
 //! written in any of the three shapes the model likes (`<tool_call>` tags, a
-//! ```json fence, or bare JSON), so the constraint steers only what must be
+//! fenced JSON code block, or bare JSON), so the constraint steers only what must be
 //! steered. Plain text may not begin with `<`, `{`, `[` or a backquote, so a
 //! call cannot slip out unvalidated as "text".
 //!

@@ -3,7 +3,7 @@
 //! Small models write tool calls in several shapes; all of these are accepted:
 //! - the Qwen/Hermes form `<tool_call>{"name": …, "arguments": …}</tool_call>`,
 //!   several in one reply;
-//! - a ```json fenced block holding a call (or an array of calls);
+//! - a fenced JSON code block (`` ```json ``) holding a call (or an array of calls);
 //! - a bare JSON object (or array) with `name` and `arguments`, as the whole
 //!   reply;
 //! - `arguments` as an object or as a JSON string, or under `parameters`;
@@ -115,7 +115,7 @@ enum Mode {
     Text,
     /// Inside `<tool_call>` … waiting for `</tool_call>`.
     Tagged,
-    /// Inside a ``` fence … waiting for the closing fence.
+    /// Inside a code fence, waiting for the closing fence.
     Fenced,
     /// The reply began with `{` or `[`: buffered until the end.
     Bare,

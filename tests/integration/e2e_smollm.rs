@@ -125,15 +125,44 @@ fn dropping_the_receiver_cancels_within_a_token() {
             }
         }
     }
+    // Tokens already generated are the ones read plus the ones still buffered.
+    let generated_before_drop = seen + rx.len();
     drop(rx);
-    // The next request is served once the cancelled one has stopped.
     let t = Instant::now();
-    let after = e.generate_blocking(ask("Hi")).unwrap();
-    assert!(after.usage.is_some());
+    while e.stats().requests < 1 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the engine did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stats = e.stats();
-    assert_eq!(stats.cancelled, 1, "{}", show("stats", &stats));
-    assert!(t.elapsed() < Duration::from_secs(60));
-    let _ = stats;
+    let last = stats.last.clone().expect("usage of the cancelled request");
+    assert_eq!(last.finish, FinishReason::Cancelled, "{}", show("stats", &stats));
+    assert_eq!(stats.cancelled, 1);
+    assert!(
+        last.completion_tokens <= generated_before_drop + 1,
+        "generated {} tokens; {} before the drop",
+        last.completion_tokens,
+        generated_before_drop
+    );
+    assert!(last.completion_tokens < 400);
+    // And the engine serves the next request normally.
+    assert!(e.generate_blocking(ask("Hi")).unwrap().usage.is_some());
+}
+
+#[test]
+fn truncated_and_unsupported_model_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("errand-badgguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = std::fs::read(model(SMOL).path).unwrap();
+    let cut = dir.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let resolved = errand::catalog::resolve(cut.to_str().unwrap()).unwrap();
+    let err = Engine::start(&resolved, EngineOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("truncated or corrupt") && err.contains("models/fetch.py"), "{err}");
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really").unwrap();
+    let resolved = errand::catalog::resolve(junk.to_str().unwrap()).unwrap();
+    let err = Engine::start(&resolved, EngineOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("not a readable GGUF"), "{err}");
 }
 
 #[test]
