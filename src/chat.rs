@@ -75,39 +75,38 @@ pub fn turn<W: Write>(
         conv.messages
             .push(Message::system(engine.info.prompt.prompts.system(lang, now_unix())));
     }
-    conv.messages.push(Message::user(user));
+    // Work on a copy: the conversation changes only when the turn succeeds.
+    let mut messages = conv.messages.clone();
+    messages.push(Message::user(user));
     let mut result = TurnResult::default();
-    let mut rx = loop {
-        let req = Request {
-            session: Some(opts.session.clone()),
-            prompt: Prompt::Chat {
-                messages: conv.messages.clone(),
-                tools: opts.tools.clone(),
-                lang: lang.code().into(),
-            },
-            max_tokens: opts.max_tokens,
-            sampling: opts.sampling,
-            stop: Vec::new(),
-            constrain_tools: opts.constrain,
-        };
-        // Check the length first so an over-long history can be trimmed.
-        let schemas = opts.tools.as_ref().map(|t| t.template_json(lang.code())).unwrap_or_default();
-        let n = engine
-            .info
-            .prompt
-            .tokens(&engine.info.tokenizer, &conv.messages, &schemas)?
-            .len();
-        if n + 16 >= engine.info.context_length && conv.messages.len() > 2 {
-            // Drop the oldest turn after the system prompt.
-            conv.messages.remove(1);
-            while conv.messages.len() > 2 && conv.messages[1].role != "user" {
-                conv.messages.remove(1);
-            }
-            result.dropped_turns += 1;
-            continue;
+    let schemas = opts.tools.as_ref().map(|t| t.template_json(lang.code())).unwrap_or_default();
+    // Leave room for a real reply, not just a few tokens.
+    let reply_room = opts.max_tokens.min(engine.info.context_length / 4).max(16);
+    loop {
+        let n = engine.info.prompt.tokens(&engine.info.tokenizer, &messages, &schemas)?.len();
+        if n + reply_room < engine.info.context_length || messages.len() <= 2 {
+            break;
         }
-        break engine.submit(req)?;
+        // Drop the oldest exchange after the system prompt.
+        messages.remove(1);
+        while messages.len() > 2 && messages[1].role != "user" {
+            messages.remove(1);
+        }
+        result.dropped_turns += 1;
+    }
+    let req = Request {
+        session: Some(opts.session.clone()),
+        prompt: Prompt::Chat {
+            messages: messages.clone(),
+            tools: opts.tools.clone(),
+            lang: lang.code().into(),
+        },
+        max_tokens: opts.max_tokens,
+        sampling: opts.sampling,
+        stop: Vec::new(),
+        constrain_tools: opts.constrain,
     };
+    let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Delta(t) => {
@@ -151,7 +150,8 @@ pub fn turn<W: Write>(
             "  (no mini-program services run in this build yet: the call is shown, not executed)"
         );
     }
-    conv.messages.push(reply);
+    messages.push(reply);
+    conv.messages = messages;
     if result.dropped_turns > 0 {
         let _ = writeln!(
             out,
@@ -236,10 +236,7 @@ pub fn repl<R: BufRead, W: Write>(
                     }
                 }
                 Err(e) => {
-                    // Keep the conversation consistent: the failed turn is removed.
-                    if conv.messages.last().is_some_and(|m| m.role == "user") {
-                        conv.messages.pop();
-                    }
+                    // The conversation is unchanged; the user can retry.
                     writeln!(out, "\nerror: {e}")?;
                 }
             },

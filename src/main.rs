@@ -192,7 +192,9 @@ fn run() -> Result<()> {
             let mut out = std::io::stdout();
             match once {
                 Some(q) => {
-                    chat::repl(&engine, opts, std::io::Cursor::new(q), &mut out, false)?;
+                    let mut conv = chat::Conversation { messages: Vec::new(), lang: opts.lang };
+                    chat::turn(&engine, &opts, &mut conv, &q, &mut out)?;
+                    println!();
                 }
                 None => {
                     let stdin = std::io::stdin();

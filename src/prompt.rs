@@ -205,13 +205,16 @@ impl PromptBuilder {
         let suspicious = |m: &Message| m.role != "system" && controls.iter().any(|c| m.content.contains(c.as_str()));
         if !messages.iter().any(suspicious) {
             let text = self.render(messages, tools)?;
-            let mut ids = Vec::new();
-            if tok.add_bos {
-                ids.extend(tok.bos_id);
-            }
-            ids.extend(tok.encode(&text, true)?);
-            return Ok(ids);
+            return Ok(with_bos(tok, tok.encode(&text, true)?));
         }
+        // The sentinels are private-use characters; any already in the text
+        // are replaced so they cannot be mistaken for ours.
+        let clean = |s: &str| s.replace([SENTINEL_OPEN, SENTINEL_CLOSE], "\u{FFFD}");
+        let messages: Vec<Message> = messages
+            .iter()
+            .map(|m| Message { content: clean(&m.content), ..m.clone() })
+            .collect();
+        let messages = &messages[..];
         // Replace suspicious contents by sentinels, render, then tokenize the
         // template's text with control tokens and the contents without.
         let mut hidden = Vec::new();
@@ -230,23 +233,30 @@ impl PromptBuilder {
             .collect();
         let text = self.render(&masked, tools)?;
         let mut ids = Vec::new();
-        if tok.add_bos {
-            ids.extend(tok.bos_id);
-        }
         let mut rest = text.as_str();
         while let Some(start) = rest.find(SENTINEL_OPEN) {
             ids.extend(tok.encode(&rest[..start], true)?);
             let after = &rest[start + SENTINEL_OPEN.len_utf8()..];
             let end = after.find(SENTINEL_CLOSE).unwrap_or(after.len());
-            let idx: usize = after[..end].parse().unwrap_or(usize::MAX);
+            let idx: usize = after[..end].parse().expect("sentinels are only ours");
             if let Some(content) = hidden.get(idx) {
                 ids.extend(tok.encode(content, false)?);
             }
             rest = &after[(end + SENTINEL_CLOSE.len_utf8()).min(after.len())..];
         }
         ids.extend(tok.encode(rest, true)?);
-        Ok(ids)
+        Ok(with_bos(tok, ids))
     }
+}
+
+/// Prepends BOS when the model wants one and the template did not write it.
+fn with_bos(tok: &Tokenizer, mut ids: Vec<u32>) -> Vec<u32> {
+    if let (true, Some(bos)) = (tok.add_bos, tok.bos_id) {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    ids
 }
 
 #[cfg(test)]

@@ -319,6 +319,14 @@ impl Tokenizer {
         &self.controls
     }
 
+    /// Unused or unknown tokens (padding entries): never text.
+    pub fn is_unused(&self, id: u32) -> bool {
+        matches!(
+            self.token_types.get(id as usize),
+            Some(TokenType::Unused | TokenType::Unknown)
+        )
+    }
+
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog_ids.contains(&id)
     }

@@ -426,6 +426,19 @@ impl Worker {
     fn run(&mut self, job: Job) -> Result<Usage, EngineError> {
         let Job { req, out, queued } = job;
         let start = Instant::now();
+        if out.is_closed() {
+            // Cancelled while it waited in the queue: do no work for it.
+            return Ok(Usage {
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                completion_tokens: 0,
+                finish: FinishReason::Cancelled,
+                ttft_ms: 0.0,
+                prefill_ms: 0.0,
+                decode_ms: 0.0,
+                queue_ms: start.duration_since(queued).as_secs_f64() * 1000.0,
+            });
+        }
         let queue_ms = start.duration_since(queued).as_secs_f64() * 1000.0;
         let (tokens, tools) = match &req.prompt {
             Prompt::Chat { messages, tools, lang } => {

@@ -19,14 +19,21 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     len: usize,
     capacity: usize,
+    /// Never grow past this many positions (the model's context).
+    limit: usize,
 }
 
 impl KvCache {
     pub fn new(n_layer: usize) -> Self {
+        Self::with_limit(n_layer, usize::MAX)
+    }
+
+    pub fn with_limit(n_layer: usize, limit: usize) -> Self {
         Self {
             layers: (0..n_layer).map(|_| None).collect(),
             len: 0,
             capacity: 0,
+            limit,
         }
     }
 
@@ -71,7 +78,11 @@ impl KvCache {
         let slot = &mut self.layers[layer];
         let cap = slot.as_ref().map(|l| l.k.dims()[2]).unwrap_or(0);
         if need > cap {
-            let new_cap = need.max(cap * 2).max(GROW_STEP).next_multiple_of(GROW_STEP);
+            let new_cap = need
+                .max(cap * 2)
+                .max(GROW_STEP)
+                .next_multiple_of(GROW_STEP)
+                .min(self.limit.max(need));
             let nk = Tensor::zeros((1, n_kv, new_cap, hd), k.dtype(), k.device())?;
             let nv = Tensor::zeros((1, n_kv, new_cap, hd), v.dtype(), v.device())?;
             if let Some(old) = slot.take() {

@@ -104,6 +104,20 @@ impl ModelConfig {
                 )));
             }
         }
+        let n_kv_head = g
+            .u32(&k("attention.head_count_kv"))
+            .map(|v| v as usize)
+            .unwrap_or(n_head);
+        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || head_dim % 2 != 0 {
+            return Err(ModelError::Shape(format!(
+                "{n_head} query heads, {n_kv_head} KV heads and head size {head_dim} do not fit together"
+            )));
+        }
+        if g.get(&k("rope.scaling.type")).is_some() || g.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(ModelError::Shape(
+                "scaled rotary embeddings (rope scaling / rope_freqs, e.g. Llama 3.1) are not supported yet".into(),
+            ));
+        }
         let vocab_size = g
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -113,10 +127,7 @@ impl ModelConfig {
             spec,
             n_layer: g.u32(&k("block_count"))? as usize,
             n_head,
-            n_kv_head: g
-                .u32(&k("attention.head_count_kv"))
-                .map(|v| v as usize)
-                .unwrap_or(n_head),
+            n_kv_head,
             head_dim,
             hidden,
             context_length: g.u32(&k("context_length"))? as usize,
@@ -337,7 +348,7 @@ impl Transformer {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.n_layer)
+        KvCache::with_limit(self.cfg.n_layer, self.cfg.context_length)
     }
 
     /// Runs `tokens` after what `cache` already holds and returns the logits
@@ -374,7 +385,7 @@ impl Transformer {
         let sin = self.sin.narrow(0, pos, s)?;
         let n_rep = c.n_head / c.n_kv_head;
         let mask = if s > 1 {
-            Some(causal_mask(s, pos, n_rep, &self.device)?)
+            Some(causal_mask(s, pos, &self.device)?)
         } else {
             None
         };
@@ -405,7 +416,11 @@ impl Transformer {
             let scale = 1.0 / (c.head_dim as f64).sqrt();
             let att = (q.matmul(&k_all.t()?)? * scale)?;
             let att = match &mask {
-                Some(m) => att.broadcast_add(m)?,
+                // (1, n_kv, n_rep, s, kv) + (s, kv): one mask for every head.
+                Some(m) => att
+                    .reshape((1, c.n_kv_head, n_rep, s, pos + s))?
+                    .broadcast_add(m)?
+                    .reshape((1, c.n_kv_head, n_rep * s, pos + s))?,
                 None => att,
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
@@ -454,19 +469,17 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor), M
     ))
 }
 
-/// Additive causal mask for `s` new queries after `pos` cached positions,
-/// repeated for the `n_rep` query heads that share one KV head.
-fn causal_mask(s: usize, pos: usize, n_rep: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// Additive causal mask `(s, pos + s)` for `s` new queries after `pos`
+/// cached positions.
+fn causal_mask(s: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
     let kv = pos + s;
-    let mut m = Vec::with_capacity(n_rep * s * kv);
-    for _ in 0..n_rep {
-        for i in 0..s {
-            for j in 0..kv {
-                m.push(if j <= pos + i { 0f32 } else { f32::NEG_INFINITY });
-            }
+    let mut m = Vec::with_capacity(s * kv);
+    for i in 0..s {
+        for j in 0..kv {
+            m.push(if j <= pos + i { 0f32 } else { f32::NEG_INFINITY });
         }
     }
-    Tensor::from_vec(m, (1, 1, n_rep * s, kv), device)
+    Tensor::from_vec(m, (s, kv), device)
 }
 
 /// Index of the largest logit (greedy decoding).

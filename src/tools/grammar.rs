@@ -23,6 +23,8 @@ use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 pub enum GrammarError {
     #[error("building the constraint failed: {0}")]
     Build(String),
+    #[error("computing the constraint mask failed: {0}")]
+    Mask(String),
     #[error("the constraint rejected token {0}: {1}")]
     Rejected(u32, String),
 }
@@ -60,7 +62,7 @@ impl ConstraintFactory {
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(n_vocab);
         for id in 0..n_vocab as u32 {
             let w = if (id as usize) < tok.vocab_size() {
-                if tok.is_control(id) {
+                if tok.is_control(id) || tok.is_unused(id) {
                     let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
                     w.extend_from_slice(tok.token_bytes(id));
                     w
@@ -137,17 +139,18 @@ pub fn call_schema(tools: &ToolSet) -> Value {
     }
 }
 
-/// Lark grammar: plain text, or calls in any of the accepted shapes.
+/// Lark grammar: plain text, or calls in one of the accepted shapes (one
+/// shape per reply, so the streaming parser always sees what it expects).
+/// Text may not begin like a call, and may not contain `<tool_call>` or a
+/// code fence anywhere, so no call can pass unvalidated as "text".
 pub fn lark_for_tools(tools: &ToolSet) -> String {
     let schema = call_schema(tools);
     format!(
-        r#"start: TEXT | calls
-calls: call (WS call)*
-call: "<tool_call>" WS? body WS? "</tool_call>"
-    | "```json" WS? body WS? "```"
-    | body
+        r#"start: TEXT | tagged (WS tagged)* WS? | fenced (WS fenced)* WS? | body (WS body)* WS?
+tagged: "<tool_call>" WS? body WS? "</tool_call>"
+fenced: "```json\n" WS? body WS? "```"
 body: %json {schema}
-TEXT: /[^<{{\[`\s][^\x00]*/
+TEXT: /[^<{{\[`\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/
 WS: /[ \t\r\n]+/
 "#
     )
@@ -166,8 +169,8 @@ impl ToolConstraint {
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
         let vob = self
             .matcher
-            .compute_mask()
-            .map_err(|e| GrammarError::Build(e.to_string()))?;
+            .compute_mask_or_eos()
+            .map_err(|e| GrammarError::Mask(e.to_string()))?;
         let eos_ok = self.eog.iter().any(|&e| vob.is_allowed(e));
         let n = logits.len().min(self.n_vocab);
         for (i, l) in logits.iter_mut().enumerate().take(n) {

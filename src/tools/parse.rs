@@ -75,12 +75,15 @@ fn call_from_object(v: &Value) -> Result<ToolCall, String> {
     Ok(ToolCall { name, arguments })
 }
 
-/// True when `v` looks like it was meant as a tool call (not just any JSON).
+/// True when `v` looks like it was meant as a tool call (not just any JSON):
+/// a `function` wrapper, or a `name` string with `arguments`/`parameters` and
+/// no other keys. (`{"name": "Alice"}` is data, not a call.)
 fn looks_like_call(v: &Value) -> bool {
     let one = |o: &Value| {
         o.as_object().is_some_and(|m| {
-            m.contains_key("function")
+            m.get("function").is_some_and(Value::is_object)
                 || (m.get("name").is_some_and(Value::is_string)
+                    && (m.contains_key("arguments") || m.contains_key("parameters"))
                     && m.keys().all(|k| matches!(k.as_str(), "name" | "arguments" | "parameters" | "id" | "type")))
         })
     };
@@ -135,15 +138,25 @@ impl CallStream {
         loop {
             match self.mode {
                 Mode::Bare => return out,
-                Mode::Tagged => match self.buf.find(CLOSE) {
-                    Some(end) => {
-                        let body = self.buf[..end].to_owned();
-                        self.buf.drain(..end + CLOSE.len());
-                        out.extend(parse_call_body(&body, true));
-                        self.mode = Mode::Text;
+                Mode::Tagged => {
+                    // The body ends at `</tool_call>`, or at a new `<tool_call>`
+                    // when the model forgot to close the previous one.
+                    let close = self.buf.find(CLOSE).map(|i| (i, CLOSE.len()));
+                    let reopen = self.buf.find(OPEN).map(|i| (i, 0));
+                    let end = match (close, reopen) {
+                        (Some(c), Some(r)) => Some(if r.0 < c.0 { r } else { c }),
+                        (c, r) => c.or(r),
+                    };
+                    match end {
+                        Some((end, skip)) => {
+                            let body = self.buf[..end].to_owned();
+                            self.buf.drain(..end + skip);
+                            out.extend(parse_call_body(&body, true));
+                            self.mode = Mode::Text;
+                        }
+                        None => return out,
                     }
-                    None => return out,
-                },
+                }
                 Mode::Fenced => match self.buf.find(FENCE) {
                     Some(end) => {
                         let body = self.buf[..end].to_owned();
@@ -215,10 +228,18 @@ impl CallStream {
         let rest = std::mem::take(&mut self.buf);
         match std::mem::take(&mut self.mode) {
             Mode::Text => push_text(&mut out, rest),
-            Mode::Tagged => out.push(StreamItem::Malformed {
-                reason: "the reply ended inside <tool_call> (truncated tool call)".into(),
-                raw: format!("{OPEN}{rest}"),
-            }),
+            Mode::Tagged => {
+                // A complete body whose closing tag never came is still a call.
+                let items = parse_call_body(&rest, true);
+                if items.iter().all(|i| matches!(i, StreamItem::Call(_))) {
+                    out.extend(items);
+                } else {
+                    out.push(StreamItem::Malformed {
+                        reason: "the reply ended inside <tool_call> (truncated tool call)".into(),
+                        raw: format!("{OPEN}{rest}"),
+                    });
+                }
+            }
             Mode::Fenced => {
                 // An unterminated fence: a call if it parses, text otherwise.
                 let items = fenced_block(&rest);
@@ -298,10 +319,12 @@ fn strip_fence(s: &str) -> Option<&str> {
 
 /// A fenced block: a call if its JSON is call-shaped, otherwise the text back.
 fn fenced_block(body: &str) -> Vec<StreamItem> {
-    let (lang, code) = match body.find('\n') {
-        Some(i) => (body[..i].trim(), &body[i + 1..]),
-        None => ("", body),
-    };
+    // The language tag runs to the first newline, or, when the model put the
+    // JSON on the same line (```json {...}), to the first `{` or `[`.
+    let tag_end = body
+        .find(|c: char| c == '\n' || c == '{' || c == '[')
+        .unwrap_or(body.len());
+    let (lang, code) = (body[..tag_end].trim(), &body[tag_end..]);
     let json_like = matches!(lang, "" | "json" | "JSON" | "tool_call");
     if json_like {
         if let Ok(v) = serde_json::from_str::<Value>(code.trim()) {
@@ -335,7 +358,7 @@ fn bare_json(lead: &str, body: &str) -> Vec<StreamItem> {
                 Ok(calls) => calls.into_iter().map(StreamItem::Call).collect(),
                 Err(reason) => vec![StreamItem::Malformed {
                     reason,
-                    raw: trimmed.to_owned(),
+                    raw: trimmed[..consumed].to_owned(),
                 }],
             };
             // More text (or more calls) may follow the first object.
@@ -486,6 +509,26 @@ mod tests {
         for (i, _) in full.char_indices() {
             let _ = parse_reply(&full[..i]);
         }
+    }
+
+    #[test]
+    fn fence_with_json_on_the_tag_line_and_unclosed_tags() {
+        let r = parse_reply("```json {\"name\": \"a\", \"arguments\": {}}```");
+        assert_eq!(calls(&r).len(), 1, "{r:?}");
+        assert_eq!(text(&r), "");
+        // No closing tag before the end: still a call when the body is complete.
+        let r = parse_reply("<tool_call>{\"name\": \"a\", \"arguments\": {}}");
+        assert_eq!(calls(&r).len(), 1, "{r:?}");
+        // A second opening tag before the first is closed.
+        let r = parse_reply("<tool_call>{\"name\":\"a\",\"arguments\":{}}<tool_call>{\"name\":\"b\",\"arguments\":{}}</tool_call>");
+        assert_eq!(calls(&r).len(), 2, "{r:?}");
+    }
+
+    #[test]
+    fn json_with_a_name_field_is_not_a_call() {
+        let r = parse_reply("{\"name\": \"Alice\"}");
+        assert!(calls(&r).is_empty());
+        assert_eq!(text(&r), "{\"name\": \"Alice\"}");
     }
 
     #[test]

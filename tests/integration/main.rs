@@ -9,6 +9,7 @@ mod util;
 mod e2e_qwen;
 mod e2e_smollm;
 mod fetch_script;
+mod grammar;
 mod reference_model;
 mod template_golden;
 mod tokenizer_fixture;
