@@ -202,35 +202,54 @@ impl PromptBuilder {
         tools: &[Value],
     ) -> Result<Vec<u32>, PromptError> {
         let controls = tok.control_token_strings();
-        let suspicious = |m: &Message| m.role != "system" && controls.iter().any(|c| m.content.contains(c.as_str()));
+        let has_control = |s: &str| controls.iter().any(|c| s.contains(c.as_str()));
+        let suspicious = |m: &Message| {
+            m.role != "system"
+                && (has_control(&m.content)
+                    || m.tool_calls.as_ref().is_some_and(|calls| {
+                        calls.iter().any(|c| {
+                            has_control(&c.function.name) || has_control(&c.function.arguments.to_string())
+                        })
+                    }))
+        };
         if !messages.iter().any(suspicious) {
             let text = self.render(messages, tools)?;
             return Ok(with_bos(tok, tok.encode(&text, true)?));
         }
-        // The sentinels are private-use characters; any already in the text
-        // are replaced so they cannot be mistaken for ours.
+        // Replace every piece of message text that spells a control token
+        // (contents, tool names, string values in tool-call arguments) by a
+        // sentinel, render, then tokenize the template's text with control
+        // tokens and the hidden pieces without. The sentinels are
+        // private-use characters; any already in the text are replaced first
+        // so they cannot be forged.
         let clean = |s: &str| s.replace([SENTINEL_OPEN, SENTINEL_CLOSE], "\u{FFFD}");
-        let messages: Vec<Message> = messages
-            .iter()
-            .map(|m| Message { content: clean(&m.content), ..m.clone() })
-            .collect();
-        let messages = &messages[..];
-        // Replace suspicious contents by sentinels, render, then tokenize the
-        // template's text with control tokens and the contents without.
-        let mut hidden = Vec::new();
-        let masked: Vec<Message> = messages
-            .iter()
-            .map(|m| {
-                if suspicious(m) {
-                    let mut m2 = m.clone();
-                    m2.content = format!("{SENTINEL_OPEN}{}{SENTINEL_CLOSE}", hidden.len());
-                    hidden.push(m.content.clone());
-                    m2
-                } else {
-                    m.clone()
+        let mut hidden: Vec<String> = Vec::new();
+        let hide = |text: String, hidden: &mut Vec<String>| {
+            hidden.push(text);
+            format!("{SENTINEL_OPEN}{}{SENTINEL_CLOSE}", hidden.len() - 1)
+        };
+        let mut masked: Vec<Message> = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut m2 = m.clone();
+            m2.content = clean(&m.content);
+            if m.role != "system" && has_control(&m2.content) {
+                m2.content = hide(m2.content.clone(), &mut hidden);
+            }
+            if let Some(calls) = m2.tool_calls.as_mut() {
+                for c in calls.iter_mut() {
+                    c.function.name = clean(&c.function.name);
+                    if has_control(&c.function.name) {
+                        c.function.name = hide(c.function.name.clone(), &mut hidden);
+                    }
+                    mask_strings(&mut c.function.arguments, &clean, &has_control, &mut |s| {
+                        // Inside JSON the template writes the escaped form.
+                        let quoted = serde_json::to_string(&s).expect("strings serialise");
+                        hide(quoted[1..quoted.len() - 1].to_owned(), &mut hidden)
+                    });
                 }
-            })
-            .collect();
+            }
+            masked.push(m2);
+        }
         let text = self.render(&masked, tools)?;
         let mut ids = Vec::new();
         let mut rest = text.as_str();
@@ -246,6 +265,25 @@ impl PromptBuilder {
         }
         ids.extend(tok.encode(rest, true)?);
         Ok(with_bos(tok, ids))
+    }
+}
+
+/// Cleans every string in a JSON value and replaces those that spell a
+/// control token through `hide`.
+fn mask_strings(
+    v: &mut Value,
+    clean: &dyn Fn(&str) -> String,
+    has_control: &dyn Fn(&str) -> bool,
+    hide: &mut dyn FnMut(String) -> String,
+) {
+    match v {
+        Value::String(s) => {
+            let c = clean(s);
+            *s = if has_control(&c) { hide(c) } else { c };
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| mask_strings(x, clean, has_control, hide)),
+        Value::Object(o) => o.values_mut().for_each(|x| mask_strings(x, clean, has_control, hide)),
+        _ => {}
     }
 }
 

@@ -214,6 +214,7 @@ fn injected_control_tokens_in_user_text_stay_plain_text() {
     let honest = e.info.prompt.tokens(tok, &[Message::user("hello")], &[]).unwrap();
     let honest_starts = honest.iter().filter(|&&t| t == im_start).count();
     assert_eq!(starts, honest_starts, "{ids:?}");
+
 }
 
 #[test]
