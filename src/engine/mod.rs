@@ -530,19 +530,27 @@ impl Worker {
             }
         };
 
+        // A failure while decoding leaves the cache consistent with
+        // `in_cache` (a forward pass only commits its length at the end), so
+        // the session keeps its cache and the error is reported after.
+        let mut failure: Option<EngineError> = None;
         while generated < max_tokens {
             if out.is_closed() {
                 finish = FinishReason::Cancelled;
                 break;
             }
             if let Some(c) = constraint.as_mut() {
-                c.mask(&mut logits)?;
+                if let Err(e) = c.mask(&mut logits) {
+                    failure = Some(e.into());
+                    break;
+                }
             }
             let history_len = in_cache.len();
             let Some(tok) = sampler.sample(&mut logits, &in_cache[..history_len]) else {
-                return Err(EngineError::Internal(
+                failure = Some(EngineError::Internal(
                     "no token can be sampled (every logit is masked)".into(),
                 ));
+                break;
             };
             if generated == 0 {
                 ttft_ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -552,7 +560,10 @@ impl Worker {
                 break;
             }
             if let Some(c) = constraint.as_mut() {
-                c.consume(tok)?;
+                if let Err(e) = c.consume(tok) {
+                    failure = Some(e.into());
+                    break;
+                }
             }
             generated += 1;
             let step = text.push(self.tok.token_bytes(tok));
@@ -567,8 +578,18 @@ impl Worker {
             if generated >= max_tokens {
                 break;
             }
-            logits = self.model.forward(&[tok], &mut cache)?;
+            match self.model.forward(&[tok], &mut cache) {
+                Ok(l) => logits = l,
+                Err(e) => {
+                    failure = Some(e.into());
+                    break;
+                }
+            }
             in_cache.push(tok);
+        }
+        if let Some(e) = failure {
+            checkin(&mut self.pool, cache, in_cache);
+            return Err(e);
         }
         let decode_ms = decode_start.elapsed().as_secs_f64() * 1000.0;
         if finish != FinishReason::Cancelled {

@@ -14,8 +14,7 @@ fn tools() -> Arc<ToolSet> {
 
 fn request(lang: Lang, user: &str, tools: Option<Arc<ToolSet>>, constrain: bool) -> Request {
     let e = qwen();
-    let system = e.info.prompt.prompts.system(lang, now_unix());
-    let mut r = Request::chat(vec![Message::system(system), Message::user(user)]);
+    let mut r = Request::chat(Vec::new());
     r.prompt = Prompt::Chat {
         messages: vec![
             Message::system(e.info.prompt.prompts.system(lang, now_unix())),
