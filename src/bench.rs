@@ -37,6 +37,9 @@ pub struct BenchOptions {
     pub threads: usize,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Tokens already in the context before prefill and decode are timed
+    /// (llama-bench `-d`); 0 measures from an empty context.
+    pub depth: usize,
     pub reps: usize,
     pub load: LoadOptions,
     /// Directory holding `llama-bench`; `None` skips the anchor.
@@ -54,6 +57,7 @@ pub struct Anchor {
 pub struct BenchReport {
     pub model: String,
     pub threads: usize,
+    pub depth: usize,
     pub load_ms: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
@@ -75,7 +79,11 @@ impl BenchReport {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "model {}  threads {}  load {:.0} ms", self.model, self.threads, self.load_ms)?;
+        writeln!(
+            f,
+            "model {}  threads {}  context depth {}  load {:.0} ms",
+            self.model, self.threads, self.depth, self.load_ms
+        )?;
         writeln!(f, "{:<34} {:>12} {:>12} {:>8}", "", "errand", "llama.cpp", "ratio")?;
         let row = |f: &mut std::fmt::Formatter<'_>, name: &str, ours: f64, theirs: Option<f64>| {
             match theirs {
@@ -141,15 +149,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let mut c = model.new_cache();
     model.forward(&prompt[..16.min(prompt.len())], &mut c).map_err(EngineError::from)?;
 
+    let context = synthetic_tokens(opts.depth + 1, vocab);
+    let at_depth = || -> Result<KvCache, BenchError> {
+        let mut cache = model.new_cache();
+        if opts.depth > 0 {
+            model.forward(&context[..opts.depth], &mut cache).map_err(EngineError::from)?;
+        }
+        Ok(cache)
+    };
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for _ in 0..opts.reps.max(1) {
-        let mut cache = model.new_cache();
+        let mut cache = at_depth()?;
         let t = Instant::now();
         model.forward(&prompt, &mut cache).map_err(EngineError::from)?;
         pp.push(opts.prompt_tokens as f64 / t.elapsed().as_secs_f64());
 
-        let mut cache = KvCache::new(model.cfg.n_layer);
+        let mut cache = at_depth()?;
         let mut tok = prompt[0];
         let t = Instant::now();
         for _ in 0..opts.gen_tokens {
@@ -168,6 +184,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     Ok(BenchReport {
         model: opts.model.name.clone(),
         threads: opts.threads,
+        depth: opts.depth,
         load_ms,
         prefill_tok_s: median(pp),
         decode_tok_s: median(tg),
@@ -241,6 +258,7 @@ fn llama_bench(dir: &Path, gguf: &Path, opts: &BenchOptions) -> Result<Anchor, B
         .args(["-t", &opts.threads.to_string()])
         .args(["-p", &opts.prompt_tokens.to_string()])
         .args(["-n", &opts.gen_tokens.to_string()])
+        .args(["-d", &opts.depth.to_string()])
         .args(["-r", &opts.reps.max(1).to_string()])
         .args(["-o", "json"])
         .output()

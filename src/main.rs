@@ -79,6 +79,9 @@ enum Cmd {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
         gen_tokens: usize,
+        /// Tokens already in context before timing (llama-bench -d).
+        #[arg(long, default_value_t = 0)]
+        depth: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
         /// Folder with llama-bench (default: built by scripts/llama-cpp.sh).
@@ -203,7 +206,7 @@ fn run() -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, reps, llama_bin, no_anchor, tools, json } => {
+        Cmd::Bench { model, prompt_tokens, gen_tokens, depth, reps, llama_bin, no_anchor, tools, json } => {
             let resolved = resolve(&model)?;
             let llama_bin = if no_anchor {
                 None
@@ -218,6 +221,7 @@ fn run() -> Result<()> {
                 threads,
                 prompt_tokens,
                 gen_tokens,
+                depth,
                 reps,
                 load: engine_options(&model)?.load,
                 llama_bin,
