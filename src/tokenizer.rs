@@ -286,10 +286,6 @@ impl Tokenizer {
             .unwrap_or(&[])
     }
 
-    pub fn all_token_bytes(&self) -> &[Vec<u8>] {
-        &self.token_bytes
-    }
-
     pub fn decode(&self, ids: &[u32]) -> String {
         let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i).to_vec()).collect();
         String::from_utf8_lossy(&bytes).into_owned()

@@ -59,10 +59,6 @@ impl KvPool {
         }
     }
 
-    pub fn drop_session(&mut self, session: &str) {
-        self.entries.remove(session);
-    }
-
     pub fn bytes(&self) -> usize {
         self.entries.values().map(|e| e.cache.bytes()).sum()
     }

@@ -307,10 +307,6 @@ impl Engine {
         Ok(c)
     }
 
-    pub fn queue_len(&self) -> usize {
-        self.queued.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }

@@ -137,11 +137,6 @@ impl ModelConfig {
             arch,
         })
     }
-
-    /// Bytes of KV cache one token takes (f32 keys and values, all layers).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.n_layer * self.n_kv_head * self.head_dim * 4
-    }
 }
 
 /// How weights are prepared at load time.
@@ -271,11 +266,10 @@ impl Transformer {
         device: &Device,
         opts: LoadOptions,
     ) -> Result<Self, ModelError> {
-        let arch = cfg.arch.clone();
         let mut take = |name: &str| -> Result<QTensor, ModelError> {
             tensors
                 .remove(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.into(), arch.clone()))
+                .ok_or_else(|| ModelError::MissingTensor(name.into(), cfg.arch.clone()))
         };
         let matmul = |t: QTensor| -> Result<QMatMul, ModelError> {
             let t = if opts.requantize_to_q8_0
@@ -290,23 +284,11 @@ impl Transformer {
             Ok(QMatMul::from_arc(Arc::new(t))?)
         };
         let vec = |t: QTensor| -> Result<Tensor, ModelError> { Ok(t.dequantize(device)?) };
-        let embed_q = take("token_embd.weight")?;
-        let output = match tensors.remove("output.weight") {
-            Some(t) => matmul(t)?,
-            None => QMatMul::from_arc(Arc::new(QTensor::quantize(
-                &embed_q.dequantize(device)?,
-                if embed_q.dtype() == GgmlDType::F32 {
-                    GgmlDType::F32
-                } else {
-                    GgmlDType::Q8_0
-                },
-            )?))?,
-        };
-        let embed = QMatMul::from_arc(Arc::new(embed_q))?;
-        let mut take = |name: &str| -> Result<QTensor, ModelError> {
-            tensors
-                .remove(name)
-                .ok_or_else(|| ModelError::MissingTensor(name.into(), cfg.arch.clone()))
+        let embed = matmul(take("token_embd.weight")?)?;
+        // Tied embeddings: the output projection shares the embedding's weights.
+        let output = match take("output.weight") {
+            Ok(t) => matmul(t)?,
+            Err(_) => embed.clone(),
         };
         let norm = vec(take("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
