@@ -284,11 +284,16 @@ impl Transformer {
             Ok(QMatMul::from_arc(Arc::new(t))?)
         };
         let vec = |t: QTensor| -> Result<Tensor, ModelError> { Ok(t.dequantize(device)?) };
-        let embed = matmul(take("token_embd.weight")?)?;
-        // Tied embeddings: the output projection shares the embedding's weights.
-        let output = match take("output.weight") {
-            Ok(t) => matmul(t)?,
-            Err(_) => embed.clone(),
+        // The embedding is only used for row lookups, so it stays as stored;
+        // with tied embeddings the output projection shares its weights
+        // (converted like any other matrix, since it is multiplied).
+        let embed_q = take("token_embd.weight")?;
+        let (embed, output) = match take("output.weight") {
+            Ok(out) => (QMatMul::from_arc(Arc::new(embed_q))?, matmul(out)?),
+            Err(_) => {
+                let shared = matmul(embed_q)?;
+                (shared.clone(), shared)
+            }
         };
         let norm = vec(take("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
