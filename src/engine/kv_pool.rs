@@ -59,6 +59,23 @@ impl KvPool {
         }
     }
 
+    /// For a session with no cache of its own: a copy of the longest prefix
+    /// of `tokens` that another session's cache holds (the system prompt and
+    /// tool list are the same for every conversation), if it is at least
+    /// `min_len` tokens long.
+    pub fn shared_prefix(&self, tokens: &[u32], min_len: usize) -> Option<(KvCache, Vec<u32>)> {
+        let (n, e) = self
+            .entries
+            .values()
+            .map(|e| (common_prefix(&e.tokens, tokens).min(e.cache.len()), e))
+            .max_by_key(|(n, _)| *n)?;
+        if n < min_len.max(1) {
+            return None;
+        }
+        let cache = e.cache.copy_prefix(n).ok()?;
+        Some((cache, tokens[..n].to_vec()))
+    }
+
     pub fn bytes(&self) -> usize {
         self.entries.values().map(|e| e.cache.bytes()).sum()
     }
@@ -101,6 +118,29 @@ mod tests {
         assert!(pool.contains("a") && pool.contains("c") && !pool.contains("b"));
         assert!(pool.bytes() <= one * 2 + one / 2);
         assert_eq!(pool.evictions, 1);
+    }
+
+    #[test]
+    fn a_new_session_starts_from_another_sessions_prefix() {
+        let m = tiny_model("llama", 5);
+        let mut pool = KvPool::new(usize::MAX);
+        let a: Vec<u32> = (1..=40).collect();
+        let mut c = m.new_cache();
+        let full = m.forward(&a, &mut c).unwrap();
+        pool.checkin("a", c, a.clone());
+        // Same first 30 tokens, then different.
+        let mut b: Vec<u32> = (1..=30).collect();
+        b.extend([7, 7, 7]);
+        let (mut shared, toks) = pool.shared_prefix(&b, 8).unwrap();
+        assert_eq!(toks.len(), 30);
+        assert!(pool.contains("a"), "the donor keeps its cache");
+        let via_shared = m.forward(&b[30..], &mut shared).unwrap();
+        let mut fresh = m.new_cache();
+        let direct = m.forward(&b, &mut fresh).unwrap();
+        let diff = via_shared.iter().zip(&direct).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "logits differ by {diff}");
+        assert!(pool.shared_prefix(&[9, 9, 9], 8).is_none());
+        let _ = full;
     }
 
     #[test]

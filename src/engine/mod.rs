@@ -61,6 +61,10 @@ pub enum EngineError {
     Internal(String),
 }
 
+/// Borrow another session's cached prefix only when it saves at least this
+/// many tokens of prefill (a copy costs memory bandwidth too).
+const SHARED_PREFIX_MIN: usize = 64;
+
 /// What to generate from.
 #[derive(Debug, Clone)]
 pub enum Prompt {
@@ -87,6 +91,11 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Constrain decoding so that tool calls always validate.
     pub constrain_tools: bool,
+    /// With constraints on, calls are constrained to these definitions
+    /// instead of the prompt's tools: fewer tools, or narrower schemas (ids
+    /// limited to the ones tool results returned). The prompt still lists
+    /// every tool, so the session's KV cache stays valid.
+    pub grammar_tools: Option<Arc<ToolSet>>,
 }
 
 impl Request {
@@ -102,6 +111,7 @@ impl Request {
             sampling: SamplingParams::greedy(),
             stop: Vec::new(),
             constrain_tools: false,
+            grammar_tools: None,
         }
     }
 
@@ -462,15 +472,21 @@ impl Worker {
         }
         let max_tokens = req.max_tokens.min(context - tokens.len());
         let mut constraint = match (&tools, req.constrain_tools) {
-            (Some(t), true) => Some(self.constraint(t)?),
+            (Some(t), true) => match &req.grammar_tools {
+                Some(g) => Some(self.constraint(g)?),
+                None => Some(self.constraint(t)?),
+            },
             _ => None,
         };
 
         // KV reuse: keep the longest common prefix with the session's cache.
+        // A session seen for the first time starts from the longest prefix
+        // another session holds (the system prompt and tools are shared).
         let (mut cache, mut in_cache) = req
             .session
             .as_deref()
             .and_then(|s| self.pool.checkout(s))
+            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN))
             .unwrap_or_else(|| (self.model.new_cache(), Vec::new()));
         let mut reuse = common_prefix(&in_cache, &tokens).min(cache.len());
         if reuse == tokens.len() {

@@ -64,6 +64,27 @@ impl KvCache {
             .sum()
     }
 
+    /// A new cache holding a copy of the first `n` positions (for another
+    /// session that starts with the same tokens).
+    pub fn copy_prefix(&self, n: usize) -> Result<KvCache> {
+        let n = n.min(self.len);
+        let mut out = KvCache::with_limit(self.layers.len(), self.limit);
+        for (dst, src) in out.layers.iter_mut().zip(&self.layers) {
+            if let (Some(l), true) = (src, n > 0) {
+                let (_, n_kv, _, hd) = l.k.dims4()?;
+                let cap = n.next_multiple_of(GROW_STEP).min(self.limit.max(n));
+                let k = Tensor::zeros((1, n_kv, cap, hd), l.k.dtype(), l.k.device())?;
+                let v = Tensor::zeros((1, n_kv, cap, hd), l.v.dtype(), l.v.device())?;
+                k.slice_set(&l.k.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                v.slice_set(&l.v.narrow(2, 0, n)?.contiguous()?, 2, 0)?;
+                out.capacity = out.capacity.max(cap);
+                *dst = Some(LayerKv { k, v });
+            }
+        }
+        out.len = n;
+        Ok(out)
+    }
+
     /// Writes `k`, `v` (shape `(1, n_kv, s, hd)`) at position `pos` of layer
     /// `layer` and returns views of all `pos + s` cached keys and values.
     pub(crate) fn append(
