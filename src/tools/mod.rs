@@ -74,6 +74,14 @@ pub struct ToolDef {
     /// How a result is shown (a card kind), for the platform layer.
     #[serde(default)]
     pub card: Option<String>,
+    /// For a tool that needs confirmation: a side-effect-free endpoint taking
+    /// the same arguments and answering `{summary, amount, currency}`, so the
+    /// user confirms the exact order and amount before anything runs.
+    #[serde(default)]
+    pub quote: Option<Endpoint>,
+    /// A JSON schema the endpoint's answer must satisfy.
+    #[serde(default)]
+    pub result: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,7 +98,10 @@ pub struct Manifest {
 pub struct Tool {
     pub def: ToolDef,
     pub app: String,
+    /// The manifest's `base_url`, possibly with a `{sandbox}` placeholder.
+    pub base_url: Option<String>,
     validator: jsonschema::Validator,
+    result_validator: Option<jsonschema::Validator>,
 }
 
 impl std::fmt::Debug for Tool {
@@ -118,11 +129,49 @@ impl Tool {
         }
         let validator = jsonschema::validator_for(&def.parameters)
             .map_err(|e| format!("tool `{}`: `parameters` is not a valid JSON schema: {e}", def.name))?;
+        let result_validator = match &def.result {
+            None => None,
+            Some(schema) => Some(
+                jsonschema::validator_for(schema)
+                    .map_err(|e| format!("tool `{}`: `result` is not a valid JSON schema: {e}", def.name))?,
+            ),
+        };
+        for (what, ep) in [("endpoint", &def.endpoint), ("quote", &def.quote)] {
+            if let Some(ep) = ep {
+                check_endpoint(&def, what, ep)?;
+            }
+        }
+        if def.confirm && def.endpoint.is_none() {
+            return Err(format!("tool `{}` needs confirmation but has no `endpoint`", def.name));
+        }
+        if def.quote.is_some() && !def.confirm {
+            return Err(format!(
+                "tool `{}` has a `quote` but no `\"confirm\": true`; quotes exist only for confirmed tools",
+                def.name
+            ));
+        }
         Ok(Self {
             def,
             app: app.into(),
+            base_url: None,
             validator,
+            result_validator,
         })
+    }
+
+    /// Checks an endpoint's answer against the manifest's `result` schema.
+    pub fn validate_result(&self, result: &Value) -> Result<(), String> {
+        let Some(v) = &self.result_validator else { return Ok(()) };
+        let errors: Vec<String> = v
+            .iter_errors(result)
+            .take(5)
+            .map(|e| format!("{}: {e}", e.instance_path))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("`{}` returned a malformed result: {}", self.def.name, errors.join("; ")))
+        }
     }
 
     /// Checks arguments against the schema; the error lists every problem in
@@ -163,6 +212,35 @@ impl Tool {
             }
         })
     }
+}
+
+/// Path parameters are `{name}` segments naming a declared parameter.
+pub fn path_params(path: &str) -> Vec<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .collect()
+}
+
+fn check_endpoint(def: &ToolDef, what: &str, ep: &Endpoint) -> Result<(), String> {
+    if !matches!(ep.method.as_str(), "GET" | "POST" | "PUT" | "PATCH" | "DELETE") {
+        return Err(format!(
+            "tool `{}`: {what} method `{}` must be one of GET, POST, PUT, PATCH, DELETE",
+            def.name, ep.method
+        ));
+    }
+    if !ep.path.starts_with('/') {
+        return Err(format!("tool `{}`: {what} path `{}` must start with /", def.name, ep.path));
+    }
+    let props = def.parameters.get("properties");
+    for p in path_params(&ep.path) {
+        if props.and_then(|x| x.get(p)).is_none() {
+            return Err(format!(
+                "tool `{}`: {what} path `{}` uses {{{p}}} but `{p}` is not a parameter",
+                def.name, ep.path
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn valid_name(s: &str) -> bool {
@@ -267,9 +345,23 @@ pub fn load_manifest(path: &Path) -> Result<Vec<Tool>, ManifestError> {
     if m.tools.is_empty() {
         return Err(invalid("declares no tools".into()));
     }
+    if let Some(b) = &m.base_url {
+        if !(b.starts_with("http://") || b.starts_with("https://") || b.starts_with("{sandbox}")) {
+            return Err(invalid(format!(
+                "base_url `{b}` must start with http://, https:// or {{sandbox}}"
+            )));
+        }
+    }
     m.tools
         .into_iter()
-        .map(|def| Tool::new(&m.app, def).map_err(&invalid))
+        .map(|def| {
+            let mut t = Tool::new(&m.app, def).map_err(&invalid)?;
+            if t.def.endpoint.is_some() && m.base_url.is_none() {
+                return Err(invalid(format!("tool `{}` has an endpoint but the manifest has no base_url", t.def.name)));
+            }
+            t.base_url = m.base_url.clone();
+            Ok(t)
+        })
         .collect()
 }
 
@@ -291,6 +383,8 @@ mod tests {
                 confirm: false,
                 endpoint: None,
                 card: None,
+                quote: None,
+                result: None,
             },
         )
     }
