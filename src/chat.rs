@@ -1,8 +1,10 @@
 //! `errand chat`: a terminal conversation with streaming replies.
 //!
-//! It shows the tool calls the model makes against the tools in `tools/`,
-//! checked against their schemas. No mini-program services run yet, so a
-//! call is shown and recorded in the conversation, not executed.
+//! With mini-programs on (the default), every line goes through the
+//! [`crate::agent::Agent`] ([`agent_repl`]): tool calls run against the
+//! sandbox services, cards are listed with numbers to pick from, and a
+//! confirmation is answered with yes / no (or a change in words). With
+//! `--no-tools`, [`repl`] talks to the bare model.
 //!
 //! Context policy: the engine refuses prompts longer than the model's
 //! context; the REPL then drops the oldest turns (never the system prompt)
@@ -105,6 +107,7 @@ pub fn turn<W: Write>(
         sampling: opts.sampling,
         stop: Vec::new(),
         constrain_tools: opts.constrain,
+        grammar_tools: None,
     };
     let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {
@@ -145,10 +148,7 @@ pub fn turn<W: Write>(
                 })
                 .collect(),
         );
-        let _ = writeln!(
-            out,
-            "  (no mini-program services run in this build yet: the call is shown, not executed)"
-        );
+        let _ = writeln!(out, "  (the bare-model chat only shows calls; without --no-tools they run)");
     }
     messages.push(reply);
     conv.messages = messages;
@@ -240,6 +240,160 @@ pub fn repl<R: BufRead, W: Write>(
                     writeln!(out, "\nerror: {e}")?;
                 }
             },
+        }
+        prompt(out);
+    }
+    Ok(())
+}
+
+/// What the agent REPL remembers between lines: the open confirmation and
+/// the options of the last card, so "yes" and "2" mean something.
+#[derive(Default)]
+pub struct AgentView {
+    pub pending: Option<crate::agent::ConfirmationRequest>,
+    pub options: Vec<crate::agent::present::CardOption>,
+}
+
+const YES: [&str; 13] = ["yes", "y", "ok", "confirm", "pay", "确认", "好", "好的", "是", "支付", "네", "예", "확인"];
+const NO: [&str; 10] = ["no", "n", "cancel", "decline", "不", "不要", "取消", "아니요", "아니", "취소"];
+
+impl AgentView {
+    /// Maps a typed line to an input: yes/no answer an open confirmation, a
+    /// number picks a card option, anything else is a message.
+    pub fn input(&self, line: &str) -> crate::agent::Input {
+        use crate::agent::Input;
+        let l = line.trim().trim_end_matches(['.', '!', '。', '！']).to_lowercase();
+        if let Some(p) = &self.pending {
+            if YES.contains(&l.as_str()) {
+                return Input::Confirm { token: p.token.clone() };
+            }
+            if NO.contains(&l.as_str()) {
+                return Input::Decline { token: p.token.clone() };
+            }
+        }
+        if let Ok(n) = l.parse::<usize>() {
+            if let Some(o) = n.checked_sub(1).and_then(|i| self.options.get(i)) {
+                return Input::Text(o.reply.clone());
+            }
+        }
+        Input::Text(line.trim().to_owned())
+    }
+
+    /// Prints one event and updates what the next line can refer to.
+    pub fn show<W: Write>(&mut self, ev: &crate::agent::AgentEvent, out: &mut W) {
+        use crate::agent::present::{item_label, money};
+        use crate::agent::AgentEvent as E;
+        match ev {
+            E::Token { text } => {
+                let _ = write!(out, "{text}");
+            }
+            E::Notice { text } => {
+                let _ = writeln!(out, "\n{text}");
+            }
+            E::ToolCall { tool, arguments } => {
+                let _ = writeln!(out, "\n  → {tool} {arguments}");
+            }
+            E::ToolResult { ok: false, detail, .. } => {
+                let _ = writeln!(out, "  ✗ {detail}");
+            }
+            E::ToolResult { .. } => {}
+            E::Card(c) => {
+                let lang = Lang::En;
+                if c.options.is_empty() {
+                    let _ = writeln!(out, "  ┌ {}: {}", c.kind, item_label(&c.data, lang));
+                    for key in ["status", "order_id", "ride_id", "booking_id", "eta_minutes", "seats", "driver"] {
+                        if let Some(v) = c.data.get(key).filter(|v| !v.is_null()) {
+                            let _ = writeln!(out, "  │ {key}: {v}");
+                        }
+                    }
+                    let _ = writeln!(out, "  └");
+                } else {
+                    let _ = writeln!(out, "  ┌ {}", c.kind);
+                    for (i, o) in c.options.iter().enumerate() {
+                        let _ = writeln!(out, "  │ [{}] {} ({})", i + 1, o.label, o.id);
+                    }
+                    let _ = writeln!(out, "  └ type a number to choose");
+                    self.options = c.options.clone();
+                }
+            }
+            E::Confirmation(r) => {
+                let _ = writeln!(out, "\n  ┌ please confirm ─────────────────────────");
+                let _ = writeln!(out, "  │ {}", r.summary);
+                let _ = writeln!(out, "  │ amount: {}   pay with: {}", r.amount_display, r.payment_method);
+                let _ = writeln!(out, "  └ type yes to confirm, no to decline, or say what to change");
+                self.pending = Some(r.clone());
+            }
+            E::Payment(p) => {
+                let amount = money(p.amount, &p.currency);
+                if p.status == "paid" {
+                    let _ = writeln!(out, "  ✓ paid {amount} ({})", p.transaction_id.as_deref().unwrap_or(&p.out_trade_no));
+                } else {
+                    let _ = writeln!(out, "  ✗ payment of {amount} failed: {}", p.reason.as_deref().unwrap_or("unknown"));
+                }
+            }
+            E::Done { stats } => {
+                if std::env::var_os("ERRAND_STATS").is_some() {
+                    let _ = writeln!(
+                        out,
+                        "\n  [{} rounds, {} prompt tokens ({} cached), {} generated, first token {:.0} ms, total {:.0} ms]",
+                        stats.model_rounds,
+                        stats.prompt_tokens,
+                        stats.cached_tokens,
+                        stats.completion_tokens,
+                        stats.first_token_ms.unwrap_or(0.0),
+                        stats.total_ms
+                    );
+                }
+            }
+            E::Error { message } => {
+                let _ = writeln!(out, "\nerror: {message}");
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
+/// The REPL when mini-programs are on: every line goes through the agent.
+pub fn agent_repl<R: BufRead, W: Write>(
+    rt: &tokio::runtime::Handle,
+    agent: &Arc<crate::agent::Agent>,
+    session: &str,
+    input: R,
+    out: &mut W,
+    interactive: bool,
+) -> std::io::Result<()> {
+    let _in_runtime = rt.enter();
+    let mut view = AgentView::default();
+    let prompt = |out: &mut W| {
+        if interactive {
+            let _ = write!(out, "\n> ");
+            let _ = out.flush();
+        }
+    };
+    prompt(out);
+    for line in input.lines() {
+        let line = line?;
+        match line.trim() {
+            "" => {}
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                agent.reset(session);
+                view = AgentView::default();
+                writeln!(out, "(new conversation)")?;
+            }
+            l if l.starts_with('/') => writeln!(out, "commands: /reset, /quit")?,
+            l => {
+                let input = view.input(l);
+                if !matches!(input, crate::agent::Input::Text(_)) || view.pending.is_some() {
+                    // Any answer closes the open confirmation on our side.
+                    view.pending = None;
+                }
+                let mut rx = agent.handle(session, input);
+                while let Some(ev) = rt.block_on(rx.recv()) {
+                    view.show(&ev, out);
+                }
+                writeln!(out)?;
+            }
         }
         prompt(out);
     }

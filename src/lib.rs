@@ -50,6 +50,9 @@
 //!
 //! The library never prints; `src/main.rs` parses arguments and calls in.
 
+pub mod adapter;
+pub mod agent;
+pub mod audit;
 pub mod bench;
 pub mod catalog;
 pub mod chat;
@@ -57,6 +60,7 @@ pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod prompt;
+pub mod sandbox;
 pub mod template;
 pub mod tokenizer;
 pub mod toolcheck;

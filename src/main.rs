@@ -8,6 +8,10 @@ use errand::engine::sampler::SamplingParams;
 use errand::engine::{Engine, EngineOptions};
 use errand::model::LoadOptions;
 use errand::prompt::{Lang, Prompts};
+use errand::adapter::{HttpAdapter, HttpOptions};
+use errand::agent::{Agent, AgentOptions};
+use errand::audit::Audit;
+use errand::sandbox::{SandboxConfig, Service};
 use errand::tools::ToolSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -70,6 +74,49 @@ enum Cmd {
         /// Print token counts and speed after each reply.
         #[arg(long)]
         stats: bool,
+        /// Use mini-programs at this URL instead of starting the sandbox in-process.
+        #[arg(long)]
+        sandbox_url: Option<String>,
+        /// Where the in-process sandbox keeps its databases (default $ERRAND_HOME/sandbox).
+        #[arg(long)]
+        sandbox_data: Option<PathBuf>,
+        /// The wallet payments come from, and how (alipay or wechat).
+        #[arg(long, default_value = "demo")]
+        wallet: String,
+        #[arg(long, default_value = "alipay")]
+        pay_method: String,
+    },
+    /// Run the sandbox mini-programs alone (payments, tickets, food, ride, salon, bike, mart).
+    Sandbox {
+        #[arg(long, default_value_t = 8700)]
+        port: u16,
+        /// Database folder (default $ERRAND_HOME/sandbox).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Comma-separated services to run (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// A payment service elsewhere, when `pay` is not among --only.
+        #[arg(long)]
+        pay_url: Option<String>,
+        /// Catalog seed: the same seed gives the same trains, restaurants and prices.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Fault injection: delay every request by this much.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Fault injection: answer this share of requests (0..1) with 503.
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Shared merchant/payment secret (default: DATA/secret, created on first start).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Test knob: exit right after a payment commits, before notifying the merchant.
+        #[arg(long, hide = true)]
+        crash_after_pay: bool,
+        /// First retry delay for payment notifications, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        notify_backoff_ms: u64,
     },
     /// Measure speed against llama.cpp's llama-bench on the same file.
     Bench {
@@ -160,7 +207,38 @@ fn run() -> Result<()> {
     // candle and gemm size their pools from this before first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     match cli.cmd {
-        Cmd::Chat { model, tools, no_tools, unconstrained, lang, temperature, seed, max_tokens, once, stats } => {
+        Cmd::Sandbox { port, data, only, pay_url, seed, latency_ms, error_rate, secret, crash_after_pay, notify_backoff_ms } => {
+            let mut cfg = SandboxConfig::new(data.unwrap_or_else(sandbox_dir));
+            cfg.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            cfg.seed = seed;
+            if !only.is_empty() {
+                cfg.services = only
+                    .iter()
+                    .map(|s| Service::parse(s.trim()).with_context(|| format!("unknown service `{s}`; the services are pay, tickets, food, ride, salon, bike, mart")))
+                    .collect::<Result<_>>()?;
+            }
+            anyhow::ensure!(
+                cfg.services.contains(&Service::Pay) || pay_url.is_some(),
+                "without `pay` in --only, give --pay-url of a running payment service"
+            );
+            anyhow::ensure!((0.0..=1.0).contains(&error_rate), "--error-rate must be between 0 and 1");
+            cfg.pay_url = pay_url;
+            cfg.secret = secret.map(String::into_bytes);
+            cfg.faults = errand::sandbox::core::FaultConfig { latency_ms, error_rate };
+            cfg.pay.crash_after_pay = crash_after_pay;
+            cfg.pay.notify_backoff = std::time::Duration::from_millis(notify_backoff_ms);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let names: Vec<&str> = cfg.services.iter().map(|s| s.name()).collect();
+                let data = cfg.data_dir.clone();
+                let sb = errand::sandbox::start(cfg.clone()).await?;
+                println!("sandbox listening on {} ({}); data in {}", sb.base_url, names.join(", "), data.display());
+                tokio::signal::ctrl_c().await?;
+                sb.stop().await;
+                anyhow::Ok(())
+            })?;
+        }
+        Cmd::Chat { model, tools, no_tools, unconstrained, lang, temperature, seed, max_tokens, once, stats, sandbox_url, sandbox_data, wallet, pay_method } => {
             let lang = match lang.as_deref() {
                 None => None,
                 Some(l) => Some(Lang::parse(l).with_context(|| format!("unknown language `{l}`; use en, zh or ko"))?),
@@ -193,6 +271,45 @@ fn run() -> Result<()> {
                 ..Default::default()
             };
             let mut out = std::io::stdout();
+            if let Some(tools) = opts.tools.clone() {
+                let rt = tokio::runtime::Runtime::new()?;
+                let (base, _sandbox) = match sandbox_url {
+                    Some(u) => (u.trim_end_matches('/').to_owned(), None),
+                    None => {
+                        let sb = rt.block_on(errand::sandbox::start(SandboxConfig::new(sandbox_data.unwrap_or_else(sandbox_dir))))?;
+                        eprintln!("sandbox mini-programs at {}", sb.base_url);
+                        (sb.base_url.clone(), Some(sb))
+                    }
+                };
+                let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
+                let audit = Audit::open(&errand_home().join("audit.db"))?;
+                let agent = Agent::new(
+                    Arc::new(engine),
+                    tools,
+                    adapter,
+                    audit,
+                    AgentOptions {
+                        max_tokens,
+                        sampling: opts.sampling,
+                        constrain: opts.constrain,
+                        pay_url: Some(format!("{base}/pay")),
+                        wallet,
+                        pay_method,
+                        lang: opts.lang,
+                        ..Default::default()
+                    },
+                );
+                let session = format!("cli-{}", std::process::id());
+                let stdin = std::io::stdin();
+                match once {
+                    Some(q) => chat::agent_repl(rt.handle(), &agent, &session, std::io::Cursor::new(q), &mut out, false)?,
+                    None => {
+                        let interactive = stdin.is_terminal();
+                        chat::agent_repl(rt.handle(), &agent, &session, stdin.lock(), &mut out, interactive)?;
+                    }
+                }
+                return Ok(());
+            }
             match once {
                 Some(q) => {
                     let mut conv = chat::Conversation { messages: Vec::new(), lang: opts.lang };
@@ -268,6 +385,17 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn errand_home() -> PathBuf {
+    std::env::var_os("ERRAND_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/errand")))
+        .unwrap_or_else(|| PathBuf::from(".errand"))
+}
+
+fn sandbox_dir() -> PathBuf {
+    errand_home().join("sandbox")
 }
 
 /// Runs scripts/llama-cpp.sh (a cached build) and returns the folder with llama-bench.
