@@ -63,11 +63,20 @@ impl KvPool {
     /// of `tokens` that another session's cache holds (the system prompt and
     /// tool list are the same for every conversation), if it is at least
     /// `min_len` tokens long.
-    pub fn shared_prefix(&self, tokens: &[u32], min_len: usize) -> Option<(KvCache, Vec<u32>)> {
+    ///
+    /// The prefix is cut to a multiple of `align` (the prefill chunk): those
+    /// positions were computed in the same chunks a fresh prefill would use,
+    /// so the result is bit-for-bit what the session would have computed
+    /// itself, and greedy replies do not depend on which session came first.
+    pub fn shared_prefix(&self, tokens: &[u32], min_len: usize, align: usize) -> Option<(KvCache, Vec<u32>)> {
+        let align = align.max(1);
         let (n, e) = self
             .entries
             .values()
-            .map(|e| (common_prefix(&e.tokens, tokens).min(e.cache.len()), e))
+            .map(|e| {
+                let n = common_prefix(&e.tokens, tokens).min(e.cache.len());
+                (n / align * align, e)
+            })
             .max_by_key(|(n, _)| *n)?;
         if n < min_len.max(1) {
             return None;
@@ -131,15 +140,16 @@ mod tests {
         // Same first 30 tokens, then different.
         let mut b: Vec<u32> = (1..=30).collect();
         b.extend([7, 7, 7]);
-        let (mut shared, toks) = pool.shared_prefix(&b, 8).unwrap();
+        let (mut shared, toks) = pool.shared_prefix(&b, 8, 1).unwrap();
         assert_eq!(toks.len(), 30);
+        assert_eq!(pool.shared_prefix(&b, 8, 16).unwrap().1.len(), 16, "cut to whole chunks");
         assert!(pool.contains("a"), "the donor keeps its cache");
         let via_shared = m.forward(&b[30..], &mut shared).unwrap();
         let mut fresh = m.new_cache();
         let direct = m.forward(&b, &mut fresh).unwrap();
         let diff = via_shared.iter().zip(&direct).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "logits differ by {diff}");
-        assert!(pool.shared_prefix(&[9, 9, 9], 8).is_none());
+        assert!(pool.shared_prefix(&[9, 9, 9], 8, 1).is_none());
         let _ = full;
     }
 

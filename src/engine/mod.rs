@@ -63,7 +63,7 @@ pub enum EngineError {
 
 /// Borrow another session's cached prefix only when it saves at least this
 /// many tokens of prefill (a copy costs memory bandwidth too).
-const SHARED_PREFIX_MIN: usize = 64;
+const SHARED_PREFIX_MIN: usize = crate::model::PREFILL_CHUNK;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -486,7 +486,7 @@ impl Worker {
             .session
             .as_deref()
             .and_then(|s| self.pool.checkout(s))
-            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN))
+            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN, crate::model::PREFILL_CHUNK))
             .unwrap_or_else(|| (self.model.new_cache(), Vec::new()));
         let mut reuse = common_prefix(&in_cache, &tokens).min(cache.len());
         if reuse == tokens.len() {
