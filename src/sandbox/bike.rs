@@ -12,9 +12,11 @@ use super::cities::{self, City};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
 use super::ride::{body, city_loc, default_loc, money, resolve_place};
+use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
@@ -108,6 +110,7 @@ pub fn router(ctx: ServiceCtx) -> ApiResult<Router> {
         .route("/v1/unlock/quote", post(unlock_quote))
         .route("/v1/rides/{bike_ride_id}", get(status))
         .route("/v1/rides/{bike_ride_id}/lock", post(lock))
+        .route("/v1/rides/{bike_ride_id}/lock/quote", post(lock_quote))
         .with_state(ctx))
 }
 
@@ -249,7 +252,8 @@ async fn unlock_quote(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult<
     })))
 }
 
-async fn unlock(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult<Json<Value>> {
+async fn unlock(State(ctx): State<ServiceCtx>, headers: HeaderMap, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let req: UnlockReq = body(&bytes)?;
     let (code, city) = find_bike(&ctx, &req)?;
     let id = new_id("bkr");
@@ -265,6 +269,8 @@ async fn unlock(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult<Json<V
         if open.is_some() {
             return Err(in_use(&code));
         }
+        // The quote's amount is the rate per 15 minutes started.
+        check_terms(confirmed, "the fee per 15 minutes", unit_fee(city.currency), city.currency, money)?;
         tx.execute(
             "INSERT INTO bike_rides (id, bike_code, city, currency, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             rusqlite::params![id, code, city.id, city.currency, now],
@@ -348,21 +354,66 @@ async fn status(State(ctx): State<ServiceCtx>, Path(id): Path<String>) -> ApiRes
     Ok(Json(ride_json(&ctx, &r, payment.as_ref())))
 }
 
-/// Ends the ride (once) and opens its payment; locking again answers the
-/// ended ride.
-async fn lock(State(ctx): State<ServiceCtx>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+/// What locking now would charge: the fee of a ride still going, computed
+/// at the clock's now, or the fee recorded when it was locked.
+fn lock_terms(r: &BikeRide, now: i64) -> (i64, i64) {
+    let end = r.ended_ms.unwrap_or(now);
+    let (_, fee_now) = fee_for(end - r.started_ms, &r.currency);
+    (r.fee.unwrap_or(fee_now), (end - r.started_ms).max(0) / 60_000)
+}
+
+/// `POST /v1/rides/{bike_ride_id}/lock/quote`: the fee locking now would
+/// charge; no side effects.
+async fn lock_quote(State(ctx): State<ServiceCtx>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let r = load(&ctx, &id)?;
+    let (fee, minutes) = lock_terms(&r, ctx.clock.now_ms());
+    let summary = match r.ended_ms {
+        None => format!(
+            "End your bike ride {} after {minutes} min: {}",
+            r.bike_code,
+            money(fee, &r.currency)
+        ),
+        Some(_) => format!(
+            "Your bike ride {} already ended after {minutes} min: {} to pay",
+            r.bike_code,
+            money(fee, &r.currency)
+        ),
+    };
+    Ok(Json(json!({
+        "summary": summary,
+        "amount": fee,
+        "currency": r.currency,
+        "bike_ride_id": r.id,
+        "minutes": minutes,
+    })))
+}
+
+/// Ends the ride (once) and opens its payment; locking again answers the
+/// ended ride. With confirmed terms, a fee that grew since the quote is a
+/// 409 `terms_changed` and the ride goes on.
+async fn lock(State(ctx): State<ServiceCtx>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
+    load(&ctx, &id)?;
     let now = ctx.clock.now_ms();
-    if r.ended_ms.is_none() {
-        let (_, fee) = fee_for(now - r.started_ms, &r.currency);
-        ctx.db.with(|c| {
-            c.execute(
-                "UPDATE bike_rides SET ended_ms = ?2, fee = ?3 WHERE id = ?1 AND ended_ms IS NULL",
-                rusqlite::params![id, now, fee],
-            )?;
-            Ok(())
-        })?;
-    }
+    ctx.db.tx(|tx| {
+        let (started, ended, fee, currency): (i64, Option<i64>, Option<i64>, String) = tx.query_row(
+            "SELECT started_ms, ended_ms, fee, currency FROM bike_rides WHERE id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        match (ended, fee) {
+            (Some(_), Some(fee)) => check_terms(confirmed, "the ride's fee", fee, &currency, money),
+            _ => {
+                let (_, fee) = fee_for(now - started, &currency);
+                check_terms(confirmed, "the ride's fee", fee, &currency, money)?;
+                tx.execute(
+                    "UPDATE bike_rides SET ended_ms = ?2, fee = ?3 WHERE id = ?1 AND ended_ms IS NULL",
+                    rusqlite::params![id, now, fee],
+                )?;
+                Ok(())
+            }
+        }
+    })?;
     let r = load(&ctx, &id)?;
     let m = ctx.merchant();
     let payment = match m.payment_local(&id)? {
@@ -541,4 +592,75 @@ mod tests {
         assert_eq!((l["fee"].as_i64(), l["currency"].as_str()), (Some(1000), Some("KRW")));
         sb.stop().await;
     }
+    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        let r = http
+            .post(url)
+            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let http = reqwest::Client::new();
+        let bike = sb.url(Service::Bike);
+        let rides = || -> i64 {
+            let c = crate::sandbox::Sandbox::open_db(dir.path(), Service::Bike).unwrap();
+            c.query_row("SELECT COUNT(*) FROM bike_rides", [], |r| r.get(0)).unwrap()
+        };
+        let code = json!({"bike_code": "SH-0001"});
+
+        // Unlock: the confirmed rate must be the rate.
+        let (s, e) = post_confirmed(&http, format!("{bike}/v1/unlock"), code.clone(), 100, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert_eq!(rides(), 0);
+        let (s, u) = post_confirmed(&http, format!("{bike}/v1/unlock"), code, 150, "CNY").await;
+        assert_eq!(s, 200, "{u}");
+        let id = u["bike_ride_id"].as_str().unwrap();
+
+        // Lock quote at 31 min: three quarter-hours, nothing changes.
+        sb.clock.advance(Duration::from_secs(31 * 60));
+        let (s, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        assert_eq!(s, 200, "{q}");
+        assert_eq!(q["summary"], "End your bike ride SH-0001 after 31 min: ¥4.50");
+        assert_eq!((q["amount"].as_i64(), q["currency"].as_str()), (Some(450), Some("CNY")));
+        let (_, st) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        assert_eq!(st["amount"], 450);
+        let status: Value = http.get(format!("{bike}/v1/rides/{id}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(status["status"], "riding", "a quote locks nothing");
+
+        // The user answers after the next quarter-hour started: refused, still riding.
+        sb.clock.advance(Duration::from_secs(15 * 60));
+        let (s, e) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 450, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("¥6.00, not the ¥4.50 you confirmed"), "{e}");
+        let status: Value = http.get(format!("{bike}/v1/rides/{id}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(status["status"], "riding", "{status}");
+        assert!(status.get("payment").is_none(), "{status}");
+
+        // Re-quoted and confirmed: locked, the payment opened at that fee.
+        let (_, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        assert_eq!(q["amount"], 600, "{q}");
+        let (s, l) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
+        assert_eq!(s, 200, "{l}");
+        check("bike_lock", &l);
+        assert_eq!((l["fee"].as_i64(), l["payment"]["amount"].as_i64()), (Some(600), Some(600)));
+        // Once locked the quote and the lock keep the recorded fee.
+        sb.clock.advance(Duration::from_secs(30 * 60));
+        let (_, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        assert_eq!(q["amount"], 600, "{q}");
+        let (s, l) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
+        assert_eq!((s, l["fee"].as_i64()), (200, Some(600)), "{l}");
+        let (s, _) = post(&http, format!("{bike}/v1/rides/bkr_nope/lock/quote"), json!({})).await;
+        assert_eq!(s, 404);
+        sb.stop().await;
+    }
 }
+

@@ -201,17 +201,24 @@ pub async fn fault_layer(State(faults): State<Faults>, req: Request, next: Next)
 #[derive(Clone)]
 pub struct Idempotency {
     db: Db,
-    /// Keyed writes run one at a time so a retry racing the original waits
-    /// for its stored answer instead of running twice.
-    lock: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per key in flight: a retry racing the original waits for its
+    /// stored answer instead of running twice; other keys run in parallel.
+    locks: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Idempotency {
     pub fn new(db: Db) -> Self {
         Self {
             db,
-            lock: Arc::new(tokio::sync::Mutex::new(())),
+            locks: Arc::new(Mutex::new(std::collections::HashMap::new())),
         }
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget locks nobody holds any more.
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(key.to_owned()).or_default().clone()
     }
 }
 
@@ -244,7 +251,8 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
     h.update(b"\n");
     h.update(&bytes);
     let hash = hex::encode(h.finalize());
-    let _guard = idem.lock.lock().await;
+    let key_lock = idem.lock_for(&key);
+    let guard = key_lock.clone().lock_owned().await;
     let stored = idem.db.with(|c| {
         Ok(c.query_row(
             "SELECT request_hash, status, body FROM idempotency WHERE key = ?1",
@@ -275,26 +283,37 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
         Ok(None) => {}
     }
     let req = Request::from_parts(parts, Body::from(bytes));
-    let resp = next.run(req).await;
-    if !resp.status().is_success() {
-        return resp;
-    }
-    let (parts, body) = resp.into_parts();
-    let Ok(bytes) = to_bytes(body, 8 << 20).await else {
-        return ApiError::internal("response body unreadable").into_response();
-    };
-    let now = Clock::default().now_ms();
-    let saved = idem.db.with(|c| {
-        c.execute(
-            "INSERT OR REPLACE INTO idempotency (key, request_hash, status, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![key, hash, parts.status.as_u16(), bytes.to_vec(), now],
-        )?;
-        Ok(())
+    // The handler runs in its own task, holding the key's lock, so a client
+    // that gives up (a timeout) does not cancel it half-way: it finishes and
+    // its answer is stored for the retry.
+    let db = idem.db.clone();
+    let task = tokio::spawn(async move {
+        let _guard = guard;
+        let resp = next.run(req).await;
+        if !resp.status().is_success() {
+            return resp;
+        }
+        let (parts, body) = resp.into_parts();
+        let Ok(bytes) = to_bytes(body, 8 << 20).await else {
+            return ApiError::internal("response body unreadable").into_response();
+        };
+        let now = Clock::default().now_ms();
+        let saved = db.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO idempotency (key, request_hash, status, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![key, hash, parts.status.as_u16(), bytes.to_vec(), now],
+            )?;
+            Ok(())
+        });
+        if let Err(e) = saved {
+            return e.into_response();
+        }
+        Response::from_parts(parts, Body::from(bytes))
     });
-    if let Err(e) = saved {
-        return e.into_response();
+    match task.await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::internal(format!("the handler failed: {e}")).into_response(),
     }
-    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// A deterministic generator for catalogs: the same seed and label always

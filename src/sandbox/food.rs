@@ -16,10 +16,11 @@
 use super::cities::{self, City, Names, Place};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::{Merchant, Payment};
+use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::rngs::StdRng;
@@ -1454,13 +1455,15 @@ impl Food {
 }
 
 /// `POST /v1/orders`: the order, after the user's confirmation, with its payment opened.
-async fn create_order(State(s): St, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let req: OrderReq = parse_body(&body, ORDER_SHAPE)?;
     let cart = s.price(&req.restaurant_id, &req.items)?;
     let address = check_address(&req.address)?;
     let r = cart.restaurant;
     let now = s.ctx.clock.now_ms();
     r.ensure_open(now)?;
+    check_terms(confirmed, "the total", cart.total, r.currency(), money)?;
     let order_id = new_id("fo");
     let items = serde_json::to_string(&cart.lines).map_err(|e| ApiError::internal(format!("items: {e}")))?;
     s.ctx.db.with(|c| {
@@ -1607,8 +1610,11 @@ async fn cancel_quote(State(s): St, Path(id): Path<String>) -> ApiResult<Json<Va
 }
 
 /// `POST /v1/orders/{order_id}/cancel`: free before the kitchen starts, 50% while it cooks.
-async fn cancel(State(s): St, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn cancel(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let plan = s.plan_cancel(&id).await?;
+    // Before the refund or the close: a refused cancel changes nothing.
+    check_terms(confirmed, "the cancellation fee", plan.fee, &plan.row.currency, money)?;
     let m = s.ctx.merchant();
     let order_id = plan.row.order_id.clone();
     if plan.phase == Phase::AwaitingPayment {
@@ -2000,4 +2006,64 @@ mod tests {
         assert_eq!(get(format!("{food}/v1/orders/{id}")).await.1["status"], "delivering");
         sb.stop().await;
     }
+    async fn post_confirmed(url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let (dir, sb) = sandbox().await;
+        let food = sb.url(Service::Food);
+        let orders = || -> i64 {
+            let c = Sandbox::open_db(dir.path(), Service::Food).unwrap();
+            c.query_row("SELECT COUNT(*) FROM food_orders", [], |r| r.get(0)).unwrap()
+        };
+        let body = kung_pao_order("8 Huangpi Road");
+        let (_, q) = post(format!("{food}/v1/orders/quote"), body.clone()).await;
+        assert_eq!((q["amount"].as_i64(), q["currency"].as_str()), (Some(4300), Some("CNY")), "{q}");
+
+        // A different total than the one confirmed: refused, no order.
+        let (s, e) = post_confirmed(format!("{food}/v1/orders"), body.clone(), 3900, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("¥43.00, not the ¥39.00"), "{e}");
+        assert_eq!(orders(), 0);
+        let (s, _) = post_confirmed(format!("{food}/v1/orders"), body.clone(), 4300, "KRW").await;
+        assert_eq!(s, 409);
+        let (s, e) = post_confirmed(format!("{food}/v1/orders"), body.clone(), 4300, "dollars").await;
+        assert_eq!(s, 400, "{e}");
+        assert_eq!(orders(), 0);
+
+        // The confirmed total: placed.
+        let (s, o) = post_confirmed(format!("{food}/v1/orders"), body.clone(), 4300, "CNY").await;
+        assert_eq!((s, o["total"].as_i64()), (200, Some(4300)), "{o}");
+        pay(&sb, &o).await;
+        let id = o["order_id"].as_str().unwrap();
+        assert_eq!(get(format!("{food}/v1/orders/{id}")).await.1["status"], "accepted");
+
+        // Quoted free while accepted; the kitchen starts cooking before the yes.
+        let (_, q) = post(format!("{food}/v1/orders/{id}/cancel/quote"), json!({})).await;
+        assert_eq!(q["amount"].as_i64(), Some(0), "{q}");
+        sb.clock.advance(Duration::from_secs(5 * 60));
+        let (s, e) = post_confirmed(format!("{food}/v1/orders/{id}/cancel"), json!({}), 0, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("the cancellation fee is now ¥21.50, not the ¥0.00 you confirmed"), "{msg}");
+        let (_, v) = get(format!("{food}/v1/orders/{id}")).await;
+        assert_eq!((v["status"].as_str(), v["payment"]["status"].as_str()), (Some("preparing"), Some("paid")), "{v}");
+        assert!(v["payment"]["refunded"].as_i64().unwrap_or(0) == 0, "no refund: {v}");
+
+        // Re-quoted and confirmed at the new fee: cancelled.
+        let (s, c) = post_confirmed(format!("{food}/v1/orders/{id}/cancel"), json!({}), 2150, "CNY").await;
+        assert_eq!((s, c["status"].as_str(), c["cancel_fee"].as_i64()), (200, Some("cancelled"), Some(2150)), "{c}");
+        sb.stop().await;
+    }
 }
+

@@ -9,9 +9,11 @@ use super::cities::{self, City, Names};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::food::{check_address, clip, money, parse_body, payment_of, Params};
 use super::merchant::Payment;
+use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
@@ -565,7 +567,8 @@ impl Mart {
 }
 
 /// `POST /v1/orders`: takes the items out of stock and opens the payment.
-async fn create_order(State(s): St, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let req: OrderReq = parse_body(&body, ORDER_SHAPE)?;
     let b = s.basket(&req)?;
     let now = s.ctx.clock.now_ms();
@@ -574,6 +577,7 @@ async fn create_order(State(s): St, body: Bytes) -> ApiResult<Json<Value>> {
     let eta = eta_minutes(b.lines.len());
     // Stock is checked again inside the transaction: another order may have taken it meanwhile.
     s.ctx.db.tx(|tx| {
+        check_terms(confirmed, "the total", b.total, b.city.currency, money)?;
         for l in &b.lines {
             let n = tx.execute(
                 "UPDATE mart_stock SET stock = stock - ?2 WHERE product_id = ?1 AND stock >= ?2",
@@ -810,4 +814,45 @@ mod tests {
         assert_eq!(s, 400);
         sb.stop().await;
     }
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let mart = sb.url(Service::Mart);
+        let orders = || -> i64 {
+            let c = Sandbox::open_db(dir.path(), Service::Mart).unwrap();
+            c.query_row("SELECT COUNT(*) FROM mart_orders", [], |r| r.get(0)).unwrap()
+        };
+        let confirmed = async |amount: i64, currency: &str, body: &Value| -> (u16, Value) {
+            let r = reqwest::Client::new()
+                .post(format!("{mart}/v1/orders"))
+                .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+                .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        };
+        let args = json!({"city": "Seoul", "items": [{"product_id": "se-bananas", "quantity": 2}], "address": "12 Sejong-daero"});
+        let (s, q) = post(format!("{mart}/v1/orders/quote"), args.clone()).await;
+        assert_eq!((s, q["currency"].as_str()), (200, Some("KRW")), "{q}");
+        let total = q["amount"].as_i64().unwrap();
+        let before = stock_of(&mart, "Seoul", "bananas", "se-bananas").await;
+
+        // Not the confirmed total (or currency): refused, no order, stock untouched.
+        let (s, e) = confirmed(total - 500, "KRW", &args).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(&format!("not the {} you confirmed", money(total - 500, "KRW"))), "{e}");
+        let (s, e) = confirmed(total, "CNY", &args).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert_eq!(orders(), 0);
+        assert_eq!(stock_of(&mart, "Seoul", "bananas", "se-bananas").await, before);
+
+        let (s, o) = confirmed(total, "KRW", &args).await;
+        assert_eq!((s, o["amount"].as_i64()), (200, Some(total)), "{o}");
+        assert_eq!(stock_of(&mart, "Seoul", "bananas", "se-bananas").await, before - 2);
+        sb.stop().await;
+    }
 }
+

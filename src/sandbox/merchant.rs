@@ -261,11 +261,17 @@ impl Merchant {
             )
             .await?;
         }
+        // Copy the payment service's total rather than adding: a replayed
+        // refund must not count twice.
+        let trade = self
+            .pay_call(reqwest::Method::GET, &format!("/v1/trades/{}", p.out_trade_no), None)
+            .await?;
+        let refunded = trade["refunded"].as_i64().unwrap_or(0);
         self.db.with(|c| {
             c.execute(
-                "UPDATE pay_orders SET status = 'refunded', refunded = MIN(amount, refunded + ?2)
+                "UPDATE pay_orders SET status = CASE WHEN ?2 > 0 THEN 'refunded' ELSE status END, refunded = ?2
                  WHERE order_id = ?1 AND status IN ('paid', 'refunded')",
-                rusqlite::params![order_id, amount],
+                rusqlite::params![order_id, refunded],
             )?;
             Ok(())
         })?;

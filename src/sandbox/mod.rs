@@ -17,8 +17,8 @@
 //! fault knobs (`/{service}/_admin/faults`: latency and error rate) and
 //! honours `Idempotency-Key` on writes. The merchants receive the payment
 //! service's signed notifications at `/{service}/pay/notify` and reconcile by
-//! query at start-up ([`merchant`]). `errand chat` and `errand serve` start
-//! all of them in-process; `errand sandbox` runs them alone, or a subset with
+//! query at start-up ([`merchant`]). `errand chat` starts all of them
+//! in-process; `errand sandbox` runs them alone, or a subset with
 //! `--only` and `--pay-url` pointing at a payment service elsewhere.
 
 pub mod bike;
@@ -31,6 +31,7 @@ pub mod pay;
 pub mod ride;
 pub mod salon;
 pub mod sign;
+pub mod terms;
 pub mod tickets;
 
 use self::core::{fault_layer, idempotency_layer, ApiError, Clock, Db, FaultConfig, Faults, Idempotency};

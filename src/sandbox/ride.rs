@@ -17,9 +17,11 @@
 use super::cities::{self, City, Names};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
+use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
@@ -851,7 +853,8 @@ async fn request_quote(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult
     })))
 }
 
-async fn request(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult<Json<Value>> {
+async fn request(State(ctx): State<ServiceCtx>, headers: HeaderMap, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let id = quote_id(body(&bytes)?)?;
     // One ride per quote: asking again answers the ride already requested.
     let existing: Option<String> = ctx.db.with(|c| {
@@ -861,9 +864,14 @@ async fn request(State(ctx): State<ServiceCtx>, bytes: Bytes) -> ApiResult<Json<
         )
     })?;
     let ride_id = match existing {
-        Some(r) => r,
+        Some(r) => {
+            let q = load_ride(&ctx, &r)?.quote;
+            check_terms(confirmed, "the fare", q.price, &q.currency, money)?;
+            r
+        }
         None => {
-            live_quote(&ctx, &id)?;
+            let q = live_quote(&ctx, &id)?;
+            check_terms(confirmed, "the fare", q.price, &q.currency, money)?;
             let ride_id = new_id("ride");
             let now = ctx.clock.now_ms();
             let inserted = ctx.db.with(|c| {
@@ -923,10 +931,17 @@ async fn cancel_quote(State(ctx): State<ServiceCtx>, Path(ride_id): Path<String>
     })))
 }
 
-async fn cancel(State(ctx): State<ServiceCtx>, Path(ride_id): Path<String>) -> ApiResult<Json<Value>> {
+async fn cancel(
+    State(ctx): State<ServiceCtx>,
+    Path(ride_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let ride = load_ride(&ctx, &ride_id)?;
     let payment = payment_of(&ctx, &ride_id).await?;
     let (fee, refund) = cancel_terms(&ride, payment.as_ref(), ctx.clock.now_ms())?;
+    // Before the refund or the close: a refused cancel changes nothing.
+    check_terms(confirmed, "the cancellation fee", fee, &ride.quote.currency, money)?;
     let m = ctx.merchant();
     let paid = paid_at(payment.as_ref(), ride.created_ms).is_some();
     if paid && refund > 0 {
@@ -1271,4 +1286,58 @@ mod tests {
         assert_eq!(c["status"], "cancelled");
         sb.stop().await;
     }
+    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        let r = http
+            .post(url)
+            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = sandbox(dir.path(), 42).await;
+        let http = reqwest::Client::new();
+        let ride_url = sb.url(Service::Ride);
+        let rides = || -> i64 {
+            let c = Sandbox::open_db(dir.path(), Service::Ride).unwrap();
+            c.query_row("SELECT COUNT(*) FROM rides", [], |r| r.get(0)).unwrap()
+        };
+        let body = json!({"pickup": "The Bund", "dropoff": "Hongqiao International Airport", "vehicle_class": "economy"});
+        let (_, qs) = post(&http, format!("{ride_url}/v1/quotes"), body).await;
+        let quote = json!({"quote_id": qs["items"][0]["id"]});
+        let (_, q) = post(&http, format!("{ride_url}/v1/rides/quote"), quote.clone()).await;
+        let price = q["amount"].as_i64().unwrap();
+
+        // A fare other than the quoted one: refused, no ride.
+        let (s, e) = post_confirmed(&http, format!("{ride_url}/v1/rides"), quote.clone(), price - 100, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().starts_with("the fare is now ¥"), "{e}");
+        assert_eq!(rides(), 0);
+        let (s, r) = post_confirmed(&http, format!("{ride_url}/v1/rides"), quote, price, "CNY").await;
+        assert_eq!((s, r["payment"]["amount"].as_i64()), (200, Some(price)), "{r}");
+        let id = r["ride_id"].as_str().unwrap();
+        pay(&http, &sb, &r).await;
+
+        // Quoted free before a driver; a fee applies by the time of the yes.
+        let (_, q) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
+        assert_eq!(q["amount"].as_i64(), Some(0), "{q}");
+        sb.clock.advance(Duration::from_secs(60 + 2 * 60 + 30));
+        let (s, e) = post_confirmed(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 0, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("¥5.00, not the ¥0.00 you confirmed"), "{e}");
+        let v = ride_status(&http, &sb, id).await;
+        assert!(matches!(v["status"].as_str(), Some("driver_assigned" | "arriving")), "{v}");
+        assert_eq!(v["payment"]["refunded"].as_i64().unwrap_or(0), 0, "{v}");
+        let (s, c) = post_confirmed(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 500, "CNY").await;
+        assert_eq!((s, c["status"].as_str(), c["cancel_fee"].as_i64()), (200, Some("cancelled"), Some(500)), "{c}");
+        sb.stop().await;
+    }
 }
+

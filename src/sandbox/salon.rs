@@ -13,10 +13,12 @@
 use super::cities::{self, City, Names};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
+use super::terms::{check_terms, confirmed_terms};
 use super::ride::{body, city_loc, default_loc, money, resolve_place, Text3};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
@@ -640,7 +642,8 @@ async fn book_quote(State(app): State<App>, bytes: Bytes) -> ApiResult<Json<Valu
     })))
 }
 
-async fn book(State(app): State<App>, bytes: Bytes) -> ApiResult<Json<Value>> {
+async fn book(State(app): State<App>, headers: HeaderMap, bytes: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let r: BookReq = body(&bytes)?;
     let p = plan(&app, &r)?;
     let id = new_id("bkg");
@@ -648,6 +651,7 @@ async fn book(State(app): State<App>, bytes: Bytes) -> ApiResult<Json<Value>> {
     let currency = p.salon.city.currency;
     app.ctx.db.tx(|tx| {
         check_free(&app, tx, &p)?;
+        check_terms(confirmed, "the price", p.price, currency, money)?;
         tx.execute(
             "INSERT INTO salon_bookings (id, salon_id, stylist_id, service, date, time, start_slot, slots, price,
                currency, start_ms, created_ms)
@@ -847,10 +851,13 @@ async fn cancel_quote(State(app): State<App>, Path(id): Path<String>) -> ApiResu
     })))
 }
 
-async fn cancel(State(app): State<App>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+async fn cancel(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let b = load(&app, &id)?;
     let p = payment_of(&app, &id).await?;
     let (fee, refund) = cancel_terms(&b, p.as_ref(), app.ctx.clock.now_ms())?;
+    // Before the refund or the close: a refused cancel changes nothing.
+    check_terms(confirmed, "the cancellation fee", fee, &b.currency, money)?;
     let m = app.ctx.merchant();
     if is_paid(p.as_ref()) {
         if refund > 0 {
@@ -1061,4 +1068,75 @@ mod tests {
         assert_eq!(s, 400);
         sb.stop().await;
     }
+    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        let r = http
+            .post(url)
+            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let http = reqwest::Client::new();
+        let url = sb.url(Svc::Salon);
+        let bookings = || -> i64 {
+            let c = Sandbox::open_db(dir.path(), Svc::Salon).unwrap();
+            c.query_row("SELECT COUNT(*) FROM salon_bookings", [], |r| r.get(0)).unwrap()
+        };
+        let (_, found) = get_json(&http, format!("{url}/v1/salons?city=Shanghai&service=haircut")).await;
+        let salon = found["items"][0]["id"].as_str().unwrap().to_string();
+        let date = day_after(&sb, 2);
+        let (_, slots) = get_json(&http, format!("{url}/v1/salons/{salon}/slots?date={date}&service=haircut")).await;
+        let st = slots["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| !s["free_times"].as_array().unwrap().is_empty())
+            .expect("some stylist is free")
+            .clone();
+        let time = st["free_times"][0].as_str().unwrap();
+        let req = json!({"salon_id": salon, "stylist_id": st["stylist_id"], "service": "haircut", "date": date, "time": time});
+        let (_, q) = post(&http, format!("{url}/v1/bookings/quote"), req.clone()).await;
+        let price = q["amount"].as_i64().unwrap();
+
+        // Not the confirmed price: refused, nothing booked.
+        let (s, e) = post_confirmed(&http, format!("{url}/v1/bookings"), req.clone(), price + 1000, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert_eq!(bookings(), 0);
+        let (s, b) = post_confirmed(&http, format!("{url}/v1/bookings"), req, price, "CNY").await;
+        assert_eq!((s, b["price"].as_i64()), (200, Some(price)), "{b}");
+        let id = b["booking_id"].as_str().unwrap();
+        let otn = b["payment"]["out_trade_no"].as_str().unwrap();
+        let (s, p) = post(
+            &http,
+            format!("{}/v1/trades/{otn}/pay", sb.url(Svc::Pay)),
+            json!({"wallet_id": "demo", "method": "alipay"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{p}");
+
+        // Quoted free two days ahead; confirmed twelve hours before the appointment.
+        let (_, cq) = post(&http, format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
+        assert_eq!(cq["amount"].as_i64(), Some(0), "{cq}");
+        let start = slot_start_ms(parse_date(&date, sb.clock.now_ms()).unwrap(), parse_time(time).unwrap());
+        sb.clock.advance(Duration::from_millis((start - sb.clock.now_ms() - 12 * 3_600_000) as u64));
+        let (s, e) = post_confirmed(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({}), 0, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("not the ¥0.00 you confirmed"), "{e}");
+        let (_, v) = get_json(&http, format!("{url}/v1/bookings/{id}")).await;
+        assert_eq!((v["status"].as_str(), v["payment"]["refunded"].as_i64()), (Some("confirmed"), Some(0)), "{v}");
+        let (s, c) = post_confirmed(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({}), price / 2, "CNY").await;
+        assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")), "{c}");
+        assert_eq!(c["payment"]["refunded"].as_i64(), Some(price - price / 2));
+        sb.stop().await;
+    }
 }
+

@@ -51,7 +51,7 @@ pub fn verify(key: &[u8], headers: &HeaderMap, body: &[u8], now_ms: i64) -> Resu
     let sig = header(headers, SIGNATURE)
         .and_then(|s| hex::decode(s).ok())
         .ok_or_else(|| unauthorized("missing or malformed signature header"))?;
-    if (now_ms - ts).abs() > MAX_SKEW_MS {
+    if now_ms.abs_diff(ts) > MAX_SKEW_MS as u64 {
         return Err(unauthorized("notification timestamp is too far from now"));
     }
     mac(key, ts, nonce, body)

@@ -24,9 +24,11 @@
 use super::cities::{self, City, Names};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult, Clock, Db};
 use super::merchant::{Merchant, Payment};
+use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
@@ -1391,12 +1393,14 @@ async fn quote_order(State(app): State<S>, body: Bytes) -> ApiResult<Json<Value>
     })))
 }
 
-async fn create_order(State(app): State<S>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn create_order(State(app): State<S>, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
     let args = book_args(&body)?;
     let _guard = app.orders.lock().await;
     let (hold, fresh) = match &args.hold_id {
         Some(hid) => {
             let hold = usable_hold(&app, hid)?;
+            check_terms(confirmed, "the total", hold.amount, &hold.currency, fmt_money)?;
             if let Some(order_id) = &hold.order_id {
                 // Ordering the same hold again answers the order it made.
                 return Ok(Json(app.refresh(order_id).await?));
@@ -1406,6 +1410,8 @@ async fn create_order(State(app): State<S>, body: Bytes) -> ApiResult<Json<Value
         None => {
             let item = item_of(&app, &args)?;
             let class = pick(&app, &args, &item)?;
+            // Before the seats are held: a refused order holds nothing.
+            check_terms(confirmed, "the total", class.price * args.quantity, &item.currency, fmt_money)?;
             (insert_hold(&app, &item, class, &args)?, true)
         }
     };
@@ -1706,7 +1712,9 @@ fn refund_percent(row: &OrderRow, now: i64) -> ApiResult<(i64, &'static str)> {
     })
 }
 
-async fn cancel(app: &App, order_id: &str, dry: bool) -> ApiResult<Value> {
+/// `dry`: the quote. `confirmed`: the terms the user agreed to, checked
+/// against the fee before anything is closed or refunded.
+async fn cancel(app: &App, order_id: &str, dry: bool, confirmed: Option<(i64, String)>) -> ApiResult<Value> {
     let _guard = app.orders.lock().await;
     for _ in 0..2 {
         let view = app.refresh(order_id).await?;
@@ -1736,6 +1744,7 @@ async fn cancel(app: &App, order_id: &str, dry: bool) -> ApiResult<Value> {
                         "refund": 0,
                     }));
                 }
+                check_terms(confirmed.clone(), "the cancellation fee", 0, &row.currency, fmt_money)?;
                 match app.merchant.close(order_id).await {
                     Ok(()) => {
                         set_state(&app.db, order_id, "cancelled", Some(0), Some(0), None, now)?;
@@ -1776,6 +1785,7 @@ async fn cancel(app: &App, order_id: &str, dry: bool) -> ApiResult<Value> {
                         "rule": why,
                     }));
                 }
+                check_terms(confirmed.clone(), "the cancellation fee", fee, &row.currency, fmt_money)?;
                 app.merchant.refund(order_id, refund, "cancel").await?;
                 set_state(&app.db, order_id, "refunded", Some(fee), Some(refund), Some(why), now)?;
                 return app.refresh(order_id).await;
@@ -1789,12 +1799,17 @@ async fn cancel(app: &App, order_id: &str, dry: bool) -> ApiResult<Value> {
     ))
 }
 
-async fn cancel_order(State(app): State<S>, Path(order_id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(cancel(&app, &order_id, false).await?))
+async fn cancel_order(
+    State(app): State<S>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let confirmed = confirmed_terms(&headers)?;
+    Ok(Json(cancel(&app, &order_id, false, confirmed).await?))
 }
 
 async fn cancel_quote(State(app): State<S>, Path(order_id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(cancel(&app, &order_id, true).await?))
+    Ok(Json(cancel(&app, &order_id, true, None).await?))
 }
 
 #[cfg(test)]
@@ -2255,4 +2270,58 @@ mod tests {
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("order_expired")));
         sb.stop().await;
     }
+    async fn post_confirmed(sb: &Sandbox, path: &str, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(format!("{}{path}", sb.url(Service::Tickets)))
+            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
+            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn confirmed_terms_must_match_at_execution() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = sandbox(dir.path()).await;
+        let count = |table: &str| -> i64 {
+            let c = Sandbox::open_db(dir.path(), Service::Tickets).unwrap();
+            c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+        };
+        let date = day_str(&sb, 2);
+        let t = train_with_seats(&sb, &date, 2).await;
+        let args = json!({"item_id": t["id"], "seat_class": "second", "quantity": 1});
+        let (_, q) = post(&sb, "/v1/orders/quote", args.clone()).await;
+        let amount = q["amount"].as_i64().unwrap();
+
+        // Not the confirmed total: refused, no hold, no order.
+        let (s, e) = post_confirmed(&sb, "/v1/orders", args.clone(), amount + 100, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        assert_eq!((count("holds"), count("orders")), (0, 0));
+        let (s, o) = post_confirmed(&sb, "/v1/orders", args, amount, "CNY").await;
+        assert_eq!((s, o["amount"].as_i64()), (200, Some(amount)), "{o}");
+        pay(&sb, &o).await;
+        let oid = o["order_id"].as_str().unwrap();
+
+        // Quoted free two days ahead; the user says yes five hours before departure.
+        let (_, q) = post(&sb, &format!("/v1/orders/{oid}/cancel/quote"), json!({})).await;
+        assert_eq!(q["amount"].as_i64(), Some(0), "{q}");
+        let (d, hm) = o["starts_at"].as_str().unwrap().split_once('T').unwrap();
+        let depart_ms = parse_date(d).unwrap() * DAY_MS + parse_hhmm("t", hm).unwrap() * MIN_MS;
+        let now = sb.clock.now_ms();
+        sb.clock.advance(Duration::from_millis((depart_ms - 5 * 3_600_000 - now) as u64));
+        let fee = amount - amount * 80 / 100;
+        let (s, e) = post_confirmed(&sb, &format!("/v1/orders/{oid}/cancel"), json!({}), 0, "CNY").await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
+        let want = format!("the cancellation fee is now {}, not the ¥0.00 you confirmed", fmt_money(fee, "CNY"));
+        assert!(e["error"]["message"].as_str().unwrap().contains(&want), "{e}");
+        let (_, v) = get(&sb, &format!("/v1/orders/{oid}")).await;
+        assert_eq!((v["status"].as_str(), v["payment"]["refunded"].as_i64()), (Some("confirmed"), Some(0)), "{v}");
+        let (s, c) = post_confirmed(&sb, &format!("/v1/orders/{oid}/cancel"), json!({}), fee, "CNY").await;
+        assert_eq!((s, c["status"].as_str(), c["fee"].as_i64()), (200, Some("refunded"), Some(fee)), "{c}");
+        sb.stop().await;
+    }
 }
+
