@@ -70,6 +70,10 @@ pub struct CallRequest<'a> {
     pub idempotency_key: Option<String>,
     /// Check the answer against the tool's `result` schema (not for quotes).
     pub check_result: bool,
+    /// The amount and currency the person confirmed, sent as
+    /// `X-Errand-Confirmed-Amount` / `-Currency` so the service can refuse
+    /// (409 `terms_changed`) if its terms moved since the quote.
+    pub confirmed: Option<(i64, String)>,
 }
 
 pub trait Adapter: Send + Sync {
@@ -148,6 +152,15 @@ impl HttpAdapter {
                 Value::String(s) => s,
                 other => other.to_string(),
             };
+            if text.is_empty() || text.chars().all(|c| c == '.') {
+                return Err(AdapterError {
+                    kind: ErrorKind::InvalidArguments,
+                    status: None,
+                    code: None,
+                    user: "That request was not valid.".into(),
+                    model: format!("`{p}` = {text:?} is not a valid id"),
+                });
+            }
             path = path.replace(&format!("{{{p}}}"), &encode_segment(&text));
         }
         Ok((format!("{}{}", base.trim_end_matches('/'), path), rest))
@@ -159,8 +172,14 @@ impl HttpAdapter {
         url: &str,
         rest: &Map<String, Value>,
         key: Option<&str>,
+        confirmed: Option<&(i64, String)>,
     ) -> Result<Value, AdapterError> {
         let mut req = self.client.request(method.clone(), url);
+        if let Some((amount, currency)) = confirmed {
+            req = req
+                .header("X-Errand-Confirmed-Amount", amount.to_string())
+                .header("X-Errand-Confirmed-Currency", currency.as_str());
+        }
         if *method == reqwest::Method::GET {
             let q: Vec<(String, String)> = rest
                 .iter()
@@ -263,7 +282,7 @@ impl Adapter for HttpAdapter {
                 if attempt > 0 {
                     tokio::time::sleep(self.opts.backoff * 2u32.pow(attempt - 1)).await;
                 }
-                match self.once(&method, &url, &rest, req.idempotency_key.as_deref()).await {
+                match self.once(&method, &url, &rest, req.idempotency_key.as_deref(), req.confirmed.as_ref()).await {
                     Ok(v) => {
                         if req.check_result {
                             if let Err(e) = tool.validate_result(&v) {
@@ -315,7 +334,7 @@ fn user_text(kind: ErrorKind, app: &str, idempotent: bool) -> String {
 }
 
 /// Percent-encodes one path segment.
-fn encode_segment(s: &str) -> String {
+pub fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'@') {
@@ -396,7 +415,7 @@ mod tests {
         let ep = t.def.endpoint.clone().unwrap();
         let a = args(json!({"id": "a b/c", "n": 3}));
         let v = ad
-            .call(CallRequest { tool: &t, endpoint: &ep, args: &a, idempotency_key: None, check_result: true })
+            .call(CallRequest { tool: &t, endpoint: &ep, args: &a, idempotency_key: None, check_result: true, confirmed: None })
             .await
             .unwrap();
         assert_eq!(v, json!({"ok": true, "id": "a b/c", "n": "3"}));
@@ -406,7 +425,7 @@ mod tests {
         let ep = w.def.endpoint.clone().unwrap();
         let a = args(json!({"id": "x"}));
         let e = ad
-            .call(CallRequest { tool: &w, endpoint: &ep, args: &a, idempotency_key: Some("k-1".into()), check_result: true })
+            .call(CallRequest { tool: &w, endpoint: &ep, args: &a, idempotency_key: Some("k-1".into()), check_result: true, confirmed: None })
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::ServerError);
@@ -438,7 +457,7 @@ mod tests {
         let ep = t.def.endpoint.clone().unwrap();
         let bad = args(json!({"n": "three"}));
         let e = ad
-            .call(CallRequest { tool: &t, endpoint: &ep, args: &bad, idempotency_key: None, check_result: true })
+            .call(CallRequest { tool: &t, endpoint: &ep, args: &bad, idempotency_key: None, check_result: true, confirmed: None })
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidArguments);
@@ -447,7 +466,7 @@ mod tests {
 
         let ok = args(json!({"id": "1"}));
         let e = ad
-            .call(CallRequest { tool: &t, endpoint: &ep, args: &ok, idempotency_key: None, check_result: true })
+            .call(CallRequest { tool: &t, endpoint: &ep, args: &ok, idempotency_key: None, check_result: true, confirmed: None })
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Timeout);
@@ -464,7 +483,7 @@ mod tests {
         let ep = t.def.endpoint.clone().unwrap();
         let a = args(json!({"id": "1"}));
         let e = ad
-            .call(CallRequest { tool: &t, endpoint: &ep, args: &a, idempotency_key: None, check_result: true })
+            .call(CallRequest { tool: &t, endpoint: &ep, args: &a, idempotency_key: None, check_result: true, confirmed: None })
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::BadResult);

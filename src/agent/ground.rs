@@ -148,6 +148,11 @@ impl Evidence {
             missing: Vec::new(),
         };
         for (k, val) in args {
+            let tidied = match val {
+                Value::String(x) => Value::String(tidy(x)),
+                other => other.clone(),
+            };
+            let val = &tidied;
             let prop = &schema["properties"][k];
             let id_like = id_like(k, path_params);
             let ok = self.grounded(k, val, prop, id_like, &folded);
@@ -190,13 +195,15 @@ impl Evidence {
     }
 
     fn string_grounded(&self, key: &str, s: &str, prop: &Value, id_like: bool, folded: &str) -> bool {
+        if id_like {
+            // Ids must be copied, not made up: the exact text must be there.
+            return !s.trim().is_empty()
+                && !s.chars().all(|c| c == '.')
+                && self.user.iter().chain(self.tools.iter()).any(|t| t.contains(s));
+        }
         let f = fold(s);
         if f.is_empty() {
             return true;
-        }
-        if id_like {
-            // Ids must be copied, not made up: the exact text must be there.
-            return self.user.iter().chain(self.tools.iter()).any(|t| t.contains(s));
         }
         if folded.contains(&f) {
             return true;
@@ -224,9 +231,12 @@ impl Evidence {
                 return true;
             }
         }
-        // An enum value the user described in other words ("first class" for
-        // `first`) is found above; anything else is not grounded.
-        let _ = key;
+        // Text assembled from grounded parts ("88 Nanjing Road, People's
+        // Square, Shanghai") is grounded when every part is.
+        let parts = segments(s);
+        if parts.len() > 1 {
+            return parts.iter().all(|p| self.string_grounded(key, p, &Value::Null, false, folded));
+        }
         false
     }
 
@@ -336,6 +346,29 @@ const NUMBER_WORDS: &[(&str, i64)] = &[
     ("一", 1), ("两", 2), ("二", 2), ("三", 3), ("四", 4), ("五", 5), ("六", 6), ("七", 7), ("八", 8), ("九", 9), ("十", 10),
     ("하나", 1), ("한", 1), ("둘", 2), ("두", 2), ("셋", 3), ("세", 3), ("넷", 4), ("네", 4), ("다섯", 5), ("여섯", 6),
 ];
+
+/// The comma-separated parts of a value, repeats dropped.
+fn segments(s: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for p in s.split([',', '，', '、', ';', '；']) {
+        let p = p.trim();
+        if !p.is_empty() && !out.iter().any(|o| fold(o) == fold(p)) {
+            out.push(p.to_owned());
+        }
+    }
+    out
+}
+
+/// A value with repeated parts removed: small models loop ("People's Square,
+/// People's Square, …"); what goes to a service is each part once.
+pub fn tidy(s: &str) -> String {
+    let parts = segments(s);
+    if parts.len() > 1 && s.split([',', '，', '、', ';', '；']).filter(|p| !p.trim().is_empty()).count() > parts.len() {
+        parts.join(", ")
+    } else {
+        s.to_owned()
+    }
+}
 
 fn contains_word(text: &str, w: &str) -> bool {
     if !w.is_ascii() {
@@ -563,6 +596,17 @@ mod tests {
         assert_eq!(e.id_candidates("ride", "quote_id"), vec!["rq_1"]);
         assert!(e.id_candidates("ride", "restaurant_id").is_empty(), "ids stay within their app");
         assert_eq!(e.id_candidates("bike", "bike_code"), vec!["SH-0001"]);
+    }
+
+    #[test]
+    fn assembled_and_looping_text_is_judged_by_its_parts() {
+        let e = ev(&["deliver to 88 Nanjing Road near People's Square"], &[r#"{"city": "Shanghai"}"#]);
+        let s = json!({"type": "object", "properties": {"address": {"type": "string"}}, "required": ["address"]});
+        let v = e.check(&s, &args(json!({"address": "88 Nanjing Road, People's Square, Shanghai, People's Square, People's Square"})), &[]);
+        assert!(v.missing.is_empty(), "{v:?}");
+        assert_eq!(v.args["address"], "88 Nanjing Road, People's Square, Shanghai");
+        let v = e.check(&s, &args(json!({"address": "88 Nanjing Road, Room 1203"})), &[]);
+        assert_eq!(v.missing.len(), 1, "an invented part: {v:?}");
     }
 
     #[test]

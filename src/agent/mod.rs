@@ -323,8 +323,18 @@ impl Agent {
                     s.messages.push(Message::tool(json!({"status": "skipped", "reason": "one step at a time"}).to_string()));
                     continue;
                 }
-                if let Flow::End = self.on_call(sid, s, lang, call, err, &mut nudged, tx).await? {
-                    end = true;
+                let n = s.messages.len();
+                match self.on_call(sid, s, lang, call, err, &mut nudged, tx).await {
+                    Ok(Flow::End) => end = true,
+                    Ok(Flow::Continue) => {}
+                    Err(e) => {
+                        // Every call gets its answer, so the template's
+                        // call/answer pairing holds for the next turn.
+                        if s.messages.len() == n {
+                            s.messages.push(Message::tool(json!({"error": e}).to_string()));
+                        }
+                        return Err(e);
+                    }
                 }
             }
             if end {
@@ -427,7 +437,9 @@ impl Agent {
                 .tokens(&info.tokenizer, &s.messages, &schemas)
                 .map(|t| t.len())
                 .unwrap_or(0);
-            if n + room < info.context_length || s.messages.len() <= 2 {
+            let users = s.messages.iter().filter(|m| m.role == "user").count();
+            // Never drop the system prompt or the latest user message.
+            if n + room < info.context_length || s.messages.len() <= 2 || users <= 1 {
                 return;
             }
             s.messages.remove(1);
@@ -508,7 +520,7 @@ impl Agent {
         let key = (endpoint.method != "GET").then(|| crate::sandbox::core::new_id("call"));
         let r = self
             .adapter
-            .call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: key, check_result: true })
+            .call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: key, check_result: true, confirmed: None })
             .await;
         self.finish_call(sid, s, lang, &tool, &args, r, tx).await
     }
@@ -560,7 +572,7 @@ impl Agent {
             Some(ep) => {
                 let r = self
                     .adapter
-                    .call(CallRequest { tool, endpoint: ep, args: &args, idempotency_key: None, check_result: false })
+                    .call(CallRequest { tool, endpoint: ep, args: &args, idempotency_key: None, check_result: false, confirmed: None })
                     .await;
                 match r {
                     Ok(q) => q,
@@ -574,6 +586,8 @@ impl Agent {
             let e = format!("`{name}` quote is missing summary/amount/currency: {quote}");
             self.audit_row(sid, "model", "tool_call", Some(&name), json!({"arguments": args, "error": e}), "bad quote")?;
             let text = format!("The {} service sent an unusable quote, so nothing was ordered.", tool.app);
+            s.messages.push(Message::tool(json!({"error": e}).to_string()));
+            s.messages.push(Message::assistant(text.clone()));
             emit(tx, AgentEvent::Notice { text }).await;
             return Ok(Flow::End);
         };
@@ -659,7 +673,12 @@ impl Agent {
             Lang::Ko => "아니요, 취소할게요.",
             Lang::En => "No, don't do it.",
         }));
-        let text = say(lang, Say::Declined);
+        let text = if p.order.is_some() {
+            // The order was created but its payment failed or is unknown.
+            say(lang, Say::DeclinedUnpaid)
+        } else {
+            say(lang, Say::Declined)
+        };
         s.messages.push(Message::assistant(text.clone()));
         emit(tx, AgentEvent::Notice { text }).await;
         Ok(())
@@ -686,6 +705,7 @@ impl Agent {
                         // A repeat of this confirmation runs the order at most once.
                         idempotency_key: Some(format!("confirm-{token}")),
                         check_result: true,
+                        confirmed: Some((p.req.amount, p.req.currency.clone())),
                     })
                     .await;
                 match r {
@@ -715,35 +735,45 @@ impl Agent {
         };
         let payment = order.get("payment").cloned().filter(|x| x.is_object());
         let mut paid: Option<Value> = None;
-        if let Some(pay) = &payment {
-            let (amount, currency) = (pay["amount"].as_i64().unwrap_or(-1), pay["currency"].as_str().unwrap_or(""));
-            if amount != p.req.amount || currency != p.req.currency {
-                let text = say(lang, Say::PriceChanged { quoted: p.req.amount_display.clone(), now: money(amount, currency) });
-                self.audit_row(sid, "system", "payment", Some(&name), json!({"quoted": p.req.amount, "order": amount, "currency": currency}), "not paid: amount differs from the confirmed one")?;
-                s.messages.push(Message::tool(json!({"status": "not_paid", "reason": "price changed"}).to_string()));
-                emit(tx, AgentEvent::Notice { text }).await;
-                return Ok(());
+        // Only a purchase awaiting payment is paid here; a cancellation's
+        // result carries the original payment, refunded by the merchant.
+        if let Some(pay) = payment.filter(|x| x["status"] == "awaiting_payment") {
+            let (amount, currency) = (pay["amount"].as_i64().unwrap_or(-1), pay["currency"].as_str().unwrap_or("").to_owned());
+            let otn = pay["out_trade_no"].as_str().unwrap_or_default().to_owned();
+            p.order = Some(order.clone());
+            let outcome = if amount != p.req.amount || currency != p.req.currency {
+                PayOutcome::Refused(say(lang, Say::PriceChanged { quoted: p.req.amount_display.clone(), now: money(amount, &currency) }))
+            } else {
+                self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token).await
+            };
+            // The person hears about money first; the audit row follows, and a
+            // failure to write it after money moved is reported, not hidden.
+            let (status, reason, txn) = match &outcome {
+                PayOutcome::Paid(t) => ("paid", None, t["transaction_id"].as_str().map(str::to_owned)),
+                PayOutcome::Failed(r) | PayOutcome::Refused(r) => ("failed", Some(r.clone()), None),
+                PayOutcome::Unknown(r) => ("unknown", Some(r.clone()), None),
+            };
+            emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: otn.clone(), status: status.into(), amount, currency: currency.clone(), transaction_id: txn.clone(), reason: reason.clone() })).await;
+            if let Err(e) = self.audit_row(sid, "system", "payment", Some(&name), json!({"out_trade_no": otn, "amount": amount, "currency": currency, "transaction_id": txn, "wallet": self.opts.wallet, "reason": reason}), status) {
+                emit(tx, AgentEvent::Notice { text: format!("warning: {e}") }).await;
             }
-            if pay["status"] == "awaiting_payment" {
-                let otn = pay["out_trade_no"].as_str().unwrap_or_default().to_owned();
-                p.order = Some(order.clone());
-                match self.pay(&otn, token).await {
-                    Ok(trade) => {
-                        let txn = trade["transaction_id"].as_str().map(str::to_owned);
-                        self.audit_row(sid, "system", "payment", Some(&name), json!({"out_trade_no": otn, "amount": amount, "currency": currency, "transaction_id": txn, "wallet": self.opts.wallet}), "paid")?;
-                        emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: otn, status: "paid".into(), amount, currency: currency.into(), transaction_id: txn, reason: None })).await;
-                        paid = Some(trade);
-                    }
-                    Err((retry, reason)) => {
-                        self.audit_row(sid, "system", "payment", Some(&name), json!({"out_trade_no": otn, "amount": amount, "currency": currency, "error": reason}), "failed")?;
-                        emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: otn, status: "failed".into(), amount, currency: currency.into(), transaction_id: None, reason: Some(reason.clone()) })).await;
-                        // The order exists unpaid; confirming again retries the payment only.
-                        let text = if retry { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
-                        p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
-                        s.pending = Some(p);
-                        emit(tx, AgentEvent::Notice { text }).await;
-                        return Ok(());
-                    }
+            match outcome {
+                PayOutcome::Paid(trade) => paid = Some(trade),
+                PayOutcome::Refused(text) => {
+                    s.messages.push(Message::tool(json!({"status": "not_paid", "reason": text}).to_string()));
+                    s.messages.push(Message::assistant(text.clone()));
+                    emit(tx, AgentEvent::Notice { text }).await;
+                    return Ok(());
+                }
+                PayOutcome::Failed(reason) | PayOutcome::Unknown(reason) => {
+                    // The order exists unpaid (or its payment is unknown):
+                    // confirming again retries the payment only, with the same key.
+                    let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
+                    p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
+                    p.req.expires_ms = now_unix() * 1000 + self.opts.confirmation_ttl.as_millis() as i64;
+                    s.pending = Some(p);
+                    emit(tx, AgentEvent::Notice { text }).await;
+                    return Ok(());
                 }
             }
         }
@@ -790,36 +820,64 @@ impl Agent {
         }
         let ep = status.def.endpoint.clone()?;
         self.adapter
-            .call(CallRequest { tool: status, endpoint: &ep, args: &args, idempotency_key: None, check_result: true })
+            .call(CallRequest { tool: status, endpoint: &ep, args: &args, idempotency_key: None, check_result: true, confirmed: None })
             .await
             .ok()
     }
 
-    /// Pays a trade from the configured wallet. The error says whether a
-    /// retry makes sense (the outcome is unknown) and why it failed.
-    async fn pay(&self, out_trade_no: &str, token: &str) -> Result<Value, (bool, String)> {
+    /// Pays a trade from the configured wallet, after checking that the
+    /// trade is the merchant's and for the confirmed amount. Any error is
+    /// followed by a query, so a payment that went through is never
+    /// reported as failed.
+    async fn pay(&self, mch: &str, out_trade_no: &str, amount: i64, currency: &str, token: &str) -> PayOutcome {
         let Some(base) = &self.opts.pay_url else {
-            return Err((false, "no payment service is configured".into()));
+            return PayOutcome::Failed("no payment service is configured".into());
         };
-        let url = format!("{}/v1/trades/{out_trade_no}/pay", base.trim_end_matches('/'));
+        let url = format!("{}/v1/trades/{}", base.trim_end_matches('/'), crate::adapter::encode_segment(out_trade_no));
+        let trade = match self.http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.unwrap_or(Value::Null),
+            Ok(r) => return PayOutcome::Failed(format!("the payment service does not know trade {out_trade_no} ({})", r.status())),
+            Err(e) => return PayOutcome::Failed(format!("the payment service did not answer ({e}); nothing was paid")),
+        };
+        if trade["amount"].as_i64() != Some(amount) || trade["currency"] != currency || trade["mch_id"] != mch {
+            return PayOutcome::Refused(format!(
+                "trade {out_trade_no} is for {} {} to `{}`, not the {} to `{mch}` you confirmed; nothing was paid",
+                trade["amount"], trade["currency"], trade["mch_id"].as_str().unwrap_or("?"), money(amount, currency)
+            ));
+        }
+        if trade["status"] == "SUCCESS" || trade["status"] == "REFUND" {
+            return PayOutcome::Paid(trade);
+        }
         let r = self
             .http
-            .post(&url)
+            .post(format!("{url}/pay"))
             .header("Idempotency-Key", format!("pay-{token}"))
             .json(&json!({"wallet_id": self.opts.wallet, "method": self.opts.pay_method}))
             .send()
             .await;
-        let resp = match r {
-            Ok(r) => r,
-            Err(e) => return Err((true, format!("the payment service did not answer ({e})"))),
+        let failure = match r {
+            Ok(resp) => {
+                let status = resp.status();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                if status.is_success() && (v["status"] == "SUCCESS" || v["status"] == "REFUND") {
+                    return PayOutcome::Paid(v);
+                }
+                v["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| format!("the payment service answered {status}"))
+            }
+            Err(e) => format!("the payment service did not answer ({e})"),
         };
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() && (v["status"] == "SUCCESS" || v["status"] == "REFUND") {
-            return Ok(v);
+        // What happened? Ask.
+        match self.http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => {
+                let t: Value = r.json().await.unwrap_or(Value::Null);
+                match t["status"].as_str() {
+                    Some("SUCCESS") | Some("REFUND") => PayOutcome::Paid(t),
+                    Some("NOTPAY") | Some("CLOSED") => PayOutcome::Failed(failure),
+                    _ => PayOutcome::Unknown(failure),
+                }
+            }
+            _ => PayOutcome::Unknown(failure),
         }
-        let msg = v["error"]["message"].as_str().unwrap_or("unknown error").to_owned();
-        Err((status.is_server_error(), msg))
     }
 }
 
@@ -858,6 +916,16 @@ fn narrow_ids(schema: &mut Value, path: &[String], candidates: &dyn Fn(&str) -> 
         }
     }
     true
+}
+
+enum PayOutcome {
+    Paid(Value),
+    /// Definitely not paid (e.g. insufficient balance).
+    Failed(String),
+    /// Not attempted: the trade is not what was confirmed.
+    Refused(String),
+    /// The payment service could not say; a retry is safe (same key).
+    Unknown(String),
 }
 
 /// A short, non-secret handle for a token in logs.

@@ -158,6 +158,7 @@ pub fn compact(v: &Value) -> Value {
 /// The agent's own sentences.
 pub enum Say<'a> {
     Declined,
+    DeclinedUnpaid,
     TooManySteps,
     TokenInvalid,
     PriceChanged { quoted: String, now: String },
@@ -173,6 +174,9 @@ pub fn say(lang: Lang, what: Say) -> String {
         (Say::Declined, Lang::En) => "OK, I have not placed it. Nothing was paid.".into(),
         (Say::Declined, Lang::Zh) => "好的，没有下单，也没有付款。".into(),
         (Say::Declined, Lang::Ko) => "알겠습니다. 주문하지 않았고 결제도 없었습니다.".into(),
+        (Say::DeclinedUnpaid, Lang::En) => "OK, I will not pay it. The order stays unpaid and will lapse.".into(),
+        (Say::DeclinedUnpaid, Lang::Zh) => "好的，不付款了。订单保持未支付，会自动失效。".into(),
+        (Say::DeclinedUnpaid, Lang::Ko) => "알겠습니다. 결제하지 않겠습니다. 주문은 미결제로 남았다가 만료됩니다.".into(),
         (Say::TooManySteps, Lang::En) => "I could not finish that in a few steps. Could you say it more simply?".into(),
         (Say::TooManySteps, Lang::Zh) => "这件事我没能在几步内完成，能换个更简单的说法吗？".into(),
         (Say::TooManySteps, Lang::Ko) => "몇 단계 안에 끝내지 못했습니다. 조금 더 간단히 말씀해 주시겠어요?".into(),
