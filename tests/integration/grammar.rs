@@ -27,8 +27,8 @@ fn constraint_admits_text_and_valid_calls_only() {
     assert!(ok("The capital of France is Paris. A < B is fine."));
     assert!(ok("<tool_call>\n{\"name\": \"ride_quote\", \"arguments\": {\"dropoff\": \"Pudong airport\"}}\n</tool_call>"));
     assert!(ok("<tool_call>\n{\"name\": \"ride_quote\", \"arguments\": {\"dropoff\": \"A\"}}\n</tool_call>\n"));
-    assert!(ok("```json\n{\"name\": \"food_search\", \"arguments\": {\"query\": \"hot pot\"}}\n```"));
-    assert!(ok("{\"name\": \"food_search\", \"arguments\": {\"query\": \"dumplings\"}}"));
+    assert!(ok("```json\n{\"name\": \"food_search_restaurants\", \"arguments\": {\"dish\": \"hot pot\"}}\n```"));
+    assert!(ok("{\"name\": \"food_search_restaurants\", \"arguments\": {\"dish\": \"dumplings\"}}"));
     // Calls that break the schema.
     assert!(!ok("{\"name\": \"ride_quote\", \"arguments\": {}}"), "missing required dropoff");
     assert!(!ok("{\"name\": \"teleport\", \"arguments\": {}}"), "unknown tool");

@@ -6,7 +6,9 @@
 
 mod util;
 
+mod agent_qwen;
 mod e2e_qwen;
+mod payments;
 mod e2e_smollm;
 mod fetch_script;
 mod grammar;

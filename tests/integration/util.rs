@@ -3,7 +3,7 @@
 use errand::catalog::{self, ResolvedModel};
 use errand::engine::{Engine, EngineOptions};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 pub const SMOL: &str = "smollm2-135m-instruct";
@@ -29,8 +29,17 @@ pub fn smol() -> &'static Engine {
 
 /// One Qwen engine shared by the tests in this binary.
 pub fn qwen() -> &'static Engine {
-    static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| start(QWEN))
+    qwen_static()
+}
+
+fn qwen_static() -> &'static Arc<Engine> {
+    static E: OnceLock<Arc<Engine>> = OnceLock::new();
+    E.get_or_init(|| Arc::new(start(QWEN)))
+}
+
+/// The same engine, for owners that need an `Arc` (the agent).
+pub fn qwen_arc() -> Arc<Engine> {
+    qwen_static().clone()
 }
 
 /// Pretty-prints what a failing comparison saw, ripgrep-style.
