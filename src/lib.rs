@@ -2,32 +2,38 @@
 //!
 //! A local-first conversational life assistant. Everything runs in this
 //! process: the LLM on candle (CPU by default), tool calling against
-//! mini-program services, and, in later layers, payments, memory and the
-//! server.
+//! mini-program services, confirmations and payments in sandbox
+//! mini-programs, and, in later layers, memory and the server.
 //!
 //! ## Architecture map
 //!
 //! ```text
 //!  models/catalog.toml ──► catalog ──► ResolvedModel (a GGUF on disk; models/fetch.py fetches)
 //!                                          │
-//!                                          ▼
 //!                          gguf ── GgufFile (header, metadata, lazily read tensors)
 //!                         ╱   │   ╲
 //!                tokenizer  template  model ── Transformer (qwen2, llama) + KvCache
-//!         (llama.cpp-exact)  (model's own      (caller-owned cache per session)
-//!                   │        Jinja template)        │
 //!                   └──► prompt ◄── prompts/        │
-//!                        (system prompt, tools,     │
-//!                         injection-safe tokens)    │
-//!                                 │                 │
-//!                                 ▼                 ▼
-//!   chat REPL / bench ──Request──► engine (one OS thread, bounded queue)
-//!         ▲                          ├─ kv_pool: per-session caches, LRU under a byte budget
-//!         │                          ├─ sampler: seeded greedy/temperature/top-k/top-p/penalty
-//!         │                          ├─ detok: UTF-8-safe incremental text, stop strings
-//!         │                          └─ tools::grammar: llguidance mask from tool schemas
-//!         └──────── Event stream ◄── tools::parse: tolerant tool-call extraction
-//!                   (Delta, ToolCall, ToolCallMalformed, Done{usage}, Error)
+//!                                 │                 ▼
+//!                                 ▼        engine (one OS thread, bounded queue)
+//!                                            ├─ kv_pool: per-session caches, LRU budget,
+//!                                            │  a new session starts from another's prefix
+//!                                            ├─ sampler, detok (UTF-8 safe), stop strings
+//!                                            └─ tools::grammar: llguidance mask per request
+//!                                                 ▲ Request / Event stream ▼
+//!  chat REPL ──Input──► agent (dialogue manager, per-session state)
+//!  (later: server)        ├─ ground: arguments must come from the user or tool results;
+//!        ▲                │          ids narrowed in the grammar to returned ids
+//!        │                ├─ confirmation gate: quote → token → user's Confirm → run → pay
+//!        │                ├─ present: cards, money, the agent's own sentences (en/zh/ko)
+//!        │                └─ audit: every call, confirmation and payment in SQLite
+//!        │                        │
+//!        └── AgentEvent ◄──       ▼ adapter (trait; HTTP: timeouts, GET retries,
+//!   (Token, Card, Confirmation,      Idempotency-Key on writes, schema checks)
+//!    Payment, Notice, Done)           │ HTTP
+//!                                     ▼
+//!                sandbox: axum services on one listener, SQLite each
+//!                  pay ◄──signed notify──► merchant (in tickets, food, ride, salon, bike, mart)
 //! ```
 //!
 //! - [`catalog`]: model names → files; the exact command to fetch what is missing.
@@ -41,9 +47,13 @@
 //!   text in user or tool content inert.
 //! - [`model`]: the transformer forward pass with an external KV cache.
 //! - [`engine`]: the actor that owns the model; streaming, cancellation,
-//!   KV reuse per session, constrained decoding.
+//!   KV reuse per session and across sessions, constrained decoding.
 //! - [`tools`]: mini-program manifests (`tools/*.json`), argument validation,
 //!   the tolerant tool-call parser and the llguidance grammar.
+//! - [`agent`]: the dialogue loop, grounding, the confirmation gate, cards.
+//! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
+//! - [`audit`]: the append-only audit log.
+//! - [`sandbox`]: the sandbox mini-programs and the payment service.
 //! - [`chat`]: the terminal REPL behind `errand chat`.
 //! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`.
 //! - [`toolcheck`]: `errand toolcheck`, tool-call validity with and without constraints.
