@@ -9,6 +9,7 @@
 //! merchant. A bike in use cannot be unlocked again (409 `bike_in_use`).
 
 use super::cities::{self, City};
+use super::common::{city_param, limit_param, param};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
 use super::ride::{body, city_loc, default_loc, money, resolve_place};
@@ -115,22 +116,9 @@ pub fn router(ctx: ServiceCtx) -> ApiResult<Router> {
 }
 
 async fn nearby(State(ctx): State<ServiceCtx>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
-    let param = |k: &str| q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
-    let city: Option<&'static City> = match param("city") {
-        Some(c) => Some(cities::city(c).ok_or_else(|| {
-            let known: Vec<&str> = cities::CITIES.iter().map(|c| c.name.en).collect();
-            ApiError::bad_request(format!("unknown city '{c}'; known cities: {}", known.join(", ")))
-        })?),
-        None => None,
-    };
-    let limit = match param("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("limit must be a number from 1 to 20, not '{l}'")))?
-            .clamp(1, 20),
-        None => 5,
-    };
-    let (near, assumed) = match (param("near"), city) {
+    let city: Option<&'static City> = city_param(&q)?;
+    let limit = limit_param(&q)?;
+    let (near, assumed) = match (param(&q, "near"), city) {
         (Some(n), c) => (resolve_place(n, c.map(|c| c.id))?, false),
         (None, Some(c)) => (city_loc(c), false),
         (None, None) => (default_loc(), true),
@@ -431,22 +419,9 @@ async fn lock(State(ctx): State<ServiceCtx>, Path(id): Path<String>, headers: He
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, SandboxConfig, Service};
+    use crate::sandbox::testkit::{check, get, pay, post, post_confirmed, rows, sandbox};
+    use crate::sandbox::Service;
     use std::time::Duration;
-
-    async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
-        let r = http.post(url).json(&body).send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// The answer fits the manifest's `result` schema for `tool`.
-    fn check(tool: &str, v: &Value) {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bike.json"));
-        let tools = crate::tools::load_manifest(path).unwrap();
-        let t = tools.iter().find(|t| t.def.name == tool).unwrap();
-        t.validate_result(v).unwrap();
-    }
 
     #[test]
     fn fees_count_every_started_quarter_hour() {
@@ -458,18 +433,11 @@ mod tests {
 
     #[tokio::test]
     async fn find_unlock_ride_lock_and_pay() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        let http = reqwest::Client::new();
+        let (_dir, sb) = sandbox().await;
         let bike = sb.url(Service::Bike);
 
-        let r = http
-            .get(format!("{bike}/v1/bikes?near=外滩&limit=3"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
-        let found: Value = r.json().await.unwrap();
+        let (s, found) = get(format!("{bike}/v1/bikes?near=外滩&limit=3")).await;
+        assert_eq!(s, 200);
         assert_eq!(found["count"], 3);
         check("bike_find", &found);
         assert_eq!(found["near"]["en"], "The Bund");
@@ -477,11 +445,10 @@ mod tests {
         assert!(code.starts_with("SH-"), "{code}");
         assert!(found["items"][0]["distance_m"].as_f64().unwrap() < 1000.0);
 
-        let (s, q) = post(&http, format!("{bike}/v1/unlock/quote"), json!({"bike_code": code})).await;
+        let (s, q) = post(format!("{bike}/v1/unlock/quote"), json!({"bike_code": code})).await;
         assert_eq!(s, 200, "{q}");
         assert_eq!((q["amount"].as_i64(), q["currency"].as_str()), (Some(150), Some("CNY")));
         let (s, u) = post(
-            &http,
             format!("{bike}/v1/unlock"),
             json!({"bike_code": code.to_lowercase(), "city": "上海"}),
         )
@@ -492,27 +459,19 @@ mod tests {
         let id = u["bike_ride_id"].as_str().unwrap().to_string();
 
         // The bike is taken now, and no longer listed.
-        let (s, e) = post(&http, format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
+        let (s, e) = post(format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("bike_in_use")));
-        let (s, _) = post(&http, format!("{bike}/v1/unlock/quote"), json!({"bike_code": code})).await;
+        let (s, _) = post(format!("{bike}/v1/unlock/quote"), json!({"bike_code": code})).await;
         assert_eq!(s, 409);
-        let again: Value = http
-            .get(format!("{bike}/v1/bikes?near=外滩&limit=20"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let again: Value = get(format!("{bike}/v1/bikes?near=外滩&limit=20")).await.1;
         assert!(again["items"]
             .as_array()
             .unwrap()
             .iter()
             .all(|b| b["bike_code"] != json!(code)));
-        let (s, _) = post(&http, format!("{bike}/v1/unlock"), json!({"bike_code": "SH-9999"})).await;
+        let (s, _) = post(format!("{bike}/v1/unlock"), json!({"bike_code": "SH-9999"})).await;
         assert_eq!(s, 404);
         let (s, _) = post(
-            &http,
             format!("{bike}/v1/unlock"),
             json!({"bike_code": code, "city": "Seoul"}),
         )
@@ -521,16 +480,9 @@ mod tests {
 
         // 31 minutes: three quarter-hours started.
         sb.clock.advance(Duration::from_secs(31 * 60));
-        let st: Value = http
-            .get(format!("{bike}/v1/rides/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let st: Value = get(format!("{bike}/v1/rides/{id}")).await.1;
         assert_eq!((st["status"].as_str(), st["fee"].as_i64()), (Some("riding"), Some(450)));
-        let (s, l) = post(&http, format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
+        let (s, l) = post(format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
         assert_eq!(s, 200, "{l}");
         assert_eq!(l["status"], "awaiting_payment");
         check("bike_lock", &l);
@@ -540,125 +492,84 @@ mod tests {
         );
         // Locking again changes nothing, even later.
         sb.clock.advance(Duration::from_secs(20 * 60));
-        let (s, l2) = post(&http, format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
+        let (s, l2) = post(format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
         assert_eq!((s, l2["fee"].as_i64()), (200, Some(450)));
 
-        let otn = l["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, p) = post(
-            &http,
-            format!("{}/v1/trades/{otn}/pay", sb.url(Service::Pay)),
-            json!({"wallet_id": "demo", "method": "alipay"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{p}");
-        let st: Value = http
-            .get(format!("{bike}/v1/rides/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        pay(&sb, &l, "alipay").await;
+        let st: Value = get(format!("{bike}/v1/rides/{id}")).await.1;
         assert_eq!(st["status"], "paid", "{st}");
         check("bike_ride_status", &st);
         // The bike can be unlocked again.
-        let (s, _) = post(&http, format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
+        let (s, _) = post(format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
         assert_eq!(s, 200);
         sb.stop().await;
     }
 
     #[tokio::test]
     async fn korean_bikes_are_charged_in_won() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        let http = reqwest::Client::new();
+        let (_dir, sb) = sandbox().await;
         let bike = sb.url(Service::Bike);
-        let found: Value = http
-            .get(format!("{bike}/v1/bikes?city=서울"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let found: Value = get(format!("{bike}/v1/bikes?city=서울")).await.1;
         assert_eq!(found["currency"], "KRW");
         let code = found["items"][0]["bike_code"].as_str().unwrap();
         assert!(code.starts_with("SE-"));
-        let (_, u) = post(&http, format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
+        let (_, u) = post(format!("{bike}/v1/unlock"), json!({"bike_code": code})).await;
         let id = u["bike_ride_id"].as_str().unwrap();
         sb.clock.advance(Duration::from_secs(10 * 60));
-        let (s, l) = post(&http, format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
+        let (s, l) = post(format!("{bike}/v1/rides/{id}/lock"), json!({})).await;
         assert_eq!(s, 200, "{l}");
         assert_eq!((l["fee"].as_i64(), l["currency"].as_str()), (Some(1000), Some("KRW")));
         sb.stop().await;
     }
-    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
-        let r = http
-            .post(url)
-            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        let http = reqwest::Client::new();
+        let (dir, sb) = sandbox().await;
         let bike = sb.url(Service::Bike);
-        let rides = || -> i64 {
-            let c = crate::sandbox::Sandbox::open_db(dir.path(), Service::Bike).unwrap();
-            c.query_row("SELECT COUNT(*) FROM bike_rides", [], |r| r.get(0)).unwrap()
-        };
+        let rides = || rows(dir.path(), Service::Bike, "bike_rides");
         let code = json!({"bike_code": "SH-0001"});
 
         // Unlock: the confirmed rate must be the rate.
-        let (s, e) = post_confirmed(&http, format!("{bike}/v1/unlock"), code.clone(), 100, "CNY").await;
+        let (s, e) = post_confirmed(format!("{bike}/v1/unlock"), code.clone(), 100, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert_eq!(rides(), 0);
-        let (s, u) = post_confirmed(&http, format!("{bike}/v1/unlock"), code, 150, "CNY").await;
+        let (s, u) = post_confirmed(format!("{bike}/v1/unlock"), code, 150, "CNY").await;
         assert_eq!(s, 200, "{u}");
         let id = u["bike_ride_id"].as_str().unwrap();
 
         // Lock quote at 31 min: three quarter-hours, nothing changes.
         sb.clock.advance(Duration::from_secs(31 * 60));
-        let (s, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        let (s, q) = post(format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
         assert_eq!(s, 200, "{q}");
         assert_eq!(q["summary"], "End your bike ride SH-0001 after 31 min: ¥4.50");
         assert_eq!((q["amount"].as_i64(), q["currency"].as_str()), (Some(450), Some("CNY")));
-        let (_, st) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        let (_, st) = post(format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
         assert_eq!(st["amount"], 450);
-        let status: Value = http.get(format!("{bike}/v1/rides/{id}")).send().await.unwrap().json().await.unwrap();
+        let status: Value = get(format!("{bike}/v1/rides/{id}")).await.1;
         assert_eq!(status["status"], "riding", "a quote locks nothing");
 
         // The user answers after the next quarter-hour started: refused, still riding.
         sb.clock.advance(Duration::from_secs(15 * 60));
-        let (s, e) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 450, "CNY").await;
+        let (s, e) = post_confirmed(format!("{bike}/v1/rides/{id}/lock"), json!({}), 450, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert!(e["error"]["message"].as_str().unwrap().contains("¥6.00, not the ¥4.50 you confirmed"), "{e}");
-        let status: Value = http.get(format!("{bike}/v1/rides/{id}")).send().await.unwrap().json().await.unwrap();
+        let status: Value = get(format!("{bike}/v1/rides/{id}")).await.1;
         assert_eq!(status["status"], "riding", "{status}");
         assert!(status.get("payment").is_none(), "{status}");
 
         // Re-quoted and confirmed: locked, the payment opened at that fee.
-        let (_, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        let (_, q) = post(format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
         assert_eq!(q["amount"], 600, "{q}");
-        let (s, l) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
+        let (s, l) = post_confirmed(format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
         assert_eq!(s, 200, "{l}");
         check("bike_lock", &l);
         assert_eq!((l["fee"].as_i64(), l["payment"]["amount"].as_i64()), (Some(600), Some(600)));
         // Once locked the quote and the lock keep the recorded fee.
         sb.clock.advance(Duration::from_secs(30 * 60));
-        let (_, q) = post(&http, format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
+        let (_, q) = post(format!("{bike}/v1/rides/{id}/lock/quote"), json!({})).await;
         assert_eq!(q["amount"], 600, "{q}");
-        let (s, l) = post_confirmed(&http, format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
+        let (s, l) = post_confirmed(format!("{bike}/v1/rides/{id}/lock"), json!({}), 600, "CNY").await;
         assert_eq!((s, l["fee"].as_i64()), (200, Some(600)), "{l}");
-        let (s, _) = post(&http, format!("{bike}/v1/rides/bkr_nope/lock/quote"), json!({})).await;
+        let (s, _) = post(format!("{bike}/v1/rides/bkr_nope/lock/quote"), json!({})).await;
         assert_eq!(s, 404);
         sb.stop().await;
     }

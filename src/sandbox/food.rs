@@ -14,7 +14,7 @@
 //! are shared with the grocery mart.
 
 use super::cities::{self, City, Names, Place};
-use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult};
+use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::{Merchant, Payment};
 use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
@@ -27,7 +27,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rusqlite::OptionalExtension;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -797,10 +796,7 @@ pub(crate) fn clip(s: &str) -> String {
 }
 
 /// A JSON body into `T`, or a 400 that shows the expected shape.
-pub(crate) fn parse_body<T: DeserializeOwned>(bytes: &[u8], shape: &str) -> ApiResult<T> {
-    let v = json_or_empty(bytes)?;
-    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid body: {e}; expected {shape}")))
-}
+pub(crate) use super::common::parse_body;
 
 /// "¥38.00" or "₩7,500", for summaries people read.
 pub(crate) fn money(amount: i64, currency: &str) -> String {
@@ -1641,46 +1637,12 @@ async fn cancel(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Api
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
+    use crate::sandbox::testkit::{get, pay, post, post_confirmed, rows, sandbox, tool};
+    use crate::sandbox::{Sandbox, SandboxConfig, Service};
     use std::time::Duration;
-
-    async fn sandbox() -> (tempfile::TempDir, Sandbox) {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        (dir, sb)
-    }
-
-    async fn get(url: String) -> (u16, Value) {
-        let r = reqwest::get(&url).await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(url: String, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    fn tool(name: &str) -> crate::tools::Tool {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/food.json"));
-        crate::tools::load_manifest(path)
-            .unwrap()
-            .into_iter()
-            .find(|t| t.def.name == name)
-            .unwrap()
-    }
 
     fn kung_pao_order(address: &str) -> Value {
         json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": address})
-    }
-
-    async fn pay(sb: &Sandbox, order: &Value) {
-        let no = order["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, t) = post(
-            format!("{}/v1/trades/{no}/pay", sb.url(Service::Pay)),
-            json!({"wallet_id": "demo", "method": "wechat"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{t}");
     }
 
     fn fingerprint(c: &Catalog) -> Vec<String> {
@@ -1912,7 +1874,7 @@ mod tests {
             tool("food_order_status").validate_result(&v).unwrap();
             v
         };
-        pay(&sb, &o).await;
+        pay(&sb, &o, "wechat").await;
         let v = status().await;
         assert_eq!((v["status"].as_str(), v["payment"]["status"].as_str()), (Some("accepted"), Some("paid")));
         assert_eq!(v["minutes_left"], 30);
@@ -1969,7 +1931,7 @@ mod tests {
 
         // Paid, not yet cooking: full refund.
         let b = order().await;
-        pay(&sb, &b).await;
+        pay(&sb, &b, "wechat").await;
         let before = wallet().await;
         let id = b["order_id"].as_str().unwrap();
         let (_, q) = post(format!("{food}/v1/orders/{id}/cancel/quote"), json!({})).await;
@@ -1982,7 +1944,7 @@ mod tests {
 
         // Cooking: half is kept.
         let c1 = order().await;
-        pay(&sb, &c1).await;
+        pay(&sb, &c1, "wechat").await;
         let id = c1["order_id"].as_str().unwrap();
         get(format!("{food}/v1/orders/{id}")).await;
         sb.clock.advance(Duration::from_secs(5 * 60));
@@ -1995,7 +1957,7 @@ mod tests {
 
         // On the way: too late.
         let d = order().await;
-        pay(&sb, &d).await;
+        pay(&sb, &d, "wechat").await;
         let id = d["order_id"].as_str().unwrap();
         get(format!("{food}/v1/orders/{id}")).await;
         sb.clock.advance(Duration::from_secs(20 * 60));
@@ -2006,26 +1968,11 @@ mod tests {
         assert_eq!(get(format!("{food}/v1/orders/{id}")).await.1["status"], "delivering");
         sb.stop().await;
     }
-    async fn post_confirmed(url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(&url)
-            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
         let (dir, sb) = sandbox().await;
         let food = sb.url(Service::Food);
-        let orders = || -> i64 {
-            let c = Sandbox::open_db(dir.path(), Service::Food).unwrap();
-            c.query_row("SELECT COUNT(*) FROM food_orders", [], |r| r.get(0)).unwrap()
-        };
+        let orders = || rows(dir.path(), Service::Food, "food_orders");
         let body = kung_pao_order("8 Huangpi Road");
         let (_, q) = post(format!("{food}/v1/orders/quote"), body.clone()).await;
         assert_eq!((q["amount"].as_i64(), q["currency"].as_str()), (Some(4300), Some("CNY")), "{q}");
@@ -2044,7 +1991,7 @@ mod tests {
         // The confirmed total: placed.
         let (s, o) = post_confirmed(format!("{food}/v1/orders"), body.clone(), 4300, "CNY").await;
         assert_eq!((s, o["total"].as_i64()), (200, Some(4300)), "{o}");
-        pay(&sb, &o).await;
+        pay(&sb, &o, "wechat").await;
         let id = o["order_id"].as_str().unwrap();
         assert_eq!(get(format!("{food}/v1/orders/{id}")).await.1["status"], "accepted");
 

@@ -665,27 +665,9 @@ async fn get_order(State(s): St, Path(id): Path<String>) -> ApiResult<Json<Value
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
+    use crate::sandbox::testkit::{get, pay, post, post_confirmed, rows, sandbox, tool};
+    use crate::sandbox::{Sandbox, SandboxConfig, Service};
     use std::time::Duration;
-
-    async fn get(url: String) -> (u16, Value) {
-        let r = reqwest::get(&url).await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(url: String, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    fn tool(name: &str) -> crate::tools::Tool {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/mart.json"));
-        crate::tools::load_manifest(path)
-            .unwrap()
-            .into_iter()
-            .find(|t| t.def.name == name)
-            .unwrap()
-    }
 
     async fn stock_of(mart: &str, city: &str, q: &str, id: &str) -> i64 {
         let (_, v) = get(format!("{mart}/v1/products?city={city}&q={q}&limit=20")).await;
@@ -717,8 +699,7 @@ mod tests {
 
     #[tokio::test]
     async fn search_order_pay_and_deliver() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let (_dir, sb) = sandbox().await;
         let mart = sb.url(Service::Mart);
 
         let (s, v) = get(format!("{mart}/v1/products?city=上海&q=milk")).await;
@@ -758,13 +739,7 @@ mod tests {
         sb.clock.advance(Duration::from_secs(2 * 3600));
         assert_eq!(status().await, "awaiting_payment", "unpaid orders never move on");
 
-        let no = o["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, t) = post(
-            format!("{}/v1/trades/{no}/pay", sb.url(Service::Pay)),
-            json!({"wallet_id": "demo", "method": "wechat"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{t}");
+        pay(&sb, &o, "wechat").await;
         assert_eq!(status().await, "packing");
         sb.clock.advance(Duration::from_secs(11 * 60));
         assert_eq!(status().await, "delivering");
@@ -776,8 +751,7 @@ mod tests {
 
     #[tokio::test]
     async fn out_of_stock_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let (dir, sb) = sandbox().await;
         let mart = sb.url(Service::Mart);
         let products = catalog(SandboxConfig::new("unused").seed);
         let sold_out = products.iter().find(|p| p.city.id == "shanghai" && p.initial_stock == 0).unwrap();
@@ -816,23 +790,11 @@ mod tests {
     }
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+        let (dir, sb) = sandbox().await;
         let mart = sb.url(Service::Mart);
-        let orders = || -> i64 {
-            let c = Sandbox::open_db(dir.path(), Service::Mart).unwrap();
-            c.query_row("SELECT COUNT(*) FROM mart_orders", [], |r| r.get(0)).unwrap()
-        };
-        let confirmed = async |amount: i64, currency: &str, body: &Value| -> (u16, Value) {
-            let r = reqwest::Client::new()
-                .post(format!("{mart}/v1/orders"))
-                .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-                .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-                .json(body)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        let orders = || rows(dir.path(), Service::Mart, "mart_orders");
+        let confirmed = async |amount: i64, currency: &str, body: &Value| {
+            post_confirmed(format!("{mart}/v1/orders"), body.clone(), amount, currency).await
         };
         let args = json!({"city": "Seoul", "items": [{"product_id": "se-bananas", "quantity": 2}], "address": "12 Sejong-daero"});
         let (s, q) = post(format!("{mart}/v1/orders/quote"), args.clone()).await;

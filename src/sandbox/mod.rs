@@ -23,6 +23,7 @@
 
 pub mod bike;
 pub mod cities;
+pub mod common;
 pub mod core;
 pub mod food;
 pub mod mart;
@@ -33,6 +34,7 @@ pub mod salon;
 pub mod sign;
 pub mod terms;
 pub mod tickets;
+#[cfg(test)] pub(crate) mod testkit;
 
 use self::core::{fault_layer, idempotency_layer, ApiError, Clock, Db, FaultConfig, Faults, Idempotency};
 use axum::extract::State;

@@ -13,7 +13,8 @@
 //! in the database, so a crash between paying and notifying only delays the
 //! notification (and merchants reconcile by querying the trade anyway).
 
-use super::core::{json_or_empty, new_id, ApiError, ApiResult, Clock, Db};
+use super::common::parse_body;
+use super::core::{new_id, ApiError, ApiResult, Clock, Db};
 use super::{sign, PayOptions, ServiceCtx};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -23,7 +24,6 @@ use axum::{Json, Router};
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -206,11 +206,6 @@ fn money(amount: i64, currency: &str) -> String {
         "KRW" => format!("₩{amount}"),
         _ => format!("{amount} {currency}"),
     }
-}
-
-fn parse_body<T: DeserializeOwned>(bytes: &[u8], shape: &str) -> ApiResult<T> {
-    let v = json_or_empty(bytes)?;
-    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid body: {e}; expected {shape}")))
 }
 
 fn check_id(what: &str, v: &str) -> ApiResult<()> {
@@ -1062,6 +1057,7 @@ fn retry_delay_ms(backoff_ms: u64, attempts: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::testkit::{get, post};
     use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
     use std::time::Instant;
 
@@ -1077,24 +1073,6 @@ mod tests {
         (dir, sb)
     }
 
-    async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-        let mut req = reqwest::Client::new().request(method, url);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(url: String, body: Value) -> (u16, Value) {
-        call(reqwest::Method::POST, url, Some(body)).await
-    }
-
-    async fn get_json(url: String) -> (u16, Value) {
-        call(reqwest::Method::GET, url, None).await
-    }
-
     async fn wait_for(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(secs);
         while !f().await {
@@ -1104,7 +1082,7 @@ mod tests {
     }
 
     async fn balance(sb: &Sandbox, wallet: &str, currency: &str) -> i64 {
-        let (s, w) = get_json(format!("{}/v1/wallets/{wallet}", sb.url(Service::Pay))).await;
+        let (s, w) = get(format!("{}/v1/wallets/{wallet}", sb.url(Service::Pay))).await;
         assert_eq!(s, 200, "{w}");
         w["balances"][currency].as_i64().unwrap()
     }
@@ -1147,7 +1125,7 @@ mod tests {
         assert_eq!(p.status, "awaiting_payment");
         let no = p.out_trade_no.clone();
 
-        let (s, t) = get_json(format!("{pay}/v1/trades/{no}")).await;
+        let (s, t) = get(format!("{pay}/v1/trades/{no}")).await;
         assert_eq!(s, 200, "{t}");
         assert_eq!(t["status"], "NOTPAY");
         assert!(t["prepay_id"].as_str().unwrap().starts_with("prepay_"));
@@ -1175,7 +1153,7 @@ mod tests {
             m.payment_local("o1").unwrap().unwrap().status == "paid"
         })
         .await;
-        let (_, n) = get_json(format!("{pay}/v1/notifications?out_trade_no={no}")).await;
+        let (_, n) = get(format!("{pay}/v1/notifications?out_trade_no={no}")).await;
         assert_eq!(n["items"].as_array().unwrap().len(), 1, "{n}");
         assert_eq!(n["items"][0]["delivered"], true);
         assert_eq!(n["items"][0]["attempts"], 1);
@@ -1249,7 +1227,7 @@ mod tests {
         let after = (balance(&sb, "demo", "CNY").await, balance(&sb, "friend", "CNY").await);
         assert_eq!((before.0 - after.0) + (before.1 - after.1), 5000);
         assert_eq!(pay_rows(dir.path(), "race-1"), 1);
-        let (_, n) = get_json(format!("{pay}/v1/notifications?out_trade_no=race-1")).await;
+        let (_, n) = get(format!("{pay}/v1/notifications?out_trade_no=race-1")).await;
         assert_eq!(n["items"].as_array().unwrap().len(), 1);
         assert_ledger_balances(dir.path());
         sb.stop().await;
@@ -1281,11 +1259,11 @@ mod tests {
         let msg = e["error"]["message"].as_str().unwrap();
         assert!(msg.contains("¥1.00") && msg.contains("¥38.00"), "{msg}");
         assert_eq!(balance(&sb, "poor", "CNY").await, 100);
-        let (_, w) = get_json(format!("{pay}/v1/wallets/poor")).await;
+        let (_, w) = get(format!("{pay}/v1/wallets/poor")).await;
         assert_eq!(w["ledger"].as_array().unwrap().len(), 1, "only the admin row: {w}");
-        let (_, t) = get_json(format!("{pay}/v1/trades/t-poor")).await;
+        let (_, t) = get(format!("{pay}/v1/trades/t-poor")).await;
         assert_eq!(t["status"], "NOTPAY");
-        let (_, n) = get_json(format!("{pay}/v1/notifications?out_trade_no=t-poor")).await;
+        let (_, n) = get(format!("{pay}/v1/notifications?out_trade_no=t-poor")).await;
         assert!(n["items"].as_array().unwrap().is_empty());
         // No balance in that currency, no wallet at all.
         let (s, _) = post(
@@ -1368,7 +1346,7 @@ mod tests {
         .await;
         assert_eq!(s, 400);
         // Unknown ids: 404.
-        assert_eq!(get_json(format!("{pay}/v1/trades/nope")).await.0, 404);
+        assert_eq!(get(format!("{pay}/v1/trades/nope")).await.0, 404);
         assert_eq!(
             post(
                 format!("{pay}/v1/trades/nope/pay"),
@@ -1379,7 +1357,7 @@ mod tests {
             404
         );
         assert_eq!(post(format!("{pay}/v1/trades/nope/close"), json!({})).await.0, 404);
-        assert_eq!(get_json(format!("{pay}/v1/wallets/nobody")).await.0, 404);
+        assert_eq!(get(format!("{pay}/v1/wallets/nobody")).await.0, 404);
         assert_ledger_balances(dir.path());
         sb.stop().await;
     }
@@ -1475,7 +1453,7 @@ mod tests {
         }
         assert_eq!(m.payment_local("o2").unwrap().unwrap().status, "awaiting_payment");
         assert_eq!(merchant_notifications(dir.path(), &no2), 0);
-        let (_, t2) = get_json(format!("{pay}/v1/trades/{no2}")).await;
+        let (_, t2) = get(format!("{pay}/v1/trades/{no2}")).await;
         assert_eq!(t2["status"], "NOTPAY");
         assert_eq!(m.payment("o2").await.unwrap().status, "awaiting_payment");
         sb.stop().await;
@@ -1532,7 +1510,7 @@ mod tests {
         )
         .await;
         assert_eq!(s, 200);
-        let (_, t) = get_json(format!("{pay}/v1/trades/{no}")).await;
+        let (_, t) = get(format!("{pay}/v1/trades/{no}")).await;
         assert_eq!(
             (t["status"].as_str(), t["refunded"].as_i64()),
             (Some("REFUND"), Some(3800))
@@ -1596,7 +1574,7 @@ mod tests {
         assert_eq!(link["link"], format!("errandpay://friend-pay/{token}"));
         let (_, again) = post(format!("{pay}/v1/trades/{fno}/friend-link"), json!({})).await;
         assert_eq!(again["token"], link["token"], "a live link is reused");
-        let (s, view) = get_json(format!("{pay}/v1/friend-pay/{token}")).await;
+        let (s, view) = get(format!("{pay}/v1/friend-pay/{token}")).await;
         assert_eq!(s, 200);
         assert_eq!(
             (view["description"].as_str(), view["amount"].as_i64()),
@@ -1619,7 +1597,7 @@ mod tests {
         assert_eq!(balance(&sb, "friend", "CNY").await, friend - 6600);
         assert_eq!(balance(&sb, "demo", "CNY").await, demo);
         assert_eq!(m.payment("o4").await.unwrap().status, "paid");
-        assert_eq!(get_json(format!("{pay}/v1/friend-pay/fp_unknown")).await.0, 404);
+        assert_eq!(get(format!("{pay}/v1/friend-pay/fp_unknown")).await.0, 404);
         assert_eq!(
             post(
                 format!("{pay}/v1/friend-pay/fp_unknown"),
@@ -1641,7 +1619,7 @@ mod tests {
         sb.clock.advance(Duration::from_secs(31 * 60));
         let (s, e) = post(format!("{pay}/v1/friend-pay/{token5}"), json!({"wallet_id": "friend"})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (410, Some("link_expired")));
-        assert_eq!(get_json(format!("{pay}/v1/friend-pay/{token5}")).await.0, 410);
+        assert_eq!(get(format!("{pay}/v1/friend-pay/{token5}")).await.0, 410);
 
         // QR payloads resolve, and an altered one is refused.
         let qr = t5["qr_payload"].as_str().unwrap().to_string();
@@ -1687,7 +1665,7 @@ mod tests {
             assert_eq!(s, 200);
         }
         let item =
-            async |n: &str| get_json(format!("{pay}/v1/notifications?out_trade_no={n}")).await.1["items"][0].clone();
+            async |n: &str| get(format!("{pay}/v1/notifications?out_trade_no={n}")).await.1["items"][0].clone();
         wait_for("two failed attempts", 10, async || {
             item(&no).await["attempts"].as_i64().unwrap() >= 2
         })
@@ -1758,7 +1736,7 @@ mod tests {
         let pay = sb.url(Service::Pay);
         let m = sb.merchant(Service::Food).unwrap().clone();
         wait_for("the outbox to drain", 10, async || {
-            get_json(format!("{pay}/v1/notifications?out_trade_no={no}")).await.1["items"][0]["delivered"] == true
+            get(format!("{pay}/v1/notifications?out_trade_no={no}")).await.1["items"][0]["delivered"] == true
         })
         .await;
         assert_eq!(merchant_notifications(dir.path(), &no), 1);

@@ -965,34 +965,9 @@ async fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
+    use crate::sandbox::testkit::{check, get, pay, post, post_confirmed, rows, sandbox_in};
+    use crate::sandbox::{Sandbox, Service};
     use std::time::Duration;
-
-    async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
-        let r = http.post(url).json(&body).send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// The answer fits the manifest's `result` schema for `tool`.
-    fn check(tool: &str, v: &Value) {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/ride.json"));
-        let tools = crate::tools::load_manifest(path).unwrap();
-        let t = tools.iter().find(|t| t.def.name == tool).unwrap();
-        t.validate_result(v).unwrap();
-    }
-
-    async fn get_json(http: &reqwest::Client, url: String) -> (u16, Value) {
-        let r = http.get(url).send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn sandbox(dir: &std::path::Path, seed: u64) -> Sandbox {
-        let mut cfg = SandboxConfig::new(dir);
-        cfg.seed = seed;
-        start(cfg).await.unwrap()
-    }
 
     fn prices(v: &Value) -> Vec<(String, i64, i64, i64)> {
         v["items"]
@@ -1029,12 +1004,11 @@ mod tests {
     #[tokio::test]
     async fn quotes_are_deterministic_and_accept_three_languages() {
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (a, b) = (sandbox(d1.path(), 7).await, sandbox(d2.path(), 7).await);
-        let http = reqwest::Client::new();
+        let (a, b) = (sandbox_in(d1.path(), 7).await, sandbox_in(d2.path(), 7).await);
         let body = json!({"pickup": "People's Square", "dropoff": "Pudong International Airport"});
-        let (s, qa) = post(&http, format!("{}/v1/quotes", a.url(Service::Ride)), body.clone()).await;
+        let (s, qa) = post(format!("{}/v1/quotes", a.url(Service::Ride)), body.clone()).await;
         assert_eq!(s, 200, "{qa}");
-        let (_, qb) = post(&http, format!("{}/v1/quotes", b.url(Service::Ride)), body).await;
+        let (_, qb) = post(format!("{}/v1/quotes", b.url(Service::Ride)), body).await;
         assert_eq!(qa["count"], 4);
         check("ride_quote", &qa);
         assert_eq!(qa["pickup_assumed"], false);
@@ -1046,13 +1020,11 @@ mod tests {
         assert!(first["distance_km"].as_f64().unwrap() > 30.0);
         // Same trip in Chinese and Korean names, with the class asked for.
         let (_, zh) = post(
-            &http,
             format!("{}/v1/quotes", a.url(Service::Ride)),
             json!({"pickup": "人民广场", "dropoff": "浦东机场", "vehicle_class": "economy"}),
         )
         .await;
         let (_, ko) = post(
-            &http,
             format!("{}/v1/quotes", a.url(Service::Ride)),
             json!({"pickup": "인민광장", "dropoff": "푸둥 국제공항", "vehicle_class": "economy"}),
         )
@@ -1062,7 +1034,6 @@ mod tests {
         assert_eq!(prices(&zh)[0], prices(&qa)[0]);
         // Korea is priced in won; no pickup means People's Square (assumed).
         let (_, kr) = post(
-            &http,
             format!("{}/v1/quotes", a.url(Service::Ride)),
             json!({"pickup": "서울역", "dropoff": "강남역"}),
         )
@@ -1070,7 +1041,6 @@ mod tests {
         assert_eq!(kr["items"][0]["currency"], "KRW");
         assert_eq!(kr["items"][0]["price"].as_i64().unwrap() % 100, 0);
         let (_, assumed) = post(
-            &http,
             format!("{}/v1/quotes", a.url(Service::Ride)),
             json!({"dropoff": "The Bund"}),
         )
@@ -1084,12 +1054,9 @@ mod tests {
     #[tokio::test]
     async fn bad_places_are_refused_with_a_way_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path(), 42).await;
-        let http = reqwest::Client::new();
+        let sb = sandbox_in(dir.path(), 42).await;
         let url = format!("{}/v1/quotes", sb.url(Service::Ride));
-        let (s, e) = post(
-            &http,
-            url.clone(),
+        let (s, e) = post(url.clone(),
             json!({"pickup": "The Bund", "dropoff": "Tiananmen Square"}),
         )
         .await;
@@ -1101,17 +1068,16 @@ mod tests {
                 .contains("tickets_search_trains"),
             "{e}"
         );
-        let (s, e) = post(&http, url.clone(), json!({"dropoff": "Atlantis"})).await;
+        let (s, e) = post(url.clone(), json!({"dropoff": "Atlantis"})).await;
         assert_eq!(s, 400);
         let msg = e["error"]["message"].as_str().unwrap();
         assert!(msg.contains("Atlantis") && msg.contains("People's Square"), "{msg}");
-        let (s, _) = post(&http, url.clone(), json!({"dropoff": "PVG", "vehicle_class": "rocket"})).await;
+        let (s, _) = post(url.clone(), json!({"dropoff": "PVG", "vehicle_class": "rocket"})).await;
         assert_eq!(s, 400);
-        let (s, _) = post(&http, url, json!({"pickup": "PVG"})).await;
+        let (s, _) = post(url, json!({"pickup": "PVG"})).await;
         assert_eq!(s, 400);
         // Coordinates work too, and Shanghai → Hangzhou is close enough.
         let (s, v) = post(
-            &http,
             format!("{}/v1/quotes", sb.url(Service::Ride)),
             json!({"pickup": "31.23,121.47", "dropoff": "West Lake"}),
         )
@@ -1123,17 +1089,15 @@ mod tests {
     #[tokio::test]
     async fn quotes_expire_after_ten_minutes() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path(), 42).await;
-        let http = reqwest::Client::new();
+        let sb = sandbox_in(dir.path(), 42).await;
         let ride = sb.url(Service::Ride);
         let (_, q) = post(
-            &http,
             format!("{ride}/v1/quotes"),
             json!({"dropoff": "PVG", "vehicle_class": "comfort"}),
         )
         .await;
         let id = q["items"][0]["id"].clone();
-        let (s, pre) = post(&http, format!("{ride}/v1/rides/quote"), json!({"quote_id": id})).await;
+        let (s, pre) = post(format!("{ride}/v1/rides/quote"), json!({"quote_id": id})).await;
         assert_eq!(s, 200, "{pre}");
         assert_eq!(pre["amount"], q["items"][0]["price"]);
         let summary = pre["summary"].as_str().unwrap();
@@ -1142,20 +1106,19 @@ mod tests {
             "{summary}"
         );
         sb.clock.advance(Duration::from_secs(11 * 60));
-        let (s, e) = post(&http, format!("{ride}/v1/rides/quote"), json!({"quote_id": id})).await;
+        let (s, e) = post(format!("{ride}/v1/rides/quote"), json!({"quote_id": id})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("quote_expired")));
-        let (s, e) = post(&http, format!("{ride}/v1/rides"), json!({"quote_id": id})).await;
+        let (s, e) = post(format!("{ride}/v1/rides"), json!({"quote_id": id})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("quote_expired")));
-        let (s, _) = post(&http, format!("{ride}/v1/rides/quote"), json!({"quote_id": "rq_nope"})).await;
+        let (s, _) = post(format!("{ride}/v1/rides/quote"), json!({"quote_id": "rq_nope"})).await;
         assert_eq!(s, 404);
         sb.stop().await;
     }
 
-    async fn new_ride(http: &reqwest::Client, sb: &Sandbox, body: Value) -> Value {
+    async fn new_ride(sb: &Sandbox, body: Value) -> Value {
         let ride = sb.url(Service::Ride);
-        let (_, q) = post(http, format!("{ride}/v1/quotes"), body).await;
+        let (_, q) = post(format!("{ride}/v1/quotes"), body).await;
         let (s, r) = post(
-            http,
             format!("{ride}/v1/rides"),
             json!({"quote_id": q["items"][0]["id"]}),
         )
@@ -1166,19 +1129,8 @@ mod tests {
         r
     }
 
-    async fn pay(http: &reqwest::Client, sb: &Sandbox, ride: &Value) {
-        let otn = ride["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, v) = post(
-            http,
-            format!("{}/v1/trades/{otn}/pay", sb.url(Service::Pay)),
-            json!({"wallet_id": "demo", "method": "alipay"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{v}");
-    }
-
-    async fn ride_status(http: &reqwest::Client, sb: &Sandbox, id: &str) -> Value {
-        let (s, v) = get_json(http, format!("{}/v1/rides/{id}", sb.url(Service::Ride))).await;
+    async fn ride_status(sb: &Sandbox, id: &str) -> Value {
+        let (s, v) = get(format!("{}/v1/rides/{id}", sb.url(Service::Ride))).await;
         assert_eq!(s, 200, "{v}");
         check("ride_status", &v);
         v
@@ -1187,20 +1139,19 @@ mod tests {
     #[tokio::test]
     async fn a_paid_ride_advances_to_completed_and_an_unpaid_one_never_does() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path(), 42).await;
-        let http = reqwest::Client::new();
-        let unpaid = new_ride(&http, &sb, json!({"dropoff": "The Bund"})).await;
-        let r = new_ride(&http, &sb, json!({"pickup": "Jing'an Temple", "dropoff": "Lujiazui"})).await;
+        let sb = sandbox_in(dir.path(), 42).await;
+        let unpaid = new_ride(&sb, json!({"dropoff": "The Bund"})).await;
+        let r = new_ride(&sb, json!({"pickup": "Jing'an Temple", "dropoff": "Lujiazui"})).await;
         let id = r["ride_id"].as_str().unwrap().to_string();
         assert_eq!(r["payment"]["amount"], r["price"]);
-        pay(&http, &sb, &r).await;
-        let v = ride_status(&http, &sb, &id).await;
+        pay(&sb, &r, "alipay").await;
+        let v = ride_status(&sb, &id).await;
         assert_eq!(v["status"], "finding_driver");
         assert_eq!(v["payment"]["status"], "paid");
         let mut seen = vec![];
         for _ in 0..40 {
             sb.clock.advance(Duration::from_secs(60));
-            let v = ride_status(&http, &sb, &id).await;
+            let v = ride_status(&sb, &id).await;
             let s = v["status"].as_str().unwrap().to_string();
             if s == "driver_assigned" {
                 assert!(v["driver"]["plate"].as_str().unwrap().starts_with("沪A"), "{v}");
@@ -1211,7 +1162,7 @@ mod tests {
             }
         }
         assert_eq!(seen, ["driver_assigned", "arriving", "in_progress", "completed"]);
-        let u = ride_status(&http, &sb, unpaid["ride_id"].as_str().unwrap()).await;
+        let u = ride_status(&sb, unpaid["ride_id"].as_str().unwrap()).await;
         assert_eq!(u["status"], "awaiting_payment");
         assert!(u.get("driver").is_none());
         sb.stop().await;
@@ -1220,45 +1171,44 @@ mod tests {
     #[tokio::test]
     async fn cancelling_is_free_early_costs_a_fee_later_and_is_refused_once_started() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path(), 42).await;
-        let http = reqwest::Client::new();
+        let sb = sandbox_in(dir.path(), 42).await;
         let ride_url = sb.url(Service::Ride);
         let body =
             json!({"pickup": "The Bund", "dropoff": "Hongqiao International Airport", "vehicle_class": "economy"});
 
         // Free right after payment (no driver yet): full refund.
-        let r = new_ride(&http, &sb, body.clone()).await;
+        let r = new_ride(&sb, body.clone()).await;
         let id = r["ride_id"].as_str().unwrap();
         let price = r["price"].as_i64().unwrap();
-        pay(&http, &sb, &r).await;
-        let (s, q) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
+        pay(&sb, &r, "alipay").await;
+        let (s, q) = post(format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
         assert_eq!(s, 200, "{q}");
         assert_eq!((q["amount"].as_i64(), q["refund"].as_i64()), (Some(0), Some(price)));
-        let (s, c) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
+        let (s, c) = post(format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
         assert_eq!(s, 200, "{c}");
         assert_eq!(c["status"], "cancelled");
         check("ride_cancel", &c);
         assert_eq!(c["payment"]["refunded"].as_i64(), Some(price));
-        let (s, e) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
+        let (s, e) = post(format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("already_cancelled")));
 
         // Five minutes after assignment: ¥5 fee, the rest refunded.
-        let r = new_ride(&http, &sb, body.clone()).await;
+        let r = new_ride(&sb, body.clone()).await;
         let id = r["ride_id"].as_str().unwrap();
-        pay(&http, &sb, &r).await;
+        pay(&sb, &r, "alipay").await;
         sb.clock.advance(Duration::from_secs(60 + 2 * 60 + 30));
-        let v = ride_status(&http, &sb, id).await;
+        let v = ride_status(&sb, id).await;
         assert!(
             matches!(v["status"].as_str(), Some("driver_assigned" | "arriving")),
             "{v}"
         );
-        let (_, q) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
+        let (_, q) = post(format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
         assert_eq!(
             (q["amount"].as_i64(), q["refund"].as_i64()),
             (Some(500), Some(price - 500)),
             "{q}"
         );
-        let (s, c) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
+        let (s, c) = post(format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
         assert_eq!(s, 200, "{c}");
         assert_eq!(
             (c["cancel_fee"].as_i64(), c["refund"].as_i64()),
@@ -1267,75 +1217,58 @@ mod tests {
         assert_eq!(c["payment"]["refunded"].as_i64(), Some(price - 500));
 
         // Once the trip is under way: refused.
-        let r = new_ride(&http, &sb, body).await;
+        let r = new_ride(&sb, body).await;
         let id = r["ride_id"].as_str().unwrap();
-        pay(&http, &sb, &r).await;
+        pay(&sb, &r, "alipay").await;
         sb.clock.advance(Duration::from_secs(20 * 60));
-        let v = ride_status(&http, &sb, id).await;
+        let v = ride_status(&sb, id).await;
         assert_eq!(v["status"], "in_progress", "{v}");
-        let (s, e) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
+        let (s, e) = post(format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("ride_in_progress")));
 
         // An unpaid ride cancels for free and its trade is closed.
-        let r = new_ride(&http, &sb, json!({"dropoff": "The Bund"})).await;
+        let r = new_ride(&sb, json!({"dropoff": "The Bund"})).await;
         let id = r["ride_id"].as_str().unwrap();
-        let (_, q) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
+        let (_, q) = post(format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
         assert_eq!((q["amount"].as_i64(), q["refund"].as_i64()), (Some(0), Some(0)));
-        let (s, c) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
+        let (s, c) = post(format!("{ride_url}/v1/rides/{id}/cancel"), json!({})).await;
         assert_eq!(s, 200, "{c}");
         assert_eq!(c["status"], "cancelled");
         sb.stop().await;
     }
-    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
-        let r = http
-            .post(url)
-            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path(), 42).await;
-        let http = reqwest::Client::new();
+        let sb = sandbox_in(dir.path(), 42).await;
         let ride_url = sb.url(Service::Ride);
-        let rides = || -> i64 {
-            let c = Sandbox::open_db(dir.path(), Service::Ride).unwrap();
-            c.query_row("SELECT COUNT(*) FROM rides", [], |r| r.get(0)).unwrap()
-        };
+        let rides = || rows(dir.path(), Service::Ride, "rides");
         let body = json!({"pickup": "The Bund", "dropoff": "Hongqiao International Airport", "vehicle_class": "economy"});
-        let (_, qs) = post(&http, format!("{ride_url}/v1/quotes"), body).await;
+        let (_, qs) = post(format!("{ride_url}/v1/quotes"), body).await;
         let quote = json!({"quote_id": qs["items"][0]["id"]});
-        let (_, q) = post(&http, format!("{ride_url}/v1/rides/quote"), quote.clone()).await;
+        let (_, q) = post(format!("{ride_url}/v1/rides/quote"), quote.clone()).await;
         let price = q["amount"].as_i64().unwrap();
 
         // A fare other than the quoted one: refused, no ride.
-        let (s, e) = post_confirmed(&http, format!("{ride_url}/v1/rides"), quote.clone(), price - 100, "CNY").await;
+        let (s, e) = post_confirmed(format!("{ride_url}/v1/rides"), quote.clone(), price - 100, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert!(e["error"]["message"].as_str().unwrap().starts_with("the fare is now ¥"), "{e}");
         assert_eq!(rides(), 0);
-        let (s, r) = post_confirmed(&http, format!("{ride_url}/v1/rides"), quote, price, "CNY").await;
+        let (s, r) = post_confirmed(format!("{ride_url}/v1/rides"), quote, price, "CNY").await;
         assert_eq!((s, r["payment"]["amount"].as_i64()), (200, Some(price)), "{r}");
         let id = r["ride_id"].as_str().unwrap();
-        pay(&http, &sb, &r).await;
+        pay(&sb, &r, "alipay").await;
 
         // Quoted free before a driver; a fee applies by the time of the yes.
-        let (_, q) = post(&http, format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
+        let (_, q) = post(format!("{ride_url}/v1/rides/{id}/cancel/quote"), json!({})).await;
         assert_eq!(q["amount"].as_i64(), Some(0), "{q}");
         sb.clock.advance(Duration::from_secs(60 + 2 * 60 + 30));
-        let (s, e) = post_confirmed(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 0, "CNY").await;
+        let (s, e) = post_confirmed(format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 0, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert!(e["error"]["message"].as_str().unwrap().contains("¥5.00, not the ¥0.00 you confirmed"), "{e}");
-        let v = ride_status(&http, &sb, id).await;
+        let v = ride_status(&sb, id).await;
         assert!(matches!(v["status"].as_str(), Some("driver_assigned" | "arriving")), "{v}");
         assert_eq!(v["payment"]["refunded"].as_i64().unwrap_or(0), 0, "{v}");
-        let (s, c) = post_confirmed(&http, format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 500, "CNY").await;
+        let (s, c) = post_confirmed(format!("{ride_url}/v1/rides/{id}/cancel"), json!({}), 500, "CNY").await;
         assert_eq!((s, c["status"].as_str(), c["cancel_fee"].as_i64()), (200, Some("cancelled"), Some(500)), "{c}");
         sb.stop().await;
     }

@@ -11,6 +11,7 @@
 //! before the appointment and costs half the price after that.
 
 use super::cities::{self, City, Names};
+use super::common::{city_param, civil_from_days, date_text, days_from_civil, limit_param, param};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
 use super::terms::{check_terms, confirmed_terms};
@@ -275,34 +276,6 @@ impl App {
 // Dates and slots
 // ---------------------------------------------------------------------------
 
-/// Days since 1970-01-01 for a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
-}
-
-fn date_text(day: i64) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 /// A `YYYY-MM-DD` date as a day number, checked to be today or later and
 /// within two months.
 fn parse_date(s: &str, now_ms: i64) -> ApiResult<i64> {
@@ -422,26 +395,10 @@ pub fn router(ctx: ServiceCtx) -> ApiResult<Router> {
         .with_state(app))
 }
 
-fn param<'a>(q: &'a HashMap<String, String>, k: &str) -> Option<&'a str> {
-    q.get(k).map(|s| s.trim()).filter(|s| !s.is_empty())
-}
-
 async fn search(State(app): State<App>, Query(q): Query<HashMap<String, String>>) -> ApiResult<Json<Value>> {
-    let city = match param(&q, "city") {
-        Some(c) => Some(cities::city(c).ok_or_else(|| {
-            let known: Vec<&str> = cities::CITIES.iter().map(|c| c.name.en).collect();
-            ApiError::bad_request(format!("unknown city '{c}'; known cities: {}", known.join(", ")))
-        })?),
-        None => None,
-    };
+    let city = city_param(&q)?;
     let svc = service(param(&q, "service").unwrap_or("haircut"))?;
-    let limit = match param(&q, "limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("limit must be a number from 1 to 20, not '{l}'")))?
-            .clamp(1, 20),
-        None => 5,
-    };
+    let limit = limit_param(&q)?;
     let (near, assumed) = match (param(&q, "near"), city) {
         (Some(n), c) => (resolve_place(n, c.map(|c| c.id))?, false),
         (None, Some(c)) => (city_loc(c), false),
@@ -882,28 +839,9 @@ async fn cancel(State(app): State<App>, Path(id): Path<String>, headers: HeaderM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service as Svc};
+    use crate::sandbox::testkit::{check, get, pay, post, post_confirmed, rows, sandbox};
+    use crate::sandbox::{Sandbox, Service as Svc};
     use std::time::Duration;
-
-    async fn post(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
-        let r = http.post(url).json(&body).send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get_json(http: &reqwest::Client, url: String) -> (u16, Value) {
-        let r = http.get(url).send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// The answer fits the manifest's `result` schema for `tool`.
-    fn check(tool: &str, v: &Value) {
-        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/salon.json"));
-        let tools = crate::tools::load_manifest(path).unwrap();
-        let t = tools.iter().find(|t| t.def.name == tool).unwrap();
-        t.validate_result(v).unwrap();
-    }
 
     fn day_after(sb: &Sandbox, days: i64) -> String {
         date_text(sb.clock.now_ms().div_euclid(DAY_MS) + days)
@@ -940,25 +878,21 @@ mod tests {
 
     #[tokio::test]
     async fn search_slots_book_pay_double_booking_and_cancel() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        let http = reqwest::Client::new();
+        let (_dir, sb) = sandbox().await;
         let url = sb.url(Svc::Salon);
 
-        let (s, found) = get_json(&http, format!("{url}/v1/salons?city=上海&near=The%20Bund&service=perm")).await;
+        let (s, found) = get(format!("{url}/v1/salons?city=上海&near=The%20Bund&service=perm")).await;
         assert_eq!(s, 200, "{found}");
         assert_eq!(found["items"][0]["area"]["en"], "The Bund");
         assert_eq!(found["items"][0]["currency"], "CNY");
         check("salon_search", &found);
         let salon = found["items"][0]["id"].as_str().unwrap().to_string();
-        let (s, found_ko) = get_json(&http, format!("{url}/v1/salons?city=서울")).await;
+        let (s, found_ko) = get(format!("{url}/v1/salons?city=서울")).await;
         assert_eq!(s, 200);
         assert_eq!(found_ko["items"][0]["currency"], "KRW");
 
         let date = day_after(&sb, 3);
-        let (s, slots) = get_json(
-            &http,
-            format!("{url}/v1/salons/{salon}/slots?date={date}&service=haircut"),
+        let (s, slots) = get(format!("{url}/v1/salons/{salon}/slots?date={date}&service=haircut"),
         )
         .await;
         assert_eq!(s, 200, "{slots}");
@@ -975,24 +909,22 @@ mod tests {
         let time = st["free_times"][0].as_str().unwrap();
         let req = json!({"salon_id": salon, "stylist_id": stylist, "service": "haircut", "date": date, "time": time});
 
-        let (s, q) = post(&http, format!("{url}/v1/bookings/quote"), req.clone()).await;
+        let (s, q) = post(format!("{url}/v1/bookings/quote"), req.clone()).await;
         assert_eq!(s, 200, "{q}");
         assert_eq!(q["amount"], st["price"]);
         assert!(q["summary"].as_str().unwrap().contains("full price"), "{q}");
-        let (s, b) = post(&http, format!("{url}/v1/bookings"), req.clone()).await;
+        let (s, b) = post(format!("{url}/v1/bookings"), req.clone()).await;
         assert_eq!(s, 200, "{b}");
         assert_eq!(b["status"], "awaiting_payment");
         check("salon_book", &b);
         let id = b["booking_id"].as_str().unwrap().to_string();
 
         // The slot is taken now: booking or quoting it again is refused.
-        let (s, e) = post(&http, format!("{url}/v1/bookings"), req.clone()).await;
+        let (s, e) = post(format!("{url}/v1/bookings"), req.clone()).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("slot_taken")), "{e}");
-        let (s, _) = post(&http, format!("{url}/v1/bookings/quote"), req.clone()).await;
+        let (s, _) = post(format!("{url}/v1/bookings/quote"), req.clone()).await;
         assert_eq!(s, 409);
-        let (_, slots) = get_json(
-            &http,
-            format!("{url}/v1/salons/{salon}/slots?date={date}&stylist_id={stylist}"),
+        let (_, slots) = get(format!("{url}/v1/salons/{salon}/slots?date={date}&stylist_id={stylist}"),
         )
         .await;
         assert!(!slots["items"][0]["free_times"]
@@ -1000,67 +932,53 @@ mod tests {
             .unwrap()
             .contains(&json!(time)));
 
-        let otn = b["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, p) = post(
-            &http,
-            format!("{}/v1/trades/{otn}/pay", sb.url(Svc::Pay)),
-            json!({"wallet_id": "demo", "method": "alipay"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{p}");
-        let (_, b) = get_json(&http, format!("{url}/v1/bookings/{id}")).await;
+        pay(&sb, &b, "alipay").await;
+        let (_, b) = get(format!("{url}/v1/bookings/{id}")).await;
         assert_eq!(b["status"], "confirmed", "{b}");
 
         // Three days ahead: free to cancel, full refund; the slot frees up.
         let price = b["price"].as_i64().unwrap();
-        let (_, cq) = post(&http, format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
+        let (_, cq) = post(format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
         assert_eq!(
             (cq["amount"].as_i64(), cq["refund"].as_i64()),
             (Some(0), Some(price)),
             "{cq}"
         );
-        let (s, c) = post(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
+        let (s, c) = post(format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
         assert_eq!(s, 200, "{c}");
         assert_eq!(c["status"], "cancelled");
         check("salon_cancel", &c);
         assert_eq!(c["payment"]["refunded"].as_i64(), Some(price));
-        let (s, _) = post(&http, format!("{url}/v1/bookings/quote"), req.clone()).await;
+        let (s, _) = post(format!("{url}/v1/bookings/quote"), req.clone()).await;
         assert_eq!(s, 200);
 
         // Booked again and cancelled within 24 hours: half the price.
-        let (_, b) = post(&http, format!("{url}/v1/bookings"), req).await;
+        let (_, b) = post(format!("{url}/v1/bookings"), req).await;
         let id = b["booking_id"].as_str().unwrap();
-        let otn = b["payment"]["out_trade_no"].as_str().unwrap();
-        post(
-            &http,
-            format!("{}/v1/trades/{otn}/pay", sb.url(Svc::Pay)),
-            json!({"wallet_id": "demo", "method": "alipay"}),
-        )
-        .await;
+        pay(&sb, &b, "alipay").await;
         // Twelve hours before the appointment.
         let start = slot_start_ms(parse_date(&date, sb.clock.now_ms()).unwrap(), parse_time(time).unwrap());
         let until = start - sb.clock.now_ms() - 12 * 3_600_000;
         sb.clock.advance(Duration::from_millis(until as u64));
-        let (_, cq) = post(&http, format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
+        let (_, cq) = post(format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
         assert_eq!(
             (cq["amount"].as_i64(), cq["refund"].as_i64()),
             (Some(price / 2), Some(price - price / 2)),
             "{cq}"
         );
-        let (s, c) = post(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
+        let (s, c) = post(format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
         assert_eq!(s, 200, "{c}");
         assert_eq!(c["refund"].as_i64(), Some(price - price / 2));
-        let (s, e) = post(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
+        let (s, e) = post(format!("{url}/v1/bookings/{id}/cancel"), json!({})).await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("already_cancelled")));
 
         // Bad input gets a 400 that says what to do.
-        let (s, e) = get_json(&http, format!("{url}/v1/salons/{salon}/slots?date=2001-01-01")).await;
+        let (s, e) = get(format!("{url}/v1/salons/{salon}/slots?date=2001-01-01")).await;
         assert_eq!(s, 400);
         assert!(e["error"]["message"].as_str().unwrap().contains("today is"));
-        let (s, _) = get_json(&http, format!("{url}/v1/salons/nowhere/slots")).await;
+        let (s, _) = get(format!("{url}/v1/salons/nowhere/slots")).await;
         assert_eq!(s, 404);
         let (s, _) = post(
-            &http,
             format!("{url}/v1/bookings/quote"),
             json!({"salon_id": salon, "stylist_id": stylist, "service": "perm", "date": date, "time": "19:00"}),
         )
@@ -1068,33 +986,15 @@ mod tests {
         assert_eq!(s, 400);
         sb.stop().await;
     }
-    async fn post_confirmed(http: &reqwest::Client, url: String, body: Value, amount: i64, currency: &str) -> (u16, Value) {
-        let r = http
-            .post(url)
-            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
-        let dir = tempfile::tempdir().unwrap();
-        let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
-        let http = reqwest::Client::new();
+        let (dir, sb) = sandbox().await;
         let url = sb.url(Svc::Salon);
-        let bookings = || -> i64 {
-            let c = Sandbox::open_db(dir.path(), Svc::Salon).unwrap();
-            c.query_row("SELECT COUNT(*) FROM salon_bookings", [], |r| r.get(0)).unwrap()
-        };
-        let (_, found) = get_json(&http, format!("{url}/v1/salons?city=Shanghai&service=haircut")).await;
+        let bookings = || rows(dir.path(), Svc::Salon, "salon_bookings");
+        let (_, found) = get(format!("{url}/v1/salons?city=Shanghai&service=haircut")).await;
         let salon = found["items"][0]["id"].as_str().unwrap().to_string();
         let date = day_after(&sb, 2);
-        let (_, slots) = get_json(&http, format!("{url}/v1/salons/{salon}/slots?date={date}&service=haircut")).await;
+        let (_, slots) = get(format!("{url}/v1/salons/{salon}/slots?date={date}&service=haircut")).await;
         let st = slots["items"]
             .as_array()
             .unwrap()
@@ -1104,36 +1004,29 @@ mod tests {
             .clone();
         let time = st["free_times"][0].as_str().unwrap();
         let req = json!({"salon_id": salon, "stylist_id": st["stylist_id"], "service": "haircut", "date": date, "time": time});
-        let (_, q) = post(&http, format!("{url}/v1/bookings/quote"), req.clone()).await;
+        let (_, q) = post(format!("{url}/v1/bookings/quote"), req.clone()).await;
         let price = q["amount"].as_i64().unwrap();
 
         // Not the confirmed price: refused, nothing booked.
-        let (s, e) = post_confirmed(&http, format!("{url}/v1/bookings"), req.clone(), price + 1000, "CNY").await;
+        let (s, e) = post_confirmed(format!("{url}/v1/bookings"), req.clone(), price + 1000, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert_eq!(bookings(), 0);
-        let (s, b) = post_confirmed(&http, format!("{url}/v1/bookings"), req, price, "CNY").await;
+        let (s, b) = post_confirmed(format!("{url}/v1/bookings"), req, price, "CNY").await;
         assert_eq!((s, b["price"].as_i64()), (200, Some(price)), "{b}");
         let id = b["booking_id"].as_str().unwrap();
-        let otn = b["payment"]["out_trade_no"].as_str().unwrap();
-        let (s, p) = post(
-            &http,
-            format!("{}/v1/trades/{otn}/pay", sb.url(Svc::Pay)),
-            json!({"wallet_id": "demo", "method": "alipay"}),
-        )
-        .await;
-        assert_eq!(s, 200, "{p}");
+        pay(&sb, &b, "alipay").await;
 
         // Quoted free two days ahead; confirmed twelve hours before the appointment.
-        let (_, cq) = post(&http, format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
+        let (_, cq) = post(format!("{url}/v1/bookings/{id}/cancel/quote"), json!({})).await;
         assert_eq!(cq["amount"].as_i64(), Some(0), "{cq}");
         let start = slot_start_ms(parse_date(&date, sb.clock.now_ms()).unwrap(), parse_time(time).unwrap());
         sb.clock.advance(Duration::from_millis((start - sb.clock.now_ms() - 12 * 3_600_000) as u64));
-        let (s, e) = post_confirmed(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({}), 0, "CNY").await;
+        let (s, e) = post_confirmed(format!("{url}/v1/bookings/{id}/cancel"), json!({}), 0, "CNY").await;
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("terms_changed")), "{e}");
         assert!(e["error"]["message"].as_str().unwrap().contains("not the ¥0.00 you confirmed"), "{e}");
-        let (_, v) = get_json(&http, format!("{url}/v1/bookings/{id}")).await;
+        let (_, v) = get(format!("{url}/v1/bookings/{id}")).await;
         assert_eq!((v["status"].as_str(), v["payment"]["refunded"].as_i64()), (Some("confirmed"), Some(0)), "{v}");
-        let (s, c) = post_confirmed(&http, format!("{url}/v1/bookings/{id}/cancel"), json!({}), price / 2, "CNY").await;
+        let (s, c) = post_confirmed(format!("{url}/v1/bookings/{id}/cancel"), json!({}), price / 2, "CNY").await;
         assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")), "{c}");
         assert_eq!(c["payment"]["refunded"].as_i64(), Some(price - price / 2));
         sb.stop().await;

@@ -22,6 +22,7 @@
 //! | `POST /v1/orders/{id}/cancel` (`/quote`) | cancel, refunding by the time left |
 
 use super::cities::{self, City, Names};
+use super::common::{civil_from_days, date_text as fmt_date, days_from_civil};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult, Clock, Db};
 use super::merchant::{Merchant, Payment};
 use super::terms::{check_terms, confirmed_terms};
@@ -89,30 +90,6 @@ CREATE TABLE IF NOT EXISTS seat_counters (
 
 // ---------------------------------------------------------------- calendar
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (the usual
-/// era/day-of-era arithmetic; no time-zone data needed).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 fn parse_date(s: &str) -> ApiResult<i64> {
     let bad = || ApiError::bad_request(format!("date '{s}' is not a date; write it as YYYY-MM-DD, e.g. 2026-11-23"));
     let parts: Vec<&str> = s.trim().split('-').collect();
@@ -130,11 +107,6 @@ fn parse_date(s: &str) -> ApiResult<i64> {
         return Err(ApiError::bad_request(format!("date '{s}' does not exist; check the day of the month")));
     }
     Ok(day)
-}
-
-fn fmt_date(day: i64) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn fmt_hhmm(minute: i64) -> String {
@@ -1815,46 +1787,29 @@ async fn cancel_quote(State(app): State<S>, Path(order_id): Path<String>) -> Api
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
+    use crate::sandbox::testkit::{self, pay, sandbox_in};
+    use crate::sandbox::{Sandbox, Service};
     use std::time::Duration;
 
-    async fn sandbox(dir: &std::path::Path) -> Sandbox {
-        start(SandboxConfig::new(dir)).await.unwrap()
+    /// The tickets service's `path`, for the shared helpers.
+    fn at(sb: &Sandbox, path: &str) -> String {
+        format!("{}{path}", sb.url(Service::Tickets))
+    }
+
+    async fn get(sb: &Sandbox, path: &str) -> (u16, Value) {
+        testkit::get(at(sb, path)).await
+    }
+
+    async fn post(sb: &Sandbox, path: &str, body: Value) -> (u16, Value) {
+        testkit::post(at(sb, path), body).await
+    }
+
+    async fn post_confirmed(sb: &Sandbox, path: &str, body: Value, amount: i64, currency: &str) -> (u16, Value) {
+        testkit::post_confirmed(at(sb, path), body, amount, currency).await
     }
 
     fn day_str(sb: &Sandbox, plus: i64) -> String {
         fmt_date(sb.clock.now_ms().div_euclid(DAY_MS) + plus)
-    }
-
-    async fn get(sb: &Sandbox, path: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .get(format!("{}{path}", sb.url(Service::Tickets)))
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn post(sb: &Sandbox, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", sb.url(Service::Tickets)))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn pay(sb: &Sandbox, order: &Value) {
-        let no = order["payment"]["out_trade_no"].as_str().unwrap();
-        let r = reqwest::Client::new()
-            .post(format!("{}/v1/trades/{no}/pay", sb.url(Service::Pay)))
-            .json(&json!({"wallet_id": "demo", "method": "alipay"}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        assert!(status.is_success(), "pay: {status} {}", r.text().await.unwrap());
     }
 
     /// The title of the next concert in a city, from the catalog itself.
@@ -1910,7 +1865,7 @@ mod tests {
         .unwrap();
         let tool = |n: &str| tools.iter().find(|t| t.def.name == n).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path()).await;
+        let sb = sandbox_in(dir.path(), 42).await;
         let base = sb.url(Service::Tickets);
         let http = reqwest::Client::new();
         let call = |name: &str, args: Value, quote: bool| {
@@ -1960,7 +1915,7 @@ mod tests {
         let o = call("tickets_book", args, false).await;
         tool("tickets_book").validate_result(&o).unwrap();
         assert_eq!(o["amount"], q["amount"]);
-        pay(&sb, &o).await;
+        pay(&sb, &o, "alipay").await;
         let id = json!({"order_id": o["order_id"]});
         let o = call("tickets_order_status", id.clone(), false).await;
         tool("tickets_order_status").validate_result(&o).unwrap();
@@ -2015,7 +1970,7 @@ mod tests {
     #[tokio::test]
     async fn searches_are_deterministic_and_multilingual() {
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (a, b) = (sandbox(d1.path()).await, sandbox(d2.path()).await);
+        let (a, b) = (sandbox_in(d1.path(), 42).await, sandbox_in(d2.path(), 42).await);
         let date = day_str(&a, 3);
         for path in [
             format!("/v1/trains?from=Shanghai&to=Hangzhou&date={date}"),
@@ -2083,7 +2038,7 @@ mod tests {
     #[tokio::test]
     async fn holds_take_seats_until_they_expire_and_quotes_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path()).await;
+        let sb = sandbox_in(dir.path(), 42).await;
         let date = day_str(&sb, 2);
         let t = train_with_seats(&sb, &date, 2).await;
         let id = t["id"].as_str().unwrap();
@@ -2150,7 +2105,7 @@ mod tests {
     #[tokio::test]
     async fn paid_orders_are_confirmed_and_cancellations_refund_by_time_left() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path()).await;
+        let sb = sandbox_in(dir.path(), 42).await;
         let date = day_str(&sb, 2);
         let t = train_with_seats(&sb, &date, 5).await;
         let id = t["id"].as_str().unwrap().to_string();
@@ -2161,7 +2116,7 @@ mod tests {
             assert_eq!(s, 200, "{o}");
             assert_eq!(o["status"], "awaiting_payment");
             assert_eq!(o["payment"]["status"], "awaiting_payment");
-            pay(&sb, &o).await;
+            pay(&sb, &o, "alipay").await;
             let (_, o) = get(&sb, &format!("/v1/orders/{}", o["order_id"].as_str().unwrap())).await;
             assert_eq!(o["status"], "confirmed", "{o}");
             assert_eq!(o["payment"]["status"], "paid");
@@ -2227,7 +2182,7 @@ mod tests {
     #[tokio::test]
     async fn unpaid_orders_cancel_for_free_or_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path()).await;
+        let sb = sandbox_in(dir.path(), 42).await;
         let (_, shows) = get(&sb, "/v1/shows?city=Shanghai&kind=concert").await;
         let show = &shows["items"][0];
         let section = show["sections"]
@@ -2255,7 +2210,7 @@ mod tests {
         // still free, so the order stands.
         let (_, late) = post(&sb, "/v1/orders", args.clone()).await;
         sb.clock.advance(Duration::from_secs(16 * 60));
-        pay(&sb, &late).await;
+        pay(&sb, &late, "alipay").await;
         let (_, late) = get(&sb, &format!("/v1/orders/{}", late["order_id"].as_str().unwrap())).await;
         assert_eq!(late["status"], "confirmed", "{late}");
         assert_eq!(late["tickets"].as_array().unwrap().len(), 2);
@@ -2270,26 +2225,11 @@ mod tests {
         assert_eq!((s, e["error"]["code"].as_str()), (409, Some("order_expired")));
         sb.stop().await;
     }
-    async fn post_confirmed(sb: &Sandbox, path: &str, body: Value, amount: i64, currency: &str) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}{path}", sb.url(Service::Tickets)))
-            .header(crate::sandbox::terms::AMOUNT_HEADER, amount.to_string())
-            .header(crate::sandbox::terms::CURRENCY_HEADER, currency)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
     #[tokio::test]
     async fn confirmed_terms_must_match_at_execution() {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox(dir.path()).await;
-        let count = |table: &str| -> i64 {
-            let c = Sandbox::open_db(dir.path(), Service::Tickets).unwrap();
-            c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
-        };
+        let sb = sandbox_in(dir.path(), 42).await;
+        let count = |table: &str| testkit::rows(dir.path(), Service::Tickets, table);
         let date = day_str(&sb, 2);
         let t = train_with_seats(&sb, &date, 2).await;
         let args = json!({"item_id": t["id"], "seat_class": "second", "quantity": 1});
@@ -2302,7 +2242,7 @@ mod tests {
         assert_eq!((count("holds"), count("orders")), (0, 0));
         let (s, o) = post_confirmed(&sb, "/v1/orders", args, amount, "CNY").await;
         assert_eq!((s, o["amount"].as_i64()), (200, Some(amount)), "{o}");
-        pay(&sb, &o).await;
+        pay(&sb, &o, "alipay").await;
         let oid = o["order_id"].as_str().unwrap();
 
         // Quoted free two days ahead; the user says yes five hours before departure.
