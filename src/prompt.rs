@@ -116,7 +116,12 @@ impl Prompts {
         let env = minijinja::Environment::new();
         env.render_str(
             text,
-            minijinja::context! { today => format!("{y:04}-{m:02}-{d:02}"), weekday => weekday },
+            minijinja::context! {
+                today => format!("{y:04}-{m:02}-{d:02}"),
+                weekday => weekday,
+                // Small models get "tomorrow" wrong by a day; spell it out.
+                tomorrow => { let (y, m, d) = civil_from_days(days + 1); format!("{y:04}-{m:02}-{d:02}") },
+            },
         )
         .unwrap_or_else(|_| text.clone())
         .trim_end()

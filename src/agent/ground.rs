@@ -50,6 +50,8 @@ pub struct Verdict {
     pub dropped: Vec<(String, Value)>,
     /// Required arguments with no grounding: (name, value).
     pub missing: Vec<(String, Value)>,
+    /// Dates replaced by the one day the user named: (name, was, now).
+    pub repaired: Vec<(String, Value, Value)>,
 }
 
 impl Evidence {
@@ -146,6 +148,7 @@ impl Evidence {
             args: Map::new(),
             dropped: Vec::new(),
             missing: Vec::new(),
+            repaired: Vec::new(),
         };
         for (k, val) in args {
             let tidied = match val {
@@ -158,6 +161,14 @@ impl Evidence {
             let ok = self.grounded(k, val, prop, id_like, &folded);
             if ok {
                 v.args.insert(k.clone(), val.clone());
+            } else if let Some(n) = self.repair_count(k, val) {
+                v.repaired.push((k.clone(), val.clone(), n.clone()));
+                v.args.insert(k.clone(), n);
+            } else if let Some(day) = self.repair_date(val, prop) {
+                // The model got the arithmetic wrong, but the user's words
+                // name exactly one day ("tomorrow"): use that day.
+                v.repaired.push((k.clone(), val.clone(), day.clone()));
+                v.args.insert(k.clone(), day);
             } else if required.contains(&k.as_str()) {
                 v.missing.push((k.clone(), val.clone()));
             } else {
@@ -175,7 +186,7 @@ impl Evidence {
                     return folded.contains(&n.to_string());
                 }
                 let Some(x) = n.as_f64() else { return false };
-                x == 1.0 || self.number_said(x)
+                self.number_said(x) || (x == 1.0 && self.counts_said().is_empty())
             }
             Value::String(s) => self.string_grounded(key, s, prop, id_like, folded),
             Value::Array(items) => {
@@ -253,6 +264,53 @@ impl Evidence {
             .iter()
             .filter(|(_, v)| *v == n)
             .any(|(w, _)| contains_word(&text, w))
+    }
+
+    /// Counts from 2 to 10 the user named, in digits standing alone or in
+    /// words ("two", 两, 두).
+    pub fn counts_said(&self) -> Vec<i64> {
+        let text = self.user_text().to_lowercase();
+        let mut out: Vec<i64> = NUMBER_WORDS
+            .iter()
+            .filter(|(w, n)| *n >= 2 && contains_word(&text, w))
+            .map(|(_, n)| *n)
+            .collect();
+        for w in text.split(|c: char| !c.is_ascii_alphanumeric()) {
+            if let Ok(n) = w.parse::<i64>() {
+                if (2..=10).contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// A count the model got wrong while the user named exactly one.
+    fn repair_count(&self, key: &str, val: &Value) -> Option<Value> {
+        if !val.is_number() || !matches!(key, "quantity" | "count" | "people" | "passengers" | "seats" | "tickets") {
+            return None;
+        }
+        match self.counts_said().as_slice() {
+            [n] => Some(Value::from(*n)),
+            _ => None,
+        }
+    }
+
+    fn repair_date(&self, val: &Value, prop: &Value) -> Option<Value> {
+        let s = val.as_str()?;
+        if prop["format"] != "date" && parse_ymd(s).is_none() {
+            return None;
+        }
+        let mut days = self.dates_said();
+        days.sort();
+        days.dedup();
+        // Weekdays give two candidates (this week's and next); only a single
+        // unambiguous day is used.
+        let [day] = days.as_slice() else { return None };
+        let (y, m, d) = crate::template::civil_from_days(*day);
+        Some(Value::String(format!("{y:04}-{m:02}-{d:02}")))
     }
 
     /// Every date the user's words can mean, as days since the epoch.
@@ -551,6 +609,12 @@ mod tests {
         assert!(v.args.contains_key("quantity"));
         let v = e.check(&schema(), &args(json!({"from": "Beijing", "to": "Hangzhou", "date": "2026-11-23"})), &[]);
         assert_eq!(v.missing.len(), 2, "{v:?}");
+        // "tomorrow" names one day: a wrong date is corrected, not asked about.
+        let e = ev(&["from Shanghai to Hangzhou tomorrow"], &[]);
+        let v = e.check(&schema(), &args(json!({"from": "Shanghai", "to": "Hangzhou", "date": "2026-11-22"})), &[]);
+        assert!(v.missing.is_empty(), "{v:?}");
+        assert_eq!(v.args["date"], "2026-11-23");
+        assert_eq!(v.repaired.len(), 1);
     }
 
     #[test]
@@ -607,6 +671,16 @@ mod tests {
         assert_eq!(v.args["address"], "88 Nanjing Road, People's Square, Shanghai");
         let v = e.check(&s, &args(json!({"address": "88 Nanjing Road, Room 1203"})), &[]);
         assert_eq!(v.missing.len(), 1, "an invented part: {v:?}");
+    }
+
+    #[test]
+    fn a_count_the_user_named_wins() {
+        let e = ev(&["Two second class tickets from Shanghai to Hangzhou"], &[]);
+        let s = json!({"type": "object", "properties": {"quantity": {"type": "integer"}}, "required": ["quantity"]});
+        let v = e.check(&s, &args(json!({"quantity": 1})), &[]);
+        assert_eq!(v.args["quantity"], 2, "{v:?}");
+        let e = ev(&["a ride to the airport"], &[]);
+        assert!(e.check(&s, &args(json!({"quantity": 1})), &[]).missing.is_empty());
     }
 
     #[test]

@@ -158,6 +158,14 @@ struct Session {
     pending: Option<Pending>,
     stats: TurnStats,
     started: std::time::Instant,
+    /// Ids of the options on the last card shown.
+    offered: Vec<String>,
+    /// Offered ids the person's latest message names (a tapped option).
+    chosen: Vec<String>,
+    /// Calls run during the current input, as `name args`.
+    turn_calls: Vec<String>,
+    /// Tools taken out of the grammar for the rest of this input.
+    excluded: Vec<String>,
 }
 
 pub struct Agent {
@@ -231,6 +239,10 @@ impl Agent {
                     pending: None,
                     stats: TurnStats::default(),
                     started: std::time::Instant::now(),
+                    offered: Vec::new(),
+                    chosen: Vec::new(),
+                    turn_calls: Vec::new(),
+                    excluded: Vec::new(),
                 }))
             })
             .clone()
@@ -247,6 +259,9 @@ impl Agent {
             let mut s = s.lock().await;
             s.stats = TurnStats::default();
             s.started = std::time::Instant::now();
+            s.turn_calls.clear();
+            s.excluded.clear();
+            s.chosen.clear();
             let r = match input {
                 Input::Text(t) => me.on_text(&sid, &mut s, t, &tx).await,
                 Input::Confirm { token } => me.on_confirm(&sid, &mut s, &token, &tx).await,
@@ -288,6 +303,7 @@ impl Agent {
             // person's new words after the quote.
             self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), "replaced by a new message")?;
         }
+        s.chosen = s.offered.iter().filter(|id| text.contains(id.as_str())).cloned().collect();
         s.evidence.user.push(text.clone());
         s.messages.push(Message::user(text));
         self.rounds(sid, s, lang, self.opts.max_rounds, tx).await
@@ -406,11 +422,39 @@ impl Agent {
     /// none yet is left out. So the model has to search first and can only
     /// pick a real id; it cannot make one up.
     fn grammar_tools(&self, s: &Session) -> ToolSet {
+        let g = self.grammar_tools_with(s, &s.chosen);
+        if g.is_empty() && !s.chosen.is_empty() {
+            // The pick fits no tool: offer everything as usual.
+            return self.grammar_tools_with(s, &[]);
+        }
+        g
+    }
+
+    fn grammar_tools_with(&self, s: &Session, chosen: &[String]) -> ToolSet {
         let mut out = Vec::new();
         for t in self.tools.iter() {
+            if s.excluded.contains(&t.def.name) {
+                continue;
+            }
             let path: Vec<String> = t.def.endpoint.as_ref().map(|e| path_params(&e.path).into_iter().map(str::to_owned).collect()).unwrap_or_default();
             let mut def = t.def.clone();
-            if !narrow_ids(&mut def.parameters, &path, &|k| s.evidence.id_candidates(&t.app, k)) {
+            let uses_choice = std::cell::Cell::new(false);
+            // After the person picked an option, the ids they picked are the
+            // only ones on offer, and only tools that take them are offered.
+            let candidates = |k: &str| {
+                let all = s.evidence.id_candidates(&t.app, k);
+                let picked: Vec<String> = all.iter().filter(|c| chosen.contains(c)).cloned().collect();
+                if picked.is_empty() {
+                    all
+                } else {
+                    uses_choice.set(true);
+                    picked
+                }
+            };
+            if !narrow_ids(&mut def.parameters, &path, &candidates) {
+                continue;
+            }
+            if !chosen.is_empty() && !uses_choice.get() {
                 continue;
             }
             match Tool::new(&t.app, def) {
@@ -508,7 +552,23 @@ impl Agent {
             s.messages.push(Message::tool(json!({"error": "missing_information", "message": message}).to_string()));
             return Ok(Flow::Continue);
         }
+        if !verdict.repaired.is_empty() {
+            let r: Vec<String> = verdict.repaired.iter().map(|(k, was, now)| format!("{k}: {was} → {now}")).collect();
+            self.audit_row(sid, "system", "repair", Some(&name), json!({"repaired": r}), "date taken from the user's words")?;
+        }
         let args = verdict.args;
+        let key = format!("{name} {}", Value::Object(args.clone()));
+        if s.turn_calls.contains(&key) {
+            // A loop: the same call again. Say so, and offer the tool no more
+            // in this input so the model has to move on.
+            s.excluded.push(name.clone());
+            s.messages.push(Message::tool(
+                json!({"error": "already_done", "message": "This exact call already ran; its result is above. Use it: call the next tool or answer the user."}).to_string(),
+            ));
+            emit(tx, AgentEvent::ToolResult { tool: name, ok: false, detail: "repeated call, not run again".into() }).await;
+            return Ok(Flow::Continue);
+        }
+        s.turn_calls.push(key);
         if tool.def.confirm {
             return self.quote(sid, s, lang, &tool, args, tx).await;
         }
@@ -544,7 +604,11 @@ impl Agent {
                 s.evidence.add_result(&tool.app, name, &v);
                 emit(tx, AgentEvent::ToolResult { tool: name.into(), ok: true, detail: String::new() }).await;
                 if let Some(kind) = &tool.def.card {
-                    emit(tx, AgentEvent::Card(present::card(kind, name, &tool.app, &v, lang))).await;
+                    let card = present::card(kind, name, &tool.app, &v, lang);
+                    if !card.options.is_empty() {
+                        s.offered = card.options.iter().map(|o| o.id.clone()).collect();
+                    }
+                    emit(tx, AgentEvent::Card(card)).await;
                 }
                 s.messages.push(Message::tool(compact(&v).to_string()));
                 Ok(Flow::Continue)
@@ -899,6 +963,17 @@ fn narrow_ids(schema: &mut Value, path: &[String], candidates: &dyn Fn(&str) -> 
         if prop["type"] == "array" && prop["items"]["type"] == "object" {
             if !narrow_ids(&mut prop["items"], &[], candidates) && required.contains(&k) {
                 return false;
+            }
+            continue;
+        }
+        if prop["type"] == "string" && prop.get("enum").is_none() && !ground::id_like(&k, &path_refs) {
+            // A value the app's results use under this very key (a train's
+            // `seat_class`): the grammar offers those values only.
+            let c = candidates(&k);
+            if c.len() >= 2 {
+                if let Some(o) = prop.as_object_mut() {
+                    o.insert("enum".into(), json!(c));
+                }
             }
             continue;
         }
