@@ -62,6 +62,8 @@ pub struct TurnResult {
     pub dropped_turns: usize,
 }
 
+pub const AGENT_HELP: &str = "commands: /reset (new conversation), /quit; a number picks a card option; answer a confirmation with yes or no";
+
 pub const HELP: &str = "commands: /reset (new conversation), /stats (toggle timings), /constrain on|off, /lang en|zh|ko, /quit";
 
 /// Runs one user turn, streaming text to `out`.
@@ -381,7 +383,7 @@ pub fn agent_repl<R: BufRead, W: Write>(
                 view = AgentView::default();
                 writeln!(out, "(new conversation)")?;
             }
-            l if l.starts_with('/') => writeln!(out, "commands: /reset, /quit")?,
+            l if l.starts_with('/') => writeln!(out, "{AGENT_HELP}")?,
             l => {
                 let input = view.input(l);
                 if !matches!(input, crate::agent::Input::Text(_)) || view.pending.is_some() {

@@ -257,7 +257,7 @@ fn run() -> Result<()> {
                 engine.info.arch,
                 engine.info.context_length,
                 engine.info.load_ms / 1000.0,
-                chat::HELP
+                if no_tools { chat::HELP } else { chat::AGENT_HELP }
             );
             let mut sampling = if temperature > 0.0 { SamplingParams::chat(seed) } else { SamplingParams::greedy() };
             sampling.temperature = temperature;
