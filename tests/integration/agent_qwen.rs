@@ -218,11 +218,11 @@ async fn train_tickets_are_searched_booked_and_paid() {
     assert!(c.summary.contains('2'), "{}", c.summary);
     assert!(trades(&w.data(), "tickets").is_empty());
     confirm_and_check(&w, s, &c, Service::Tickets).await;
-    let (n, status): (i64, String) = db(&w.data(), Service::Tickets)
-        .query_row("SELECT quantity, status FROM orders", [], |r| Ok((r.get(0)?, r.get(1)?)))
+    let (n, state): (i64, String) = db(&w.data(), Service::Tickets)
+        .query_row("SELECT quantity, state FROM orders", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap();
     assert_eq!(n, 2, "two tickets, as asked");
-    assert_ne!(status, "expired");
+    assert_eq!(state, "confirmed", "paid tickets are confirmed with seats");
     w.sb.stop().await;
 }
 

@@ -8,8 +8,11 @@ use errand::template::Message;
 use errand::tools::ToolSet;
 use std::sync::Arc;
 
+/// The ride mini-program's tools only: these tests check the engine's
+/// constrained calling, not tool choice among all 25 tools (the agent tests
+/// cover that, with the agent's narrowing).
 fn tools() -> Arc<ToolSet> {
-    Arc::new(ToolSet::load_dir(&repo().join("tools")).unwrap())
+    Arc::new(ToolSet::from_tools(errand::tools::load_manifest(&repo().join("tools/ride.json")).unwrap()))
 }
 
 fn request(lang: Lang, user: &str, tools: Option<Arc<ToolSet>>, constrain: bool) -> Request {
