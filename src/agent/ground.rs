@@ -151,6 +151,12 @@ impl Evidence {
             repaired: Vec::new(),
         };
         for (k, val) in args {
+            // A count the user named outright wins over the model's.
+            if let Some(n) = self.repair_count(k, val).filter(|n| n != val) {
+                v.repaired.push((k.clone(), val.clone(), n.clone()));
+                v.args.insert(k.clone(), n);
+                continue;
+            }
             let tidied = match val {
                 Value::String(x) => Value::String(tidy(x)),
                 other => other.clone(),
@@ -275,10 +281,15 @@ impl Evidence {
             .filter(|(w, n)| *n >= 2 && contains_word(&text, w))
             .map(|(_, n)| *n)
             .collect();
-        for w in text.split(|c: char| !c.is_ascii_alphanumeric()) {
-            if let Ok(n) = w.parse::<i64>() {
-                if (2..=10).contains(&n) {
-                    out.push(n);
+        // Digits count only as a word of their own ("2 tickets"), not inside
+        // a time, a date, a price or an id ("06:25", "2026-11-23", "G6127").
+        for w in text.split_whitespace() {
+            let w = w.trim_matches(|c: char| matches!(c, ',' | '.' | '!' | '?' | '(' | ')' | '，' | '。'));
+            if w.chars().all(|c| c.is_ascii_digit()) {
+                if let Ok(n) = w.parse::<i64>() {
+                    if (2..=10).contains(&n) {
+                        out.push(n);
+                    }
                 }
             }
         }
@@ -675,10 +686,10 @@ mod tests {
 
     #[test]
     fn a_count_the_user_named_wins() {
-        let e = ev(&["Two second class tickets from Shanghai to Hangzhou"], &[]);
+        let e = ev(&["Two second class tickets from Shanghai to Hangzhou", "I'll take this one: G6127 · 06:25 · 1h00m · ¥73.00 (G6127@2026-11-23)"], &[]);
         let s = json!({"type": "object", "properties": {"quantity": {"type": "integer"}}, "required": ["quantity"]});
         let v = e.check(&s, &args(json!({"quantity": 1})), &[]);
-        assert_eq!(v.args["quantity"], 2, "{v:?}");
+        assert_eq!(v.args["quantity"], 2, "a 1 inside a picked option's text is no count: {v:?}");
         let e = ev(&["a ride to the airport"], &[]);
         assert!(e.check(&s, &args(json!({"quantity": 1})), &[]).missing.is_empty());
     }
