@@ -9,6 +9,7 @@ python3 models/fetch.py smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Unit and integration tests (the crate has no doc tests).
-cargo test --locked --all-targets "$@" 2>&1 | tee "$log"
+# --no-fail-fast: one red unit test must not hide the integration results.
+cargo test --locked --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
 # One closing line for the whole run.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"

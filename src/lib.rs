@@ -75,3 +75,14 @@ pub mod template;
 pub mod tokenizer;
 pub mod toolcheck;
 pub mod tools;
+
+/// The source tree this build came from, for files tests and developer
+/// commands read (`tools/`, `prompts/`, `scripts/`). Cargo sets
+/// `CARGO_MANIFEST_DIR` when it runs tests, and that wins over the path
+/// compiled in: a target directory shared between clones can hand one clone
+/// a test binary built in another, whose compiled-in path may be gone.
+pub fn source_root() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}

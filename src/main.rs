@@ -400,7 +400,7 @@ fn sandbox_dir() -> PathBuf {
 
 /// Runs scripts/llama-cpp.sh (a cached build) and returns the folder with llama-bench.
 fn build_llama_cpp() -> Result<PathBuf> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/llama-cpp.sh");
+    let script = errand::source_root().join("scripts/llama-cpp.sh");
     eprintln!("building (or finding) llama-bench with {} …", script.display());
     let out = std::process::Command::new("bash")
         .arg(&script)

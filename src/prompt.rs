@@ -327,8 +327,8 @@ mod tests {
 
     #[test]
     fn builtin_prompts_equal_the_files() {
-        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/prompts"));
-        let a = Prompts::from_dir(dir).unwrap();
+        let dir = crate::source_root().join("prompts");
+        let a = Prompts::from_dir(&dir).unwrap();
         assert_eq!(a.system, Prompts::builtin().system);
     }
 }

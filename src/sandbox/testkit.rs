@@ -71,7 +71,7 @@ pub(crate) async fn pay(sb: &Sandbox, order: &Value, method: &str) {
 /// is the name's prefix (`food_menu` → `tools/food.json`).
 pub(crate) fn tool(name: &str) -> crate::tools::Tool {
     let app = name.split('_').next().unwrap_or(name);
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let path = crate::source_root()
         .join("tools")
         .join(format!("{app}.json"));
     crate::tools::load_manifest(&path)

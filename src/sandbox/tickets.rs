@@ -1858,10 +1858,7 @@ mod tests {
     /// answer against the manifest's `result` schema.
     #[tokio::test]
     async fn the_manifest_matches_the_service() {
-        let tools = crate::tools::load_manifest(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tools/tickets.json"
-        )))
+        let tools = crate::tools::load_manifest(&crate::source_root().join("tools/tickets.json"))
         .unwrap();
         let tool = |n: &str| tools.iter().find(|t| t.def.name == n).unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn the_shipped_manifests_load() {
-        let set = ToolSet::load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools"))).unwrap();
+        let set = ToolSet::load_dir(&crate::source_root().join("tools")).unwrap();
         assert!(set.len() >= 3);
         let e = set
             .check(&ToolCall {

@@ -9,7 +9,7 @@ pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
 pub const SMOL: &str = "smollm2-135m-instruct";
 
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    errand::source_root()
 }
 
 pub fn model(name: &str) -> ResolvedModel {
