@@ -110,6 +110,7 @@ pub fn turn<W: Write>(
         stop: Vec::new(),
         constrain_tools: opts.constrain,
         grammar_tools: None,
+        require_call: false,
     };
     let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {
@@ -299,6 +300,8 @@ impl AgentView {
                 let _ = writeln!(out, "  ✗ {detail}");
             }
             E::ToolResult { .. } => {}
+            // The order's card was shown just before.
+            E::Order { .. } => {}
             E::Card(c) => {
                 let lang = Lang::En;
                 if c.options.is_empty() {

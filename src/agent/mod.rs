@@ -122,6 +122,9 @@ pub enum AgentEvent {
     Card(Card),
     Confirmation(ConfirmationRequest),
     Payment(PaymentEvent),
+    /// An order after confirmation, as its merchant sees it; clients may
+    /// follow it with [`Agent::order_status`].
+    Order { app: String, tool: String, order: Value },
     /// The turn is over; the client may send the next input.
     Done { stats: TurnStats },
     /// The turn failed (engine down, audit log unwritable); nothing was paid.
@@ -166,11 +169,34 @@ struct Session {
     turn_calls: Vec<String>,
     /// Tools taken out of the grammar for the rest of this input.
     excluded: Vec<String>,
+    /// The wallet this session pays from (the agent's default when unset).
+    wallet: Option<String>,
+    /// Turns true when the client asks to stop the running input.
+    cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves when the switch turns on; never, when its sender is gone.
+async fn cancelled(mut rx: tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await
+    }
+}
+
+/// Per-session settings a server fixes when it opens a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    pub wallet: Option<String>,
+    pub lang: Option<Lang>,
 }
 
 pub struct Agent {
     engine: Arc<Engine>,
-    tools: Arc<ToolSet>,
+    /// Swapped whole when a mini-program registers at run time; the next
+    /// model round sees the new set.
+    tools: std::sync::RwLock<Arc<ToolSet>>,
+    /// Per-session "stop generating" switches, outside the session lock
+    /// (which the running turn holds).
+    cancels: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     adapter: Arc<dyn Adapter>,
     audit: Audit,
     http: reqwest::Client,
@@ -196,7 +222,8 @@ impl Agent {
     pub fn new(engine: Arc<Engine>, tools: Arc<ToolSet>, adapter: Arc<dyn Adapter>, audit: Audit, opts: AgentOptions) -> Arc<Self> {
         Arc::new(Self {
             engine,
-            tools,
+            tools: std::sync::RwLock::new(tools),
+            cancels: Mutex::new(HashMap::new()),
             adapter,
             audit,
             http: reqwest::Client::builder()
@@ -212,8 +239,51 @@ impl Agent {
         &self.audit
     }
 
-    pub fn tools(&self) -> &Arc<ToolSet> {
-        &self.tools
+    /// The tools offered now.
+    pub fn tools(&self) -> Arc<ToolSet> {
+        self.tools.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the tool set (a mini-program registered or left). The next
+    /// model round of every session offers the new set.
+    pub fn set_tools(&self, tools: Arc<ToolSet>) {
+        *self.tools.write().unwrap_or_else(|p| p.into_inner()) = tools;
+    }
+
+    /// Fixes a session's wallet and language before its first input.
+    pub async fn open_session(&self, session: &str, o: SessionOptions) {
+        let s = self.session(session);
+        let mut s = s.lock().await;
+        s.wallet = o.wallet;
+        if o.lang.is_some() {
+            s.lang = o.lang;
+        }
+    }
+
+    /// Stops the model output of the session's running input: no further
+    /// model round or tool call starts. Calls already made are not undone.
+    pub fn cancel(&self, session: &str) {
+        if let Some(c) = self.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(session) {
+            c.send_replace(true);
+        }
+    }
+
+    fn cancel_switch(&self, session: &str) -> tokio::sync::watch::Receiver<bool> {
+        let mut m = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = m.entry(session.to_owned()).or_insert_with(|| tokio::sync::watch::channel(false).0);
+        tx.send_replace(false);
+        tx.subscribe()
+    }
+
+    /// The order as its merchant sees it now, through the app's status tool
+    /// (`None` when the app has none or the service does not answer).
+    pub async fn order_status(&self, app: &str, order: &Value) -> Option<Value> {
+        let tools = self.tools();
+        let status = tools
+            .iter()
+            .find(|t| t.app == app && t.def.name.ends_with("_status") && t.def.endpoint.as_ref().is_some_and(|e| e.method == "GET"))?
+            .clone();
+        self.read_status(&status, order).await
     }
 
     /// The open confirmation of a session, if any (for clients that lost it).
@@ -225,6 +295,7 @@ impl Agent {
 
     /// Forgets a session (its open confirmation is dropped unredeemed).
     pub fn reset(&self, session: &str) {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
     }
 
@@ -243,6 +314,8 @@ impl Agent {
                     chosen: Vec::new(),
                     turn_calls: Vec::new(),
                     excluded: Vec::new(),
+                    wallet: None,
+                    cancel: tokio::sync::watch::channel(false).1,
                 }))
             })
             .clone()
@@ -262,6 +335,7 @@ impl Agent {
             s.turn_calls.clear();
             s.excluded.clear();
             s.chosen.clear();
+            s.cancel = me.cancel_switch(&sid);
             let r = match input {
                 Input::Text(t) => me.on_text(&sid, &mut s, t, &tx).await,
                 Input::Confirm { token } => me.on_confirm(&sid, &mut s, &token, &tx).await,
@@ -314,6 +388,10 @@ impl Agent {
     async fn rounds(&self, sid: &str, s: &mut Session, lang: Lang, max: usize, tx: &Tx) -> Result<(), String> {
         let mut nudged: Vec<String> = Vec::new();
         for _ in 0..max {
+            if *s.cancel.borrow() {
+                emit(tx, AgentEvent::Notice { text: say(lang, Say::Stopped) }).await;
+                return Ok(());
+            }
             let (text, calls) = self.model_round(sid, s, lang, tx).await?;
             let mut reply = Message::assistant(text.trim().to_owned());
             if calls.is_empty() {
@@ -335,6 +413,10 @@ impl Agent {
             s.messages.push(reply);
             let mut end = false;
             for (call, err) in calls {
+                if !end && *s.cancel.borrow() {
+                    end = true;
+                    emit(tx, AgentEvent::Notice { text: say(lang, Say::Stopped) }).await;
+                }
                 if end {
                     s.messages.push(Message::tool(json!({"status": "skipped", "reason": "one step at a time"}).to_string()));
                     continue;
@@ -367,7 +449,7 @@ impl Agent {
             session: Some(sid.to_owned()),
             prompt: Prompt::Chat {
                 messages: s.messages.clone(),
-                tools: Some(self.tools.clone()),
+                tools: Some(self.tools()),
                 lang: lang.code().into(),
             },
             max_tokens: self.opts.max_tokens,
@@ -375,10 +457,24 @@ impl Agent {
             stop: Vec::new(),
             constrain_tools: self.opts.constrain,
             grammar_tools: Some(Arc::new(self.grammar_tools(s))),
+            require_call: false,
         };
         let mut rx = self.engine.submit(req).map_err(|e| e.to_string())?;
         let (mut text, mut calls) = (String::new(), Vec::new());
-        while let Some(ev) = rx.recv().await {
+        let stop = cancelled(s.cancel.clone());
+        tokio::pin!(stop);
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                // Dropping the receiver stops the engine; the partial text
+                // stays in the conversation, and no call is made.
+                _ = &mut stop => {
+                    drop(rx);
+                    emit(tx, AgentEvent::Notice { text: say(lang, Say::Stopped) }).await;
+                    return Ok((text, Vec::new()));
+                }
+            };
+            let Some(ev) = ev else { break };
             match ev {
                 Event::Delta(t) => {
                     if s.stats.first_token_ms.is_none() {
@@ -432,7 +528,8 @@ impl Agent {
 
     fn grammar_tools_with(&self, s: &Session, chosen: &[String]) -> ToolSet {
         let mut out = Vec::new();
-        for t in self.tools.iter() {
+        let all = self.tools();
+        for t in all.iter() {
             if s.excluded.contains(&t.def.name) {
                 continue;
             }
@@ -473,7 +570,7 @@ impl Agent {
     /// leaves room for a reply.
     fn fit_context(&self, s: &mut Session, lang: Lang) {
         let info = &self.engine.info;
-        let schemas = self.tools.template_json(lang.code());
+        let schemas = self.tools().template_json(lang.code());
         let room = self.opts.max_tokens.min(info.context_length / 4).max(16);
         loop {
             let n = info
@@ -513,7 +610,7 @@ impl Agent {
             emit(tx, AgentEvent::ToolResult { tool: name, ok: false, detail: e }).await;
             return Ok(Flow::Continue);
         }
-        let Some(tool) = self.tools.get(&name).cloned() else {
+        let Some(tool) = self.tools().get(&name).cloned() else {
             return Err(format!("tool {name} vanished"));
         };
         let endpoint_params: Vec<&str> = tool.def.endpoint.as_ref().map(|e| path_params(&e.path)).unwrap_or_default();
@@ -668,7 +765,7 @@ impl Agent {
             amount,
             currency: currency.to_owned(),
             amount_display: money(amount, currency),
-            payment_method: format!("{} (wallet {})", self.opts.pay_method, self.opts.wallet),
+            payment_method: format!("{} (wallet {})", self.opts.pay_method, s.wallet.as_deref().unwrap_or(&self.opts.wallet)),
             expires_ms: now_unix() * 1000 + ttl.as_millis() as i64,
         };
         self.audit_row(
@@ -699,7 +796,7 @@ impl Agent {
     /// searches first: where real ids come from.
     fn lookup_tools(&self, app: &str) -> Vec<String> {
         let mut v: Vec<String> = self
-            .tools
+            .tools()
             .iter()
             .filter(|t| t.app == app && !t.def.confirm && !t.def.name.ends_with("_status"))
             .map(|t| t.def.name.clone())
@@ -755,6 +852,7 @@ impl Agent {
             return Ok(());
         };
         let name = p.tool.def.name.clone();
+        let wallet = s.wallet.clone().unwrap_or_else(|| self.opts.wallet.clone());
         self.audit_row(sid, "user", "confirm", Some(&name), json!({"summary": p.req.summary, "amount": p.req.amount, "currency": p.req.currency, "token_id": token_id(token)}), "confirmed")?;
         let order = match p.order.clone() {
             Some(o) => o,
@@ -808,7 +906,7 @@ impl Agent {
             let outcome = if amount != p.req.amount || currency != p.req.currency {
                 PayOutcome::Refused(say(lang, Say::PriceChanged { quoted: p.req.amount_display.clone(), now: money(amount, &currency) }))
             } else {
-                self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token).await
+                self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token, &wallet).await
             };
             // The person hears about money first; the audit row follows, and a
             // failure to write it after money moved is reported, not hidden.
@@ -818,7 +916,7 @@ impl Agent {
                 PayOutcome::Unknown(r) => ("unknown", Some(r.clone()), None),
             };
             emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: otn.clone(), status: status.into(), amount, currency: currency.clone(), transaction_id: txn.clone(), reason: reason.clone() })).await;
-            if let Err(e) = self.audit_row(sid, "system", "payment", Some(&name), json!({"out_trade_no": otn, "amount": amount, "currency": currency, "transaction_id": txn, "wallet": self.opts.wallet, "reason": reason}), status) {
+            if let Err(e) = self.audit_row(sid, "system", "payment", Some(&name), json!({"out_trade_no": otn, "amount": amount, "currency": currency, "transaction_id": txn, "wallet": wallet, "reason": reason}), status) {
                 emit(tx, AgentEvent::Notice { text: format!("warning: {e}") }).await;
             }
             match outcome {
@@ -843,7 +941,7 @@ impl Agent {
         }
         // Show the order as the merchant now sees it (paid, with its next
         // status), through the app's status tool when it has one.
-        let shown = match self.refresh(&p.tool, &order).await {
+        let shown = match self.order_status(&p.tool.app, &order).await {
             Some(v) => v,
             None => {
                 let mut shown = order.clone();
@@ -857,6 +955,7 @@ impl Agent {
         if let Some(kind) = &p.tool.def.card {
             emit(tx, AgentEvent::Card(present::card(kind, &name, &p.tool.app, &shown, lang))).await;
         }
+        emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
         let text = if paid.is_some() {
             say(lang, Say::Paid { amount: p.req.amount_display.clone(), summary: &p.req.summary })
         } else {
@@ -870,13 +969,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Re-reads an order through its app's status tool (`*_status`, GET),
-    /// filling the tool's parameters from the order's fields.
-    async fn refresh(&self, tool: &Tool, order: &Value) -> Option<Value> {
-        let status = self
-            .tools
-            .iter()
-            .find(|t| t.app == tool.app && t.def.name.ends_with("_status") && t.def.endpoint.as_ref().is_some_and(|e| e.method == "GET"))?;
+    /// Reads an order through a status tool, filling the tool's required
+    /// parameters from the order's fields.
+    async fn read_status(&self, status: &Tool, order: &Value) -> Option<Value> {
         let required: Vec<&str> = status.def.parameters["required"].as_array()?.iter().filter_map(Value::as_str).collect();
         let mut args = Map::new();
         for k in required {
@@ -893,7 +988,7 @@ impl Agent {
     /// trade is the merchant's and for the confirmed amount. Any error is
     /// followed by a query, so a payment that went through is never
     /// reported as failed.
-    async fn pay(&self, mch: &str, out_trade_no: &str, amount: i64, currency: &str, token: &str) -> PayOutcome {
+    async fn pay(&self, mch: &str, out_trade_no: &str, amount: i64, currency: &str, token: &str, wallet: &str) -> PayOutcome {
         let Some(base) = &self.opts.pay_url else {
             return PayOutcome::Failed("no payment service is configured".into());
         };
@@ -916,7 +1011,7 @@ impl Agent {
             .http
             .post(format!("{url}/pay"))
             .header("Idempotency-Key", format!("pay-{token}"))
-            .json(&json!({"wallet_id": self.opts.wallet, "method": self.opts.pay_method}))
+            .json(&json!({"wallet_id": wallet, "method": self.opts.pay_method}))
             .send()
             .await;
         let failure = match r {

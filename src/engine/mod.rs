@@ -96,6 +96,11 @@ pub struct Request {
     /// limited to the ones tool results returned). The prompt still lists
     /// every tool, so the session's KV cache stays valid.
     pub grammar_tools: Option<Arc<ToolSet>>,
+    /// With constraints on, the reply must be one or more tool calls: the
+    /// grammar has no plain-text alternative (OpenAI's
+    /// `tool_choice: "required"`, or a named function with `grammar_tools`
+    /// holding only that function). Ignored without tools or constraints.
+    pub require_call: bool,
 }
 
 impl Request {
@@ -112,6 +117,7 @@ impl Request {
             stop: Vec::new(),
             constrain_tools: false,
             grammar_tools: None,
+            require_call: false,
         }
     }
 
@@ -317,6 +323,11 @@ impl Engine {
         Ok(c)
     }
 
+    /// Requests waiting for the engine thread (not counting the one it serves).
+    pub fn queued(&self) -> usize {
+        self.queued.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
@@ -422,11 +433,11 @@ impl Worker {
         }
     }
 
-    fn constraint(&mut self, tools: &ToolSet) -> Result<ToolConstraint, EngineError> {
+    fn constraint(&mut self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, EngineError> {
         if self.constraints.is_none() {
             self.constraints = Some(ConstraintFactory::new(self.tok.clone(), self.info.n_vocab)?);
         }
-        Ok(self.constraints.as_ref().expect("built above").for_tools(tools)?)
+        Ok(self.constraints.as_ref().expect("built above").for_tools(tools, require_call)?)
     }
 
     fn run(&mut self, job: Job) -> Result<Usage, EngineError> {
@@ -473,8 +484,8 @@ impl Worker {
         let max_tokens = req.max_tokens.min(context - tokens.len());
         let mut constraint = match (&tools, req.constrain_tools) {
             (Some(t), true) => match &req.grammar_tools {
-                Some(g) => Some(self.constraint(g)?),
-                None => Some(self.constraint(t)?),
+                Some(g) => Some(self.constraint(g, req.require_call)?),
+                None => Some(self.constraint(t, req.require_call)?),
             },
             _ => None,
         };

@@ -1,7 +1,8 @@
 //! Grammar-constrained decoding with llguidance.
 //!
 //! With constraints on, a reply is either plain text, or one or more tool
-//! calls whose JSON validates against the tools' schemas. Calls may be
+//! calls whose JSON validates against the tools' schemas (only calls when
+//! the request requires one: `require_call`). Calls may be
 //! written in any of the three shapes the model likes (`<tool_call>` tags, a
 //! fenced JSON code block, or bare JSON), so the constraint steers only what must be
 //! steered. Plain text may not begin with `<`, `{`, `[` or a backquote, so a
@@ -97,9 +98,10 @@ impl ConstraintFactory {
         })
     }
 
-    /// A constraint for one reply with these tools.
-    pub fn for_tools(&self, tools: &ToolSet) -> Result<ToolConstraint, GrammarError> {
-        let grammar = TopLevelGrammar::from_lark(lark_for_tools(tools));
+    /// A constraint for one reply with these tools; with `require_call` the
+    /// reply must be tool calls (no plain text).
+    pub fn for_tools(&self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, GrammarError> {
+        let grammar = TopLevelGrammar::from_lark(lark_for_tools(tools, require_call));
         let parser = self
             .factory
             .create_parser(grammar)
@@ -142,16 +144,24 @@ pub fn call_schema(tools: &ToolSet) -> Value {
 /// Lark grammar: plain text, or calls in one of the accepted shapes (one
 /// shape per reply, so the streaming parser always sees what it expects).
 /// Text may not begin like a call, and may not contain `<tool_call>` or a
-/// code fence anywhere, so no call can pass unvalidated as "text".
-pub fn lark_for_tools(tools: &ToolSet) -> String {
+/// code fence anywhere, so no call can pass unvalidated as "text". With
+/// `require_call` there is no text alternative: the reply is calls only.
+pub fn lark_for_tools(tools: &ToolSet, require_call: bool) -> String {
     let schema = call_schema(tools);
+    let (text_alt, text_rule) = if require_call {
+        ("", "")
+    } else {
+        (
+            "TEXT | ",
+            "TEXT: /[^<{\\[`\\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n",
+        )
+    };
     format!(
-        r#"start: TEXT | tagged (WS tagged)* WS? | fenced (WS fenced)* WS? | body (WS body)* WS?
+        r#"start: {text_alt}tagged (WS tagged)* WS? | fenced (WS fenced)* WS? | body (WS body)* WS?
 tagged: "<tool_call>" WS? body WS? "</tool_call>"
 fenced: "```json\n" WS? body WS? "```"
 body: %json {schema}
-TEXT: /[^<{{\[`\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/
-WS: /[ \t\r\n]+/
+{text_rule}WS: /[ \t\r\n]+/
 "#
     )
 }
@@ -201,5 +211,67 @@ impl ToolConstraint {
 
     pub fn is_accepting(&mut self) -> bool {
         self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::{Localized, Tool, ToolDef};
+
+    fn weather() -> ToolSet {
+        let def = ToolDef {
+            name: "get_weather".into(),
+            description: Localized { en: "Weather for a city".into(), zh: None, ko: None },
+            parameters: json!({
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            }),
+            confirm: false,
+            endpoint: None,
+            card: None,
+            quote: None,
+            result: None,
+        };
+        ToolSet::from_tools(vec![Tool::new("t", def).unwrap()])
+    }
+
+    /// Runs the grammar over `text` with a one-byte-per-token vocabulary (no
+    /// model needed): `None` when a byte is rejected, else whether the
+    /// whole text is a complete reply.
+    fn run(lark: String, text: &str) -> Option<bool> {
+        let env = toktrie::ApproximateTokEnv::single_byte_env();
+        let mut factory = ParserFactory::new_simple(&env).unwrap();
+        factory.set_stderr_log_level(0);
+        let parser = factory.create_parser(TopLevelGrammar::from_lark(lark)).unwrap();
+        let mut m = Matcher::new(Ok(parser));
+        assert!(m.get_error().is_none(), "{:?}", m.get_error());
+        for b in text.bytes() {
+            m.consume_token(b as u32).ok()?;
+        }
+        Some(m.is_accepting().unwrap_or(false))
+    }
+
+    const CALL: &str = r#"<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris"}}
+</tool_call>"#;
+
+    #[test]
+    fn require_call_rejects_text_but_accepts_a_call() {
+        let tools = weather();
+        let free = || lark_for_tools(&tools, false);
+        let required = || lark_for_tools(&tools, true);
+        assert_eq!(run(free(), "Hello there."), Some(true));
+        assert_eq!(run(free(), CALL), Some(true));
+        // Required: the very first byte of plain text is refused.
+        assert_eq!(run(required(), "H"), None);
+        assert_eq!(run(required(), "Hello there."), None);
+        assert_eq!(run(required(), CALL), Some(true));
+        assert_eq!(run(required(), r#"{"name": "get_weather", "arguments": {"city": "Rome"}}"#), Some(true));
+        // Calls must still fit the schema, and an unfinished one is not a reply.
+        assert_eq!(run(required(), r#"{"name": "get_weather", "arguments": {}}"#), None);
+        assert_eq!(run(required(), "<tool_call>\n{\"name\": \"get_weather\""), Some(false));
+        assert!(!required().contains("TEXT"));
     }
 }

@@ -296,6 +296,27 @@ impl ToolSet {
         Ok(Self::from_tools(tools))
     }
 
+    /// This set with `app`'s tools replaced by `tools` (all of one app).
+    /// A name another app already uses is refused.
+    pub fn with_app(&self, app: &str, tools: Vec<Tool>) -> Result<Self, String> {
+        let mut out: Vec<Arc<Tool>> = self.tools.iter().filter(|t| t.app != app).cloned().collect();
+        for t in tools {
+            if t.app != app {
+                return Err(format!("tool `{}` belongs to app `{}`, not `{app}`", t.def.name, t.app));
+            }
+            if let Some(other) = out.iter().find(|o| o.def.name == t.def.name) {
+                return Err(format!("tool name `{}` is already used by app `{}`", t.def.name, other.app));
+            }
+            out.push(Arc::new(t));
+        }
+        let mut set = Self::default();
+        for t in out {
+            set.by_name.insert(t.def.name.clone(), set.tools.len());
+            set.tools.push(t);
+        }
+        Ok(set)
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Tool>> {
         self.by_name.get(name).map(|&i| &self.tools[i])
     }
@@ -333,15 +354,22 @@ impl ToolSet {
 }
 
 pub fn load_manifest(path: &Path) -> Result<Vec<Tool>, ManifestError> {
-    let invalid = |message: String| ManifestError::Invalid {
-        path: path.to_owned(),
-        message,
-    };
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(format!("not a valid manifest: {e}")))?;
+    parse_manifest(&text, path)
+}
+
+/// Parses and validates a manifest's text; `origin` names it in errors
+/// (a file, or an upload).
+pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestError> {
+    let path = origin;
+    let invalid = |message: String| ManifestError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let m: Manifest = serde_json::from_str(text).map_err(|e| invalid(format!("not a valid manifest: {e}")))?;
     if m.tools.is_empty() {
         return Err(invalid("declares no tools".into()));
     }

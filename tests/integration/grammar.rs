@@ -9,7 +9,7 @@ use errand::tools::ToolSet;
 use std::sync::Arc;
 
 fn accepts(f: &ConstraintFactory, tools: &ToolSet, tok: &Tokenizer, text: &str) -> bool {
-    let mut c = f.for_tools(tools).unwrap();
+    let mut c = f.for_tools(tools, false).unwrap();
     for t in tok.encode(text, true).unwrap() {
         if c.consume(t).is_err() {
             return false;
