@@ -170,6 +170,12 @@ impl Evidence {
             } else if let Some(n) = self.repair_count(k, val) {
                 v.repaired.push((k.clone(), val.clone(), n.clone()));
                 v.args.insert(k.clone(), n);
+            } else if let Some(kept) = self.repair_parts(k, val, &folded) {
+                // "200 Renmin Road, Huangpu, Shanghai, China" when the user
+                // said "200 Renmin Road, Huangpu": the parts the model added
+                // are dropped, what the user said is kept.
+                v.repaired.push((k.clone(), val.clone(), kept.clone()));
+                v.args.insert(k.clone(), kept);
             } else if let Some(day) = self.repair_date(val, prop) {
                 // The model got the arithmetic wrong, but the user's words
                 // name exactly one day ("tomorrow"): use that day.
@@ -255,6 +261,22 @@ impl Evidence {
             return parts.iter().all(|p| self.string_grounded(key, p, &Value::Null, false, folded));
         }
         false
+    }
+
+    /// A comma-separated value whose first part is grounded, with the
+    /// ungrounded parts removed (`None` when nothing would be removed or
+    /// nothing grounded would remain).
+    fn repair_parts(&self, key: &str, val: &Value, folded: &str) -> Option<Value> {
+        let parts = segments(val.as_str()?);
+        if parts.len() < 2 {
+            return None;
+        }
+        let ok: Vec<bool> = parts.iter().map(|p| self.string_grounded(key, p, &Value::Null, false, folded)).collect();
+        if !ok[0] || ok.iter().all(|x| *x) {
+            return None;
+        }
+        let kept: Vec<&str> = parts.iter().zip(&ok).filter(|(_, g)| **g).map(|(p, _)| p.as_str()).collect();
+        Some(Value::String(kept.join(", ")))
     }
 
     fn number_said(&self, x: f64) -> bool {
@@ -680,8 +702,24 @@ mod tests {
         let v = e.check(&s, &args(json!({"address": "88 Nanjing Road, People's Square, Shanghai, People's Square, People's Square"})), &[]);
         assert!(v.missing.is_empty(), "{v:?}");
         assert_eq!(v.args["address"], "88 Nanjing Road, People's Square, Shanghai");
+        // An invented part never reaches the service: it is cut off, and
+        // the part the user said is what is sent.
         let v = e.check(&s, &args(json!({"address": "88 Nanjing Road, Room 1203"})), &[]);
-        assert_eq!(v.missing.len(), 1, "an invented part: {v:?}");
+        assert_eq!(v.args["address"], "88 Nanjing Road", "an invented part: {v:?}");
+        assert_eq!(v.repaired.len(), 1);
+    }
+
+    #[test]
+    fn parts_the_model_added_to_an_address_are_dropped() {
+        let e = ev(&["Order kung pao chicken near People's Square, deliver to 200 Renmin Road, Huangpu"], &[]);
+        let s = json!({"type": "object", "properties": {"address": {"type": "string"}}, "required": ["address"]});
+        let v = e.check(&s, &args(json!({"address": "200 Renmin Road, Huangpu, People's Square, Shanghai, China"})), &[]);
+        assert!(v.missing.is_empty(), "{:?}", v.missing);
+        assert_eq!(v.args["address"], "200 Renmin Road, Huangpu, People's Square");
+        assert_eq!(v.repaired.len(), 1);
+        // An address the user never gave is still missing, not trimmed to a guess.
+        let v = e.check(&s, &args(json!({"address": "Shanghai Tower, 501 Yincheng Road"})), &[]);
+        assert_eq!(v.missing.len(), 1, "{:?}", v.args);
     }
 
     #[test]

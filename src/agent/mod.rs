@@ -163,6 +163,8 @@ struct Session {
     started: std::time::Instant,
     /// Ids of the options on the last card shown.
     offered: Vec<String>,
+    /// The reply each of those options sends when tapped: (reply, id).
+    offered_replies: Vec<(String, String)>,
     /// Offered ids the person's latest message names (a tapped option).
     chosen: Vec<String>,
     /// Calls run during the current input, as `name args`.
@@ -311,6 +313,7 @@ impl Agent {
                     stats: TurnStats::default(),
                     started: std::time::Instant::now(),
                     offered: Vec::new(),
+                    offered_replies: Vec::new(),
                     chosen: Vec::new(),
                     turn_calls: Vec::new(),
                     excluded: Vec::new(),
@@ -378,7 +381,16 @@ impl Agent {
             self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), "replaced by a new message")?;
         }
         s.chosen = s.offered.iter().filter(|id| text.contains(id.as_str())).cloned().collect();
-        s.evidence.user.push(text.clone());
+        // A tapped option says which item, nothing more: its label (a
+        // restaurant's name and rating) is not the person's words for an
+        // address or a note, so only the id counts as said.
+        match s.offered_replies.iter().find(|(r, _)| r == text.trim()) {
+            Some((_, id)) => {
+                let id = id.clone();
+                s.evidence.user.push(id);
+            }
+            None => s.evidence.user.push(text.clone()),
+        }
         s.messages.push(Message::user(text));
         self.rounds(sid, s, lang, self.opts.max_rounds, tx).await
     }
@@ -704,6 +716,7 @@ impl Agent {
                     let card = present::card(kind, name, &tool.app, &v, lang);
                     if !card.options.is_empty() {
                         s.offered = card.options.iter().map(|o| o.id.clone()).collect();
+                        s.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
                     }
                     emit(tx, AgentEvent::Card(card)).await;
                 }
