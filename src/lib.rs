@@ -3,7 +3,8 @@
 //! A local-first conversational life assistant. Everything runs in this
 //! process: the LLM on candle (CPU by default), tool calling against
 //! mini-program services, confirmations and payments in sandbox
-//! mini-programs, and, in later layers, memory and the server.
+//! mini-programs, and the server that chat clients, embedding mini-programs
+//! and OpenAI-style tools talk to. Memory comes in a later layer.
 //!
 //! ## Architecture map
 //!
@@ -22,7 +23,7 @@
 //!                                            └─ tools::grammar: llguidance mask per request
 //!                                                 ▲ Request / Event stream ▼
 //!  chat REPL ──Input──► agent (dialogue manager, per-session state)
-//!  (later: server)        ├─ ground: arguments must come from the user or tool results;
+//!  server::hub ─┘         ├─ ground: arguments must come from the user or tool results;
 //!        ▲                │          ids narrowed in the grammar to returned ids
 //!        │                ├─ confirmation gate: quote → token → user's Confirm → run → pay
 //!        │                ├─ present: cards, money, the agent's own sentences (en/zh/ko)
@@ -34,6 +35,15 @@
 //!                                     ▼
 //!                sandbox: axum services on one listener, SQLite each
 //!                  pay ◄──signed notify──► merchant (in tickets, food, ride, salon, bike, mart)
+//!
+//!  server (errand serve, one axum listener; auth: user tokens, app keys with scopes)
+//!    /v1/ws ── ws ──► hub: sessions owned by a user, numbered frame log (resume),
+//!    │                client-id dedup, one worker per session → agent; bounded
+//!    │                per-connection queues (slow readers are dropped, never waited on);
+//!    │                order watchers push status changes; orders in SQLite
+//!    /v1/chat/completions, /v1/models ── openai (SSE) ──► engine
+//!    /v1/sessions, /v1/orders, /v1/apps (manifest upload), /healthz, /readyz, /metrics
+//!    /, /sdk.js, /widget.js ── web/ (chat page, JS SDK, one-tag widget)
 //! ```
 //!
 //! - [`catalog`]: model names → files; the exact command to fetch what is missing.
@@ -55,6 +65,8 @@
 //! - [`audit`]: the append-only audit log.
 //! - [`sandbox`]: the sandbox mini-programs and the payment service.
 //! - [`chat`]: the terminal REPL behind `errand chat`.
+//! - [`server`]: `errand serve`: the WebSocket protocol (`docs/protocol.md`),
+//!   the OpenAI-compatible API, REST, auth, limits, metrics and the web page.
 //! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`.
 //! - [`toolcheck`]: `errand toolcheck`, tool-call validity with and without constraints.
 //!
@@ -71,6 +83,7 @@ pub mod gguf;
 pub mod model;
 pub mod prompt;
 pub mod sandbox;
+pub mod server;
 pub mod template;
 pub mod tokenizer;
 pub mod toolcheck;

@@ -45,6 +45,28 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Serve the assistant: chat page, WebSocket /v1/ws, OpenAI-compatible /v1, REST, /metrics.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Address to listen on (default: the config's, 127.0.0.1:8080).
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Users, app keys and limits (default $ERRAND_HOME/server.toml, created on first start).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Folder of mini-program manifests.
+        #[arg(long, default_value = "tools")]
+        tools: PathBuf,
+        /// Use mini-programs at this URL instead of starting the sandbox in-process.
+        #[arg(long)]
+        sandbox_url: Option<String>,
+        /// Where the server keeps orders, the audit log and registered apps (default $ERRAND_HOME/server).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 320)]
+        max_tokens: usize,
+    },
     /// Talk to the assistant in the terminal.
     Chat {
         #[command(flatten)]
@@ -207,6 +229,7 @@ fn run() -> Result<()> {
     // candle and gemm size their pools from this before first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     match cli.cmd {
+        Cmd::Serve { model, addr, config, tools, sandbox_url, data, max_tokens } => serve(model, addr, config, tools, sandbox_url, data, max_tokens)?,
         Cmd::Sandbox { port, data, only, pay_url, seed, latency_ms, error_rate, secret, crash_after_pay, notify_backoff_ms } => {
             let mut cfg = SandboxConfig::new(data.unwrap_or_else(sandbox_dir));
             cfg.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -385,6 +408,70 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(
+    model: ModelArgs,
+    addr: Option<std::net::SocketAddr>,
+    config: Option<PathBuf>,
+    tools: PathBuf,
+    sandbox_url: Option<String>,
+    data: Option<PathBuf>,
+    max_tokens: usize,
+) -> Result<()> {
+    use errand::server::config::ServerConfig;
+    use errand::server::{SandboxChoice, ServeOptions, Server};
+    let config_path = config.unwrap_or_else(|| errand_home().join("server.toml"));
+    let (mut cfg, created) = ServerConfig::load_or_create(&config_path)?;
+    if created {
+        eprintln!("wrote {} with a new user `me` and a random token", config_path.display());
+    }
+    if let Some(a) = addr {
+        cfg.server.addr = a;
+    }
+    let tools = ToolSet::load_dir(&tools)?;
+    let resolved = resolve(&model)?;
+    eprintln!("loading {} …", resolved.path.display());
+    let engine = Engine::start(&resolved, engine_options(&model)?)?;
+    eprintln!("{} ready in {:.1} s", engine.info.name, engine.info.load_ms / 1000.0);
+    let data = data.unwrap_or_else(|| errand_home().join("server"));
+    let sandbox = match sandbox_url {
+        Some(u) => SandboxChoice::Remote(u),
+        None => SandboxChoice::InProcess(SandboxConfig::new(sandbox_dir())),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.server.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}; is another server running there? pick another with --addr", cfg.server.addr))?;
+        let first_user = cfg.users.first().map(|u| u.token.clone());
+        let opts = ServeOptions {
+            config: cfg,
+            data_dir: data,
+            tools,
+            agent: AgentOptions { max_tokens, ..Default::default() },
+            sandbox,
+            order_poll: std::time::Duration::from_secs(2),
+        };
+        let server = Server::start(Arc::new(engine), listener, opts).await?;
+        if let Some(sb) = server.sandbox_url() {
+            eprintln!("sandbox mini-programs at {sb}");
+        }
+        match first_user {
+            Some(t) => println!("chat page: {}/#token={t}", server.url),
+            None => println!("serving on {} (no users configured: add [[users]] to {})", server.url, config_path.display()),
+        }
+        println!("OpenAI-compatible API: {}/v1  ·  WebSocket: ws://{}/v1/ws  ·  metrics: {}/metrics", server.url, server.addr, server.url);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("shutting down: finishing replies in progress …");
+        let clean = server.shutdown().await;
+        eprintln!("{}", if clean { "stopped" } else { "stopped (some replies did not finish within the drain time)" });
+        anyhow::Ok(())
+    })
 }
 
 fn errand_home() -> PathBuf {

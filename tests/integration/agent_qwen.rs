@@ -73,10 +73,15 @@ fn db(dir: &Path, s: Service) -> rusqlite::Connection {
 
 /// Sum of the demo wallet's payments (negative deltas), in minor units.
 pub fn charged(dir: &Path, currency: &str) -> i64 {
+    charged_from(dir, "demo", currency)
+}
+
+/// Sum of one wallet's payments, in minor units.
+pub fn charged_from(dir: &Path, wallet: &str, currency: &str) -> i64 {
     db(dir, Service::Pay)
         .query_row(
-            "SELECT COALESCE(-SUM(delta), 0) FROM ledger WHERE wallet_id = 'demo' AND kind = 'pay' AND currency = ?1",
-            [currency],
+            "SELECT COALESCE(-SUM(delta), 0) FROM ledger WHERE wallet_id = ?1 AND kind = 'pay' AND currency = ?2",
+            [wallet, currency],
             |r| r.get(0),
         )
         .unwrap()

@@ -1,0 +1,498 @@
+//! Chat sessions as the server keeps them, apart from any connection.
+//!
+//! A session belongs to one user. It has a numbered log of every frame it
+//! produced (for resume and history), the client ids it has already run
+//! (so a re-sent input never repeats an action), the connections that
+//! currently watch it, and one worker task that feeds its inputs to the
+//! agent one after another.
+//!
+//! Nothing here ever waits on a client: frames go to each connection's
+//! bounded queue with `try_send`, and a connection whose queue is full is
+//! dropped (it resumes from its last `seq`). The agent, and behind it the
+//! engine, therefore never slow down for a slow reader.
+
+use super::metrics::Metrics;
+use super::orders::{OrderRow, Orders};
+use crate::agent::present::Card;
+use crate::agent::{Agent, AgentEvent, Input, SessionOptions};
+use crate::prompt::Lang;
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+
+/// Frames kept per session for resume and history.
+const LOG_CAP: usize = 4000;
+/// Inputs that may wait behind the one running.
+const QUEUE: usize = 4;
+
+/// What a connection's writer sends.
+pub type OutFrame = Arc<str>;
+
+pub struct Subscriber {
+    pub conn: u64,
+    pub tx: mpsc::Sender<OutFrame>,
+    /// Notified when the hub drops this subscriber for reading too slowly.
+    pub kick: Arc<Notify>,
+}
+
+struct Job {
+    reply_to: String,
+    input: Input,
+}
+
+struct Inner {
+    seq: u64,
+    log: VecDeque<(u64, Option<String>, OutFrame)>,
+    seen: HashSet<String>,
+    subscribers: Vec<Subscriber>,
+    cards: HashMap<String, Card>,
+    busy: bool,
+    turns: u64,
+    last_active_ms: i64,
+    /// The latest confirmation request, to describe the order it leads to.
+    last_confirmation: Option<Value>,
+}
+
+pub struct ChatSession {
+    pub id: String,
+    pub user: String,
+    pub created_ms: i64,
+    inner: Mutex<Inner>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Why an input was not queued.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    /// Already run (or running): its frames were sent again.
+    Duplicate,
+    Busy,
+    NotFound,
+}
+
+fn now_ms() -> i64 {
+    crate::prompt::now_unix() * 1000
+}
+
+impl ChatSession {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a frame to the log and hands it to every watcher.
+    pub fn publish(&self, reply_to: Option<&str>, mut body: Map<String, Value>, metrics: &Metrics) -> u64 {
+        let mut inner = self.lock();
+        inner.seq += 1;
+        let seq = inner.seq;
+        body.insert("seq".into(), json!(seq));
+        body.insert("reply_to".into(), json!(reply_to));
+        if let Some(t) = body.get("type").and_then(Value::as_str) {
+            metrics.inc("errand_ws_frames_total", &[("direction", "out"), ("type", t)]);
+        }
+        let text: OutFrame = Value::Object(body).to_string().into();
+        inner.log.push_back((seq, reply_to.map(str::to_owned), text.clone()));
+        if inner.log.len() > LOG_CAP {
+            inner.log.pop_front();
+        }
+        inner.last_active_ms = now_ms();
+        inner.subscribers.retain(|s| match s.tx.try_send(text.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics.inc("errand_ws_slow_clients_total", &[]);
+                s.kick.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        seq
+    }
+
+    /// Adds a watcher after sending it `first` and every logged frame after
+    /// `last_seq`, all under one lock so nothing is missed or doubled.
+    /// Returns false when the backlog does not fit the watcher's queue.
+    pub fn subscribe(&self, sub: Subscriber, first: OutFrame, last_seq: u64) -> bool {
+        let mut inner = self.lock();
+        if sub.tx.try_send(first).is_err() {
+            return false;
+        }
+        for (seq, _, f) in inner.log.iter() {
+            if *seq > last_seq && sub.tx.try_send(f.clone()).is_err() {
+                return false;
+            }
+        }
+        inner.subscribers.push(sub);
+        true
+    }
+
+    pub fn unsubscribe(&self, conn: u64) {
+        self.lock().subscribers.retain(|s| s.conn != conn);
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.lock().seq
+    }
+
+    /// Whether an input with this client id was accepted before.
+    pub fn has_seen(&self, id: &str) -> bool {
+        self.lock().seen.contains(id)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.lock().busy
+    }
+
+    /// Frames after `after`, oldest first.
+    pub fn history(&self, after: u64) -> Vec<Value> {
+        self.lock()
+            .log
+            .iter()
+            .filter(|(s, _, _)| *s > after)
+            .filter_map(|(_, _, f)| serde_json::from_str(f).ok())
+            .collect()
+    }
+
+    pub fn summary(&self) -> Value {
+        let inner = self.lock();
+        json!({
+            "id": self.id,
+            "created_ms": self.created_ms,
+            "last_active_ms": inner.last_active_ms,
+            "turns": inner.turns,
+            "busy": inner.busy,
+            "seq": inner.seq,
+        })
+    }
+
+    /// The reply text of option `option` on card `card`.
+    pub fn option_reply(&self, card: &str, option: &str) -> Option<String> {
+        let inner = self.lock();
+        inner.cards.get(card)?.options.iter().find(|o| o.id == option).map(|o| o.reply.clone())
+    }
+
+    /// Queues an input under the client's id. A repeated id runs nothing:
+    /// that input's frames go to `resend` again instead.
+    pub fn submit(&self, id: &str, input: Input, user_text: Option<&str>, resend: &mpsc::Sender<OutFrame>, metrics: &Metrics) -> Result<(), Refused> {
+        {
+            let mut inner = self.lock();
+            if inner.seen.contains(id) {
+                let frames: Vec<OutFrame> = inner
+                    .log
+                    .iter()
+                    .filter(|(_, r, _)| r.as_deref() == Some(id))
+                    .map(|(_, _, f)| f.clone())
+                    .collect();
+                drop(inner);
+                let ack = json!({"type": "ack", "id": id, "duplicate": true, "reply_to": id}).to_string();
+                let _ = resend.try_send(ack.into());
+                for f in frames {
+                    let _ = resend.try_send(f);
+                }
+                return Err(Refused::Duplicate);
+            }
+            inner.seen.insert(id.to_owned());
+        }
+        match self.jobs.try_send(Job { reply_to: id.to_owned(), input }) {
+            Ok(()) => {}
+            Err(_) => {
+                // Not run: the same id may be sent again later.
+                self.lock().seen.remove(id);
+                return Err(Refused::Busy);
+            }
+        }
+        let mut ack = Map::new();
+        ack.insert("type".into(), json!("ack"));
+        ack.insert("id".into(), json!(id));
+        ack.insert("duplicate".into(), json!(false));
+        self.publish(Some(id), ack, metrics);
+        if let Some(t) = user_text {
+            let mut f = Map::new();
+            f.insert("type".into(), json!("user"));
+            f.insert("text".into(), json!(t));
+            self.publish(Some(id), f, metrics);
+        }
+        Ok(())
+    }
+}
+
+/// Turns agent events into protocol frames (`None`: not shown to clients).
+pub fn frame_of(ev: &AgentEvent) -> Option<Map<String, Value>> {
+    let v = match ev {
+        AgentEvent::Token { text } => json!({"type": "delta", "text": text}),
+        AgentEvent::Notice { text } => json!({"type": "notice", "text": text}),
+        AgentEvent::ToolCall { tool, arguments } => json!({"type": "tool", "phase": "call", "tool": tool, "arguments": arguments}),
+        AgentEvent::ToolResult { tool, ok, detail } => json!({"type": "tool", "phase": "result", "tool": tool, "ok": ok, "detail": detail}),
+        AgentEvent::Card(c) => json!({"type": "card", "card": c}),
+        AgentEvent::Confirmation(c) => {
+            let mut v = serde_json::to_value(c).ok()?;
+            v["type"] = json!("confirmation");
+            v
+        }
+        AgentEvent::Payment(p) => {
+            let mut v = serde_json::to_value(p).ok()?;
+            v["type"] = json!("payment");
+            v
+        }
+        AgentEvent::Order { app, order, .. } => json!({"type": "order", "app": app, "order_id": order_id(order), "status": order["status"], "order": order}),
+        AgentEvent::Done { stats } => json!({"type": "done", "usage": {
+            "model_rounds": stats.model_rounds,
+            "prompt_tokens": stats.prompt_tokens,
+            "cached_tokens": stats.cached_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "first_token_ms": stats.first_token_ms,
+            "total_ms": stats.total_ms,
+        }}),
+        AgentEvent::Error { message } => json!({"type": "error", "code": "internal", "message": message}),
+    };
+    match v {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// The id a service gave an order (`order_id`, `ride_id`, `booking_id`, …).
+pub fn order_id(order: &Value) -> Option<String> {
+    for k in ["order_id", "ride_id", "booking_id", "rental_id", "id"] {
+        if let Some(s) = order.get(k).and_then(Value::as_str) {
+            return Some(s.to_owned());
+        }
+    }
+    None
+}
+
+/// Statuses after which an order no longer changes.
+fn is_final(status: &str) -> bool {
+    matches!(
+        status,
+        "delivered" | "completed" | "cancelled" | "canceled" | "refunded" | "closed" | "finished" | "done" | "used" | "ended" | "returned" | "failed" | "expired"
+    )
+}
+
+pub struct Hub {
+    sessions: Mutex<HashMap<String, Arc<ChatSession>>>,
+    agent: Arc<Agent>,
+    orders: Arc<Orders>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    /// Held by every session worker and order watcher; shutdown waits for them.
+    pub(super) tasks: mpsc::Sender<()>,
+    order_poll: Duration,
+    next_conn: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, tasks: mpsc::Sender<()>, order_poll: Duration) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            agent,
+            orders,
+            metrics,
+            shutdown,
+            tasks,
+            order_poll,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ChatSession>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// The session if it exists and is `user`'s; someone else's is "not found".
+    pub fn get(&self, user: &str, id: &str) -> Option<Arc<ChatSession>> {
+        self.map().get(id).filter(|s| s.user == user).cloned()
+    }
+
+    pub fn list(&self, user: &str) -> Vec<Arc<ChatSession>> {
+        let mut v: Vec<_> = self.map().values().filter(|s| s.user == user).cloned().collect();
+        v.sort_by_key(|s| s.created_ms);
+        v
+    }
+
+    /// Opens a new session for `user`, or `None` when they have `limit` already.
+    pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize) -> Option<Arc<ChatSession>> {
+        let id = format!("s-{}", hex::encode(rand::random::<[u8; 16]>()));
+        let (jobs, rx) = mpsc::channel(QUEUE);
+        let session = Arc::new(ChatSession {
+            id: id.clone(),
+            user: user.to_owned(),
+            created_ms: now_ms(),
+            inner: Mutex::new(Inner {
+                seq: 0,
+                log: VecDeque::new(),
+                seen: HashSet::new(),
+                subscribers: Vec::new(),
+                cards: HashMap::new(),
+                busy: false,
+                turns: 0,
+                last_active_ms: now_ms(),
+                last_confirmation: None,
+            }),
+            jobs,
+        });
+        {
+            let mut map = self.map();
+            if map.values().filter(|s| s.user == user).count() >= limit {
+                return None;
+            }
+            map.insert(id.clone(), session.clone());
+        }
+        self.agent.open_session(&id, SessionOptions { wallet: Some(wallet.to_owned()), lang }).await;
+        let hub = self.clone();
+        let s = session.clone();
+        let guard = self.tasks.clone();
+        tokio::spawn(async move {
+            hub.worker(s, rx).await;
+            drop(guard);
+        });
+        Some(session)
+    }
+
+    pub fn remove(&self, user: &str, id: &str) -> bool {
+        let removed = {
+            let mut map = self.map();
+            match map.get(id) {
+                Some(s) if s.user == user => map.remove(id),
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            self.agent.reset(id);
+        }
+        removed.is_some()
+    }
+
+    /// Runs a session's inputs one at a time until shutdown or removal.
+    async fn worker(self: Arc<Self>, s: Arc<ChatSession>, mut jobs: mpsc::Receiver<Job>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let job = tokio::select! {
+                biased;
+                job = jobs.recv() => match job { Some(j) => j, None => return },
+                _ = super::stopped(&mut shutdown) => {
+                    // Inputs accepted but not started are answered, not lost silently.
+                    jobs.close();
+                    while let Ok(j) = jobs.try_recv() {
+                        let mut f = Map::new();
+                        f.insert("type".into(), json!("error"));
+                        f.insert("code".into(), json!("shutting_down"));
+                        f.insert("id".into(), json!(j.reply_to));
+                        f.insert("message".into(), json!("the server is shutting down; this input was not run — send it again after it restarts"));
+                        s.publish(Some(&j.reply_to), f, &self.metrics);
+                        s.lock().seen.remove(&j.reply_to);
+                    }
+                    return;
+                }
+            };
+            s.lock().busy = true;
+            self.run_job(&s, job).await;
+            let mut inner = s.lock();
+            inner.busy = false;
+            inner.turns += 1;
+        }
+    }
+
+    async fn run_job(self: &Arc<Self>, s: &Arc<ChatSession>, job: Job) {
+        let m = &self.metrics;
+        let mut events = self.agent.handle(&s.id, job.input);
+        let mut outcome = "ok";
+        while let Some(ev) = events.recv().await {
+            match &ev {
+                AgentEvent::ToolResult { tool, ok, .. } => m.inc("errand_tool_calls_total", &[("tool", tool), ("outcome", if *ok { "ok" } else { "failed" })]),
+                AgentEvent::Confirmation(c) => {
+                    m.inc("errand_tool_calls_total", &[("tool", &c.tool), ("outcome", "awaiting_confirmation")]);
+                    s.lock().last_confirmation = serde_json::to_value(c).ok();
+                }
+                AgentEvent::Payment(p) => m.inc("errand_payments_total", &[("status", &p.status)]),
+                AgentEvent::Done { stats } => {
+                    m.add("errand_tokens_total", &[("kind", "prompt")], stats.prompt_tokens as f64);
+                    m.add("errand_tokens_total", &[("kind", "cached")], stats.cached_tokens as f64);
+                    m.add("errand_tokens_total", &[("kind", "completion")], stats.completion_tokens as f64);
+                    if let Some(t) = stats.first_token_ms {
+                        m.observe("errand_ttft_seconds", t / 1000.0);
+                    }
+                    m.observe("errand_turn_seconds", stats.total_ms / 1000.0);
+                }
+                AgentEvent::Error { .. } => outcome = "error",
+                _ => {}
+            }
+            if let AgentEvent::Order { app, tool, order } = &ev {
+                self.track_order(s, app, tool, order);
+            }
+            let Some(mut f) = frame_of(&ev) else { continue };
+            if let AgentEvent::Card(c) = &ev {
+                let card_id = format!("c{}", s.seq() + 1);
+                f.insert("card_id".into(), json!(card_id));
+                s.lock().cards.insert(card_id, c.clone());
+            }
+            if let AgentEvent::Error { .. } = &ev {
+                f.insert("id".into(), json!(job.reply_to));
+            }
+            s.publish(Some(&job.reply_to), f, m);
+        }
+        m.inc("errand_turns_total", &[("outcome", outcome)]);
+    }
+
+    /// Records a confirmed order for its user and follows its status,
+    /// pushing an `order` frame whenever it changes.
+    fn track_order(self: &Arc<Self>, s: &Arc<ChatSession>, app: &str, tool: &str, order: &Value) {
+        let Some(oid) = order_id(order) else { return };
+        let conf = s.lock().last_confirmation.clone().unwrap_or(Value::Null);
+        let pay = &order["payment"];
+        let row = OrderRow {
+            user: s.user.clone(),
+            session: s.id.clone(),
+            app: app.to_owned(),
+            tool: tool.to_owned(),
+            order_id: oid.clone(),
+            status: order["status"].as_str().unwrap_or("unknown").to_owned(),
+            amount: pay["amount"].as_i64().or(conf["amount"].as_i64()).unwrap_or(0),
+            currency: pay["currency"].as_str().or(conf["currency"].as_str()).unwrap_or("CNY").to_owned(),
+            summary: conf["summary"].as_str().unwrap_or_default().to_owned(),
+            payment_status: pay["status"].as_str().unwrap_or_default().to_owned(),
+            data: order.clone(),
+        };
+        if let Err(e) = self.orders.upsert(&row) {
+            eprintln!("errand serve: cannot record order {oid}: {e}");
+        }
+        let hub = self.clone();
+        let s = s.clone();
+        let app = app.to_owned();
+        let mut last = order.clone();
+        let guard = self.tasks.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            // Follow for at most an hour of polling.
+            for _ in 0..(3600_000 / hub.order_poll.as_millis().max(1) as u64) {
+                if is_final(last["status"].as_str().unwrap_or("")) {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(hub.order_poll) => {}
+                    _ = super::stopped(&mut shutdown) => break,
+                }
+                let Some(now) = hub.agent.order_status(&app, &last).await else { continue };
+                if now["status"] != last["status"] || now["payment"]["status"] != last["payment"]["status"] {
+                    let status = now["status"].as_str().unwrap_or("unknown");
+                    let _ = hub.orders.update_status(&app, &oid, status, now["payment"]["status"].as_str(), &now);
+                    let f = frame_of(&AgentEvent::Order { app: app.clone(), tool: String::new(), order: now.clone() });
+                    if let Some(f) = f {
+                        s.publish(None, f, &hub.metrics);
+                    }
+                    last = now;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,296 @@
+//! `errand serve`: one axum server for every interface.
+//!
+//! ```text
+//!  browser / widget / SDK ──ws──► /v1/ws ── ws.rs ──► hub.rs (sessions, logs, dedup) ──► Agent ──► Engine
+//!  openai clients ──HTTP/SSE──► /v1/chat/completions ── openai.rs ───────────────────────────────► Engine
+//!  REST ──► rest.rs: sessions, history, orders (orders.rs), apps (manifest upload), healthz, readyz, metrics
+//!  GET / , /sdk.js, /widget.js ──► web/ (embedded in the binary)
+//! ```
+//!
+//! Authentication is in `auth.rs` (users' bearer tokens, apps' keys with
+//! scopes), limits in `limits.rs` and `config.rs`, errors in `error.rs`.
+//! Shutdown (SIGTERM or [`Server::shutdown`]) stops accepting work, lets
+//! replies in progress finish (up to `drain_seconds`), says `bye` to every
+//! socket and then stops the in-process sandbox.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod openai;
+pub mod orders;
+pub mod rest;
+pub mod ws;
+
+use crate::adapter::{HttpAdapter, HttpOptions};
+use crate::agent::{Agent, AgentOptions};
+use crate::audit::Audit;
+use crate::engine::Engine;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::tools::ToolSet;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use config::{Limits, ServerConfig};
+use error::ApiError;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error("cannot open {what} in {path}: {message}")]
+    Data { what: &'static str, path: PathBuf, message: String },
+    #[error("a registered mini-program in {path} no longer loads: {message}")]
+    App { path: PathBuf, message: String },
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the mini-programs live.
+pub enum SandboxChoice {
+    /// Start the sandbox services in this process (the default).
+    InProcess(SandboxConfig),
+    /// Mini-programs already running at this base URL.
+    Remote(String),
+}
+
+pub struct ServeOptions {
+    pub config: ServerConfig,
+    /// `orders.db`, `audit.db`, `apps/` (uploaded manifests).
+    pub data_dir: PathBuf,
+    pub tools: ToolSet,
+    pub agent: AgentOptions,
+    pub sandbox: SandboxChoice,
+    /// How often confirmed orders are re-read to push status changes.
+    pub order_poll: Duration,
+}
+
+/// What every handler shares. Cheap to reach through `Arc`.
+pub struct AppState {
+    pub limits: Limits,
+    pub auth: auth::Auth,
+    pub engine: Arc<Engine>,
+    pub agent: Arc<Agent>,
+    pub model_id: String,
+    pub metrics: Arc<metrics::Metrics>,
+    pub rate: limits::RateLimiter,
+    pub hub: Arc<hub::Hub>,
+    pub orders: Arc<orders::Orders>,
+    pub apps_dir: PathBuf,
+    /// Serializes manifest uploads (read-modify-write of the tool set).
+    pub apps_lock: tokio::sync::Mutex<()>,
+    pub shutdown: watch::Receiver<bool>,
+    pub conns: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// One model-backed unit of work by `user`: refused while shutting
+    /// down, over the user's rate, or when the engine's queue is full.
+    pub fn admit(&self, user: &str) -> Result<(), ApiError> {
+        self.admit_light(user)?;
+        if self.engine.queued() >= self.limits.queue_limit {
+            self.metrics.inc("errand_rejected_total", &[("reason", "busy")]);
+            return Err(ApiError::busy(format!(
+                "the model is busy ({} requests waiting); try again in a few seconds",
+                self.engine.queued()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Work that needs no model time (a confirmation): only the rate counts.
+    pub fn admit_light(&self, user: &str) -> Result<(), ApiError> {
+        if *self.shutdown.borrow() {
+            return Err(ApiError::busy("the server is shutting down"));
+        }
+        if let Err(wait) = self.rate.take(&format!("user:{user}")) {
+            self.metrics.inc("errand_rejected_total", &[("reason", "rate")]);
+            return Err(ApiError::rate_limited(wait.as_secs_f64().ceil() as u64));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves once shutdown has begun (holds no borrow across awaits).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+const SDK_JS: &str = include_str!("../../web/sdk.js");
+const WIDGET_JS: &str = include_str!("../../web/widget.js");
+const APP_CSS: &str = include_str!("../../web/app.css");
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+/// The whole HTTP surface, without a socket (tests may call it directly).
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/sdk.js", get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }))
+        .route("/widget.js", get(|| async { asset("text/javascript; charset=utf-8", WIDGET_JS) }))
+        .route("/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route("/v1/ws", get(ws::handler))
+        .merge(rest::routes())
+        .merge(openai::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let r = next.run(req).await;
+    st.metrics.inc("errand_http_requests_total", &[("route", &route), ("status", r.status().as_str())]);
+    r
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub state: Arc<AppState>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks_rx: mpsc::Receiver<()>,
+    http: tokio::task::JoinHandle<()>,
+    sandbox: Option<Sandbox>,
+    drain: Duration,
+}
+
+impl Server {
+    /// Starts the mini-programs (unless remote), the agent and the HTTP
+    /// server on `listener`.
+    pub async fn start(engine: Arc<Engine>, listener: tokio::net::TcpListener, opts: ServeOptions) -> Result<Server, ServerError> {
+        let data = opts.data_dir.clone();
+        let data_err = |what: &'static str, e: &dyn std::fmt::Display| ServerError::Data { what, path: data.clone(), message: e.to_string() };
+        let (base, sandbox) = match opts.sandbox {
+            SandboxChoice::Remote(u) => (u.trim_end_matches('/').to_owned(), None),
+            SandboxChoice::InProcess(mut cfg) => {
+                // Every configured user gets a wallet to pay from.
+                for u in &opts.config.users {
+                    let w = u.wallet.clone().unwrap_or_else(|| u.id.clone());
+                    for (cur, bal) in [("CNY", 200_000), ("KRW", 500_000)] {
+                        if !cfg.pay.wallets.iter().any(|(id, c, _)| *id == w && c == cur) {
+                            cfg.pay.wallets.push((w.clone(), cur.into(), bal));
+                        }
+                    }
+                }
+                let sb = crate::sandbox::start(cfg).await?;
+                (sb.base_url.clone(), Some(sb))
+            }
+        };
+        // Mini-programs registered at run time come back after a restart.
+        let apps_dir = data.join("apps");
+        let mut tools = opts.tools;
+        if let Ok(rd) = std::fs::read_dir(&apps_dir) {
+            let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+            paths.sort();
+            for p in paths {
+                let app = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+                let loaded = crate::tools::load_manifest(&p).map_err(|e| ServerError::App { path: p.clone(), message: e.to_string() })?;
+                tools = tools.with_app(&app, loaded).map_err(|message| ServerError::App { path: p.clone(), message })?;
+            }
+        }
+        let audit = Audit::open(&data.join("audit.db")).map_err(|e| data_err("the audit log", &e))?;
+        let orders = Arc::new(orders::Orders::open(&data.join("orders.db")).map_err(|e| data_err("the order book", &e))?);
+        let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
+        let mut agent_opts = opts.agent;
+        if agent_opts.pay_url.is_none() {
+            agent_opts.pay_url = Some(format!("{base}/pay"));
+        }
+        let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (tasks_tx, tasks_rx) = mpsc::channel::<()>(1);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), tasks_tx, opts.order_poll));
+        let limits = opts.config.server.clone();
+        let state = Arc::new(AppState {
+            auth: auth::Auth::from_config(&opts.config),
+            model_id: engine.info.name.clone(),
+            engine,
+            agent,
+            metrics,
+            rate: limits::RateLimiter::new(limits.requests_per_minute),
+            hub,
+            orders,
+            apps_dir,
+            apps_lock: tokio::sync::Mutex::new(()),
+            shutdown: shutdown_rx.clone(),
+            conns: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+        });
+        let addr = listener.local_addr()?;
+        let router = app(state.clone());
+        let mut stop = shutdown_rx;
+        let http = tokio::spawn(async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                eprintln!("errand serve: the HTTP server stopped: {e}");
+            }
+        });
+        Ok(Server {
+            addr,
+            url: format!("http://{addr}"),
+            drain: Duration::from_secs(state.limits.drain_seconds),
+            state,
+            shutdown_tx,
+            tasks_rx,
+            http,
+            sandbox,
+        })
+    }
+
+    /// The mini-programs' base URL (the in-process sandbox's, or the remote one).
+    pub fn sandbox_url(&self) -> Option<&str> {
+        self.sandbox.as_ref().map(|s| s.base_url.as_str())
+    }
+
+    /// Stops taking work, lets replies in progress finish (up to the drain
+    /// time), closes every socket with `bye`, then stops the sandbox.
+    /// Returns whether everything finished within the drain time.
+    pub async fn shutdown(mut self) -> bool {
+        self.shutdown_tx.send_replace(true);
+        // Every session worker, order watcher and socket holds a sender.
+        let hub_sender_dropped = {
+            // The hub keeps one sender for new tasks; it goes with the state
+            // below, so wait for the others by counting down to it.
+            let deadline = tokio::time::Instant::now() + self.drain;
+            loop {
+                if self.state.hub.tasks.strong_count() <= 1 {
+                    break true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http).await;
+        self.tasks_rx.close();
+        if let Some(sb) = self.sandbox.take() {
+            sb.stop().await;
+        }
+        hub_sender_dropped
+    }
+}

@@ -1,0 +1,187 @@
+//! REST: sessions and their history, the user's orders, mini-programs that
+//! register at run time, health, readiness and metrics.
+
+use super::auth::{AppAuth, Caller, Principal, UserAuth};
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::prompt::Lang;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Largest manifest upload.
+const MANIFEST_LIMIT: usize = 256 * 1024;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route("/v1/sessions/{id}/history", get(history))
+        .route("/v1/orders", get(orders))
+        .route("/v1/apps", get(list_apps).post(register_app))
+        .route("/v1/apps/{app}", axum::routing::delete(unregister_app))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> Response {
+    let stopping = *st.shutdown.borrow();
+    if stopping {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "shutting down"}))).into_response();
+    }
+    Json(json!({"ready": true, "model": st.model_id, "tools": st.agent.tools().len(), "sessions": st.hub.count()})).into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let e = st.engine.stats();
+    let gauges: Vec<(&str, &[(&str, &str)], f64)> = vec![
+        ("errand_engine_queue_depth", &[], st.engine.queued() as f64),
+        ("errand_kv_cache_bytes", &[], e.kv_bytes as f64),
+        ("errand_kv_cache_sessions", &[], e.kv_sessions as f64),
+        ("errand_kv_cache_evictions_total", &[], e.kv_evictions as f64),
+        ("errand_sessions", &[], st.hub.count() as f64),
+    ];
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        st.metrics.render(&gauges),
+    )
+        .into_response()
+}
+
+async fn list_sessions(State(st): State<Arc<AppState>>, user: UserAuth) -> Json<Value> {
+    let list: Vec<Value> = st.hub.list(&user.id).iter().map(|s| s.summary()).collect();
+    Json(json!({"sessions": list}))
+}
+
+#[derive(Deserialize, Default)]
+struct NewSession {
+    #[serde(default)]
+    lang: Option<String>,
+}
+
+async fn create_session(State(st): State<Arc<AppState>>, user: UserAuth, body: Option<Json<NewSession>>) -> ApiResult<Response> {
+    let lang = match body.and_then(|b| b.0.lang) {
+        None => None,
+        Some(l) => Some(Lang::parse(&l).ok_or_else(|| ApiError::bad_request(format!("unknown language `{l}`; use en, zh or ko")))?),
+    };
+    let s = st
+        .hub
+        .create(&user.id, &user.wallet, lang, st.limits.sessions_per_user)
+        .await
+        .ok_or_else(|| {
+            st.metrics.inc("errand_rejected_total", &[("reason", "sessions")]);
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "session_limit",
+                format!("you already have {} sessions; delete one first", st.limits.sessions_per_user),
+            )
+        })?;
+    Ok((StatusCode::CREATED, Json(s.summary())).into_response())
+}
+
+async fn get_session(State(st): State<Arc<AppState>>, user: UserAuth, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let s = st.hub.get(&user.id, &id).ok_or_else(|| ApiError::not_found("session"))?;
+    let mut v = s.summary();
+    v["pending"] = json!(st.agent.pending(&s.id).await);
+    Ok(Json(v))
+}
+
+async fn delete_session(State(st): State<Arc<AppState>>, user: UserAuth, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    if st.hub.remove(&user.id, &id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("session"))
+    }
+}
+
+#[derive(Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn history(State(st): State<Arc<AppState>>, user: UserAuth, Path(id): Path<String>, Query(q): Query<After>) -> ApiResult<Json<Value>> {
+    let s = st.hub.get(&user.id, &id).ok_or_else(|| ApiError::not_found("session"))?;
+    Ok(Json(json!({"session": s.id, "frames": s.history(q.after)})))
+}
+
+async fn orders(State(st): State<Arc<AppState>>, Caller(who): Caller) -> ApiResult<Json<Value>> {
+    let rows = match &who {
+        Principal::User { id, .. } => st.orders.for_user(id),
+        Principal::App { id, scopes } => {
+            if !scopes.iter().any(|s| s == "orders:read") {
+                return Err(ApiError::forbidden(format!("app `{id}` lacks the `orders:read` scope")));
+            }
+            st.orders.for_app(id)
+        }
+    }
+    .map_err(ApiError::internal)?;
+    Ok(Json(json!({"orders": rows})))
+}
+
+async fn list_apps(State(st): State<Arc<AppState>>, Caller(_): Caller) -> Json<Value> {
+    let tools = st.agent.tools();
+    let mut apps: Vec<(String, Vec<String>)> = Vec::new();
+    for t in tools.iter() {
+        match apps.iter_mut().find(|(a, _)| *a == t.app) {
+            Some((_, v)) => v.push(t.def.name.clone()),
+            None => apps.push((t.app.clone(), vec![t.def.name.clone()])),
+        }
+    }
+    Json(json!({"apps": apps.into_iter().map(|(app, tools)| json!({"app": app, "tools": tools})).collect::<Vec<_>>()}))
+}
+
+/// `POST /v1/apps`: a mini-program registers (or replaces) its own
+/// manifest. It is validated exactly like the files in `tools/`, may only
+/// name the app the key belongs to, and is kept under `$DATA/apps/` so it
+/// survives a restart.
+async fn register_app(State(st): State<Arc<AppState>>, app: AppAuth, body: axum::body::Bytes) -> ApiResult<Response> {
+    app.require("apps:write")?;
+    if body.len() > MANIFEST_LIMIT {
+        return Err(ApiError::too_large(MANIFEST_LIMIT));
+    }
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the manifest must be UTF-8 JSON"))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("the manifest is not JSON: {e}")))?;
+    if v["app"].as_str() != Some(app.id.as_str()) {
+        return Err(ApiError::forbidden(format!(
+            "this key belongs to app `{}`; the manifest's `app` must be `{}`",
+            app.id, app.id
+        )));
+    }
+    let origin = std::path::PathBuf::from(format!("upload:{}", app.id));
+    let tools = crate::tools::parse_manifest(text, &origin).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let names: Vec<String> = tools.iter().map(|t| t.def.name.clone()).collect();
+    let _guard = st.apps_lock.lock().await;
+    let set = st.agent.tools().with_app(&app.id, tools).map_err(ApiError::bad_request)?;
+    let path = st.apps_dir.join(format!("{}.json", app.id));
+    std::fs::create_dir_all(&st.apps_dir).map_err(ApiError::internal)?;
+    std::fs::write(&path, text).map_err(ApiError::internal)?;
+    st.agent.set_tools(Arc::new(set));
+    Ok((StatusCode::CREATED, Json(json!({"app": app.id, "tools": names})), ).into_response())
+}
+
+async fn unregister_app(State(st): State<Arc<AppState>>, app: AppAuth, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    app.require("apps:write")?;
+    if name != app.id {
+        return Err(ApiError::forbidden(format!("this key belongs to app `{}`, not `{name}`", app.id)));
+    }
+    let _guard = st.apps_lock.lock().await;
+    let path = st.apps_dir.join(format!("{name}.json"));
+    if !path.exists() {
+        return Err(ApiError::not_found("registered app"));
+    }
+    let set = st.agent.tools().with_app(&name, Vec::new()).map_err(ApiError::bad_request)?;
+    std::fs::remove_file(&path).map_err(ApiError::internal)?;
+    st.agent.set_tools(Arc::new(set));
+    Ok(StatusCode::NO_CONTENT)
+}

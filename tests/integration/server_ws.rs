@@ -1,0 +1,432 @@
+//! `errand serve` over real sockets on ephemeral ports: the WebSocket
+//! protocol (streaming, bad frames, auth, resume without repeats, user
+//! isolation, limits, shutdown) with SmolLM2, REST, and manifest upload.
+//! The confirm-and-pay flow with Qwen is in `server_qwen.rs`.
+
+use crate::util::{repo, show, smol};
+use errand::agent::AgentOptions;
+use errand::server::config::{AppEntry, ServerConfig, UserEntry};
+use errand::server::{SandboxChoice, ServeOptions, Server};
+use errand::sandbox::SandboxConfig;
+use errand::tools::ToolSet;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const ALICE: &str = "tok-alice-0123456789abcdef";
+pub const BOB: &str = "tok-bob-0123456789abcdef00";
+pub const FLORIST: &str = "key-florist-0123456789abcd";
+pub const READER: &str = "key-reader-0123456789abcde";
+
+pub fn config() -> ServerConfig {
+    ServerConfig {
+        users: vec![
+            UserEntry { id: "alice".into(), token: ALICE.into(), wallet: None },
+            UserEntry { id: "bob".into(), token: BOB.into(), wallet: None },
+        ],
+        apps: vec![
+            AppEntry { id: "florist".into(), key: FLORIST.into(), scopes: vec!["apps:write".into(), "orders:read".into()] },
+            AppEntry { id: "reader".into(), key: READER.into(), scopes: vec!["apps:read".into()] },
+        ],
+        ..Default::default()
+    }
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn s(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.s().addr)
+    }
+    pub fn http(&self, path: &str) -> String {
+        format!("{}{path}", self.s().url)
+    }
+    pub async fn stop(&mut self) -> bool {
+        self.server.take().expect("running").shutdown().await
+    }
+}
+
+/// A server on 127.0.0.1:0 with the given engine, tools and config.
+pub async fn serve(engine: Arc<errand::engine::Engine>, tools: ToolSet, cfg: ServerConfig, agent: AgentOptions) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = ServeOptions {
+        config: cfg,
+        data_dir: dir.path().join("server"),
+        tools,
+        agent,
+        sandbox: SandboxChoice::InProcess(SandboxConfig::new(dir.path().join("sandbox"))),
+        order_poll: Duration::from_millis(200),
+    };
+    let server = Server::start(engine, listener, opts).await.unwrap();
+    TestServer { server: Some(server), dir }
+}
+
+/// SmolLM2, no tools: the protocol's mechanics without tool calling.
+async fn smol_server(cfg: ServerConfig) -> TestServer {
+    let agent = AgentOptions { max_tokens: 24, constrain: false, ..Default::default() };
+    serve(Arc::new(smol().clone()), ToolSet::default(), cfg, agent).await
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A protocol client that records every frame it reads.
+pub struct Client {
+    pub ws: Socket,
+    pub seen: Vec<Value>,
+    /// The close code, once the server closed the socket.
+    pub closed: Option<u16>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Client { ws, seen: Vec::new(), closed: None }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.unwrap();
+    }
+
+    /// The next frame, or `None` on close or after `secs` of silence.
+    pub async fn next(&mut self, secs: u64) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(secs), self.ws.next()).await.ok()??;
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    self.seen.push(v.clone());
+                    return Some(v);
+                }
+                Ok(Message::Close(c)) => {
+                    self.closed = c.map(|c| u16::from(c.code));
+                    return None;
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Reads until a frame of type `ty` (returned) or gives up after `secs`.
+    pub async fn until(&mut self, ty: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now()).as_secs().max(1);
+            match self.next(left).await {
+                Some(v) if v["type"] == ty => return v,
+                Some(_) => {}
+                None => panic!("no `{ty}` frame (closed: {:?}){}", self.closed, show("frames", &self.seen)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("no `{ty}` frame within {secs} s{}", show("frames", &self.seen));
+            }
+        }
+    }
+
+    pub async fn hello(url: &str, token: &str, session: Option<&str>, last_seq: u64) -> (Client, Value) {
+        let mut c = Client::connect(url).await;
+        c.send(json!({"type": "hello", "v": 1, "token": token, "session": session, "last_seq": last_seq})).await;
+        let w = c.next(30).await.expect("an answer to hello");
+        (c, w)
+    }
+
+    pub fn of_type(&self, ty: &str) -> Vec<&Value> {
+        self.seen.iter().filter(|v| v["type"] == ty).collect()
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_streams_as_deltas_and_ends_with_usage() {
+    let mut t = smol_server(config()).await;
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    assert_eq!((w["type"].as_str(), w["user"].as_str(), w["resumed"].as_bool()), (Some("welcome"), Some("alice"), Some(false)), "{w}");
+    assert!(w["session"].as_str().unwrap().starts_with("s-"));
+    c.send(json!({"type": "message", "id": "m1", "text": "Say hello."})).await;
+    let done = c.until("done", 120).await;
+    let deltas: String = c.of_type("delta").iter().map(|d| d["text"].as_str().unwrap()).collect();
+    assert!(c.of_type("delta").len() >= 2 && !deltas.trim().is_empty(), "{}", show("frames", &c.seen));
+    assert!(done["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{done}");
+    assert_eq!(done["reply_to"], "m1");
+    // Every session frame is numbered 1, 2, 3, … in order.
+    let seqs: Vec<u64> = c.seen.iter().filter_map(|v| v["seq"].as_u64()).filter(|s| *s > 0).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(c.of_type("ack")[0]["duplicate"], false);
+    assert_eq!(c.of_type("user")[0]["text"], "Say hello.");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_frames_get_errors_and_the_connection_stays_usable() {
+    let mut t = smol_server(config()).await;
+    let mut c = Client::connect(&t.ws_url()).await;
+    // Before hello: a clear error, not a dropped socket.
+    c.send(json!({"type": "message", "id": "m0", "text": "hi"})).await;
+    assert_eq!(c.next(10).await.unwrap()["code"], "no_hello");
+    c.send(json!({"type": "hello", "v": 1, "token": ALICE})).await;
+    assert_eq!(c.next(10).await.unwrap()["type"], "welcome");
+    let cases: Vec<(Message, &str, &str)> = vec![
+        (Message::Text("this is not json".into()), "bad_frame", "JSON object"),
+        (Message::Text("{\"type\": \"teleport\"}".into()), "bad_frame", "teleport"),
+        (Message::Text("{\"type\": \"message\", \"id\": \"m1\"}".into()), "bad_frame", "text"),
+        (Message::Text("[1, 2, 3]".into()), "bad_frame", "protocol frame"),
+        (Message::Binary(vec![0u8, 159, 146, 150].into()), "bad_frame", "binary"),
+        (Message::Text(json!({"type": "message", "id": "big", "text": "x".repeat(20_000)}).to_string().into()), "too_large", "16384"),
+        (Message::Text(json!({"type": "message", "id": "", "text": "hi"}).to_string().into()), "bad_frame", "1–64"),
+        (Message::Text(json!({"type": "select", "id": "s1", "card": "c99", "option": "x"}).to_string().into()), "not_found", "c99"),
+        (Message::Text(json!({"type": "hello", "v": 2, "token": ALICE}).to_string().into()), "unsupported_version", "version 1"),
+    ];
+    for (m, code, words) in cases {
+        c.send_raw(m).await;
+        let e = c.next(10).await.unwrap_or_else(|| panic!("socket closed after a bad frame{}", show("frames", &c.seen)));
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some(code)), "{e}");
+        assert!(e["message"].as_str().unwrap().contains(words), "{e}");
+    }
+    c.send(json!({"type": "ping"})).await;
+    assert_eq!(c.next(10).await.unwrap()["type"], "pong");
+    c.send(json!({"type": "message", "id": "m2", "text": "Hi!"})).await;
+    c.until("done", 120).await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tokens_are_refused_on_every_interface() {
+    let mut t = smol_server(config()).await;
+    let (mut c, e) = Client::hello(&t.ws_url(), "tok-mallory-0123456789abc", None, 0).await;
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unauthorized")), "{e}");
+    assert!(c.next(10).await.is_none());
+    assert_eq!(c.closed, Some(4401));
+    // An app key is not a user: it cannot chat.
+    let (_, e) = Client::hello(&t.ws_url(), FLORIST, None, 0).await;
+    assert_eq!(e["code"], "unauthorized", "{e}");
+
+    let h = http();
+    for path in ["/v1/sessions", "/v1/orders", "/v1/models", "/v1/apps"] {
+        let r = h.get(t.http(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{path}: {body}");
+        let r = h.get(t.http(path)).bearer_auth("wrong-token-0123456789").send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = h.post(t.http("/v1/chat/completions")).json(&json!({"model": "x", "messages": []})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Scopes: a user cannot register apps, an app without apps:write neither.
+    let manifest = std::fs::read_to_string(repo().join("tests/fixtures/florist.json")).unwrap();
+    let r = h.post(t.http("/v1/apps")).bearer_auth(ALICE).body(manifest.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = h.post(t.http("/v1/apps")).bearer_auth(READER).body(manifest).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("apps:write"));
+    // An app key cannot read a user's sessions.
+    let r = h.get(t.http("/v1/sessions")).bearer_auth(FLORIST).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_cannot_reach_another_users_session() {
+    let mut t = smol_server(config()).await;
+    let (mut a, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    let sid = w["session"].as_str().unwrap().to_owned();
+    a.send(json!({"type": "message", "id": "m1", "text": "My secret is 4711."})).await;
+    a.until("done", 120).await;
+
+    // Bob knows the id, and still sees nothing.
+    let (mut b, e) = Client::hello(&t.ws_url(), BOB, Some(&sid), 0).await;
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("not_found")), "{e}");
+    b.send(json!({"type": "resume", "session": sid, "last_seq": 0})).await;
+    let e = b.next(10).await.unwrap();
+    assert_eq!(e["code"], "not_found", "{e}");
+    b.send(json!({"type": "message", "id": "b1", "text": "What is the secret?"})).await;
+    assert_eq!(b.next(10).await.unwrap()["code"], "not_found");
+    let h = http();
+    for path in [format!("/v1/sessions/{sid}"), format!("/v1/sessions/{sid}/history")] {
+        let r = h.get(t.http(&path)).bearer_auth(BOB).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    let r = h.delete(t.http(&format!("/v1/sessions/{sid}"))).bearer_auth(BOB).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let list: Value = h.get(t.http("/v1/sessions")).bearer_auth(BOB).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 0, "{list}");
+    // Alice reads her own history, secret included.
+    let hist: Value = h.get(t.http(&format!("/v1/sessions/{sid}/history"))).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert!(hist.to_string().contains("4711"));
+    let list: Value = h.get(t.http("/v1/sessions")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["sessions"][0]["id"], sid.as_str());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_resumes_and_a_resent_input_runs_once() {
+    let mut t = smol_server(config()).await;
+    let engine = t.s().state.engine.clone();
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    let sid = w["session"].as_str().unwrap().to_owned();
+    c.send(json!({"type": "message", "id": "m1", "text": "Tell me about tea."})).await;
+    // Drop the connection as soon as the reply starts streaming.
+    c.until("delta", 120).await;
+    let last = c.seen.iter().filter_map(|v| v["seq"].as_u64()).max().unwrap();
+    drop(c);
+    let before = engine.stats().requests;
+
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, Some(&sid), last).await;
+    assert_eq!((w["type"].as_str(), w["resumed"].as_bool()), (Some("welcome"), Some(true)), "{w}");
+    // The missed frames arrive, numbered right after what we had.
+    let done = c.until("done", 120).await;
+    let seqs: Vec<u64> = c.seen.iter().filter(|v| v["type"] != "welcome").filter_map(|v| v["seq"].as_u64()).collect();
+    assert_eq!(seqs.first(), Some(&(last + 1)), "{}", show("frames", &c.seen));
+    assert_eq!(seqs, (last + 1..=last + seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(done["reply_to"], "m1");
+
+    // The client did not see `done` before the drop, so it sends m1 again.
+    c.send(json!({"type": "message", "id": "m1", "text": "Tell me about tea."})).await;
+    let ack = c.until("ack", 10).await;
+    assert_eq!(ack["duplicate"], true, "{ack}");
+    c.until("done", 10).await; // m1's frames, sent again
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let turns: Value = http().get(t.http(&format!("/v1/sessions/{sid}"))).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert_eq!(turns["turns"], 1, "{turns}");
+    assert!(engine.stats().requests <= before + 1, "the repeat ran the model again");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_answer_with_errors_not_hangs() {
+    // Rate: two inputs a minute.
+    let mut cfg = config();
+    cfg.server.requests_per_minute = 2;
+    cfg.server.sessions_per_user = 1;
+    let mut t = smol_server(cfg).await;
+    let (mut c, _) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    // Sent together, so the bucket cannot refill in between on a slow machine.
+    for id in ["m1", "m2", "m3"] {
+        c.send(json!({"type": "message", "id": id, "text": "Hi"})).await;
+    }
+    let e = c.until("error", 10).await;
+    assert_eq!((e["code"].as_str(), e["id"].as_str()), (Some("rate_limited"), Some("m3")), "{e}");
+    // One session per user: a second new session is refused.
+    let (_, e) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    assert_eq!(e["code"], "session_limit", "{e}");
+    t.stop().await;
+
+    // Busy: with no room in the engine queue every model input is refused at once.
+    let mut cfg = config();
+    cfg.server.queue_limit = 0;
+    let mut t = smol_server(cfg).await;
+    let (mut c, _) = Client::hello(&t.ws_url(), BOB, None, 0).await;
+    c.send(json!({"type": "message", "id": "m1", "text": "Hi"})).await;
+    let e = c.until("error", 10).await;
+    assert_eq!(e["code"], "busy", "{e}");
+    c.send(json!({"type": "ping"})).await;
+    c.until("pong", 10).await;
+    let r = http()
+        .post(t.http("/v1/chat/completions"))
+        .bearer_auth(BOB)
+        .json(&json!({"model": t.s().state.model_id, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_the_reply_then_says_bye() {
+    let mut t = smol_server(config()).await;
+    let (mut c, _) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    c.send(json!({"type": "message", "id": "m1", "text": "Write a long story about a cat."})).await;
+    c.until("delta", 120).await;
+    let addr = t.s().addr;
+    let server = t.server.take().unwrap();
+    let stopping = tokio::spawn(server.shutdown());
+    c.until("done", 120).await;
+    c.until("bye", 30).await;
+    assert!(stopping.await.unwrap(), "everything finished within the drain time");
+    // The port is closed now.
+    assert!(tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mini_program_registers_its_manifest_at_run_time() {
+    let mut t = smol_server(config()).await;
+    let h = http();
+    let manifest = std::fs::read_to_string(repo().join("tests/fixtures/florist.json")).unwrap();
+    let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body(manifest.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let apps: Value = h.get(t.http("/v1/apps")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    let florist = apps["apps"].as_array().unwrap().iter().find(|a| a["app"] == "florist").cloned();
+    assert_eq!(florist.map(|a| a["tools"].clone()), Some(json!(["florist_bouquets"])), "{apps}");
+    assert!(t.s().state.agent.tools().get("florist_bouquets").is_some());
+
+    // Invalid manifests are refused with the reason, and change nothing.
+    let mut bad: Value = serde_json::from_str(&manifest).unwrap();
+    bad["tools"][0]["parameters"] = json!({"type": "array"});
+    let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body(bad.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("object"), "{body}");
+    let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // A key may only register its own app.
+    let mut other: Value = serde_json::from_str(&manifest).unwrap();
+    other["app"] = json!("food");
+    let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body(other.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(t.s().state.agent.tools().get("florist_bouquets").is_some());
+    assert!(t.s().state.agent.tools().get("food_search").is_none(), "smol server has no built-in tools");
+
+    // It survives a restart of the server (same data folder).
+    let data = t.dir.path().join("server");
+    assert!(data.join("apps/florist.json").exists());
+    let r = h.delete(t.http("/v1/apps/florist")).bearer_auth(FLORIST).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(t.s().state.agent.tools().get("florist_bouquets").is_none());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() {
+    let mut t = smol_server(config()).await;
+    let h = http();
+    assert_eq!(h.get(t.http("/healthz")).send().await.unwrap().status(), 200);
+    let r: Value = h.get(t.http("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["ready"], true);
+    let (mut c, _) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    c.send(json!({"type": "message", "id": "m1", "text": "Hi"})).await;
+    c.until("done", 120).await;
+    let m = h.get(t.http("/metrics")).send().await.unwrap();
+    assert!(m.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = m.text().await.unwrap();
+    for needle in [
+        "errand_ws_connections 1",
+        "errand_turns_total{outcome=\"ok\"} 1",
+        "errand_ttft_seconds_count 1",
+        "errand_engine_queue_depth 0",
+        "# TYPE errand_kv_cache_bytes gauge",
+        "errand_http_requests_total{route=\"/readyz\",status=\"200\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle}\n{text}");
+    }
+    let page = h.get(t.http("/")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("/sdk.js"));
+    assert!(h.get(t.http("/widget.js")).send().await.unwrap().text().await.unwrap().contains("ErrandWidget"));
+    t.stop().await;
+}
