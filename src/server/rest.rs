@@ -129,7 +129,12 @@ async fn orders(State(st): State<Arc<AppState>>, Caller(who): Caller) -> ApiResu
     Ok(Json(json!({"orders": rows})))
 }
 
-async fn list_apps(State(st): State<Arc<AppState>>, Caller(_): Caller) -> Json<Value> {
+async fn list_apps(State(st): State<Arc<AppState>>, Caller(who): Caller) -> ApiResult<Json<Value>> {
+    if let Principal::App { id, scopes } = &who {
+        if !scopes.iter().any(|s| s == "apps:read" || s == "apps:write") {
+            return Err(ApiError::forbidden(format!("app `{id}` lacks the `apps:read` scope")));
+        }
+    }
     let tools = st.agent.tools();
     let mut apps: Vec<(String, Vec<String>)> = Vec::new();
     for t in tools.iter() {
@@ -138,7 +143,7 @@ async fn list_apps(State(st): State<Arc<AppState>>, Caller(_): Caller) -> Json<V
             None => apps.push((t.app.clone(), vec![t.def.name.clone()])),
         }
     }
-    Json(json!({"apps": apps.into_iter().map(|(app, tools)| json!({"app": app, "tools": tools})).collect::<Vec<_>>()}))
+    Ok(Json(json!({"apps": apps.into_iter().map(|(app, tools)| json!({"app": app, "tools": tools})).collect::<Vec<_>>()})))
 }
 
 /// `POST /v1/apps`: a mini-program registers (or replaces) its own

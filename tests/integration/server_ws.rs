@@ -234,6 +234,9 @@ async fn bad_tokens_are_refused_on_every_interface() {
     let r = h.post(t.http("/v1/apps")).bearer_auth(READER).body(manifest).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("apps:write"));
+    // An app key reads the app list only with a scope for it.
+    let r = h.get(t.http("/v1/apps")).bearer_auth(READER).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     // An app key cannot read a user's sessions.
     let r = h.get(t.http("/v1/sessions")).bearer_auth(FLORIST).send().await.unwrap();
     assert_eq!(r.status(), 403);
