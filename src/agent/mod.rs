@@ -295,6 +295,15 @@ impl Agent {
         s.pending.as_ref().map(|p| p.req.clone())
     }
 
+    /// The open confirmation without waiting: `None` also while an input is
+    /// being handled (the turn holds the session; whatever it leaves open
+    /// arrives as a `Confirmation` event).
+    pub fn pending_now(&self, session: &str) -> Option<ConfirmationRequest> {
+        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned()?;
+        let s = s.try_lock().ok()?;
+        s.pending.as_ref().map(|p| p.req.clone())
+    }
+
     /// Forgets a session (its open confirmation is dropped unredeemed).
     pub fn reset(&self, session: &str) {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(session);

@@ -195,7 +195,14 @@ impl ServerConfig {
                 return Err(format!("user `{}` shares a token with another user or app", u.id));
             }
         }
+        let mut app_ids = std::collections::HashSet::new();
         for a in &self.apps {
+            if a.id.is_empty() || a.id.len() > 64 || !a.id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                return Err(format!("app id `{}` must be 1–64 characters of a-z, 0-9 and _", a.id));
+            }
+            if !app_ids.insert(a.id.clone()) {
+                return Err(format!("app `{}` is listed twice", a.id));
+            }
             if a.key.len() < 16 {
                 return Err(format!("app `{}` has a key shorter than 16 characters", a.id));
             }
@@ -246,6 +253,8 @@ mod tests {
         assert!(e.to_string().contains("shorter than 16"), "{e}");
         let e = ServerConfig::parse("[[apps]]\nid = \"a\"\nkey = \"0123456789abcdefgh\"\nscopes = [\"root\"]\n", p).unwrap_err();
         assert!(e.to_string().contains("unknown scope `root`"), "{e}");
+        let e = ServerConfig::parse("[[apps]]\nid = \"../x\"\nkey = \"0123456789abcdefgh\"\n", p).unwrap_err();
+        assert!(e.to_string().contains("a-z, 0-9"), "{e}");
         let e = ServerConfig::parse("[server]\nport = 1\n", p).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = ServerConfig::parse(

@@ -54,6 +54,7 @@ struct Inner {
     last_active_ms: i64,
     /// The latest confirmation request, to describe the order it leads to.
     last_confirmation: Option<Value>,
+    closed: bool,
 }
 
 pub struct ChatSession {
@@ -62,6 +63,9 @@ pub struct ChatSession {
     pub created_ms: i64,
     inner: Mutex<Inner>,
     jobs: mpsc::Sender<Job>,
+    /// Set when the session is deleted: no input is taken any more, and
+    /// the worker ends once the running input is done.
+    closed: watch::Sender<bool>,
 }
 
 /// Why an input was not queued.
@@ -83,8 +87,11 @@ impl ChatSession {
     }
 
     /// Appends a frame to the log and hands it to every watcher.
-    pub fn publish(&self, reply_to: Option<&str>, mut body: Map<String, Value>, metrics: &Metrics) -> u64 {
-        let mut inner = self.lock();
+    pub fn publish(&self, reply_to: Option<&str>, body: Map<String, Value>, metrics: &Metrics) -> u64 {
+        Self::publish_locked(&mut self.lock(), reply_to, body, metrics)
+    }
+
+    fn publish_locked(inner: &mut Inner, reply_to: Option<&str>, mut body: Map<String, Value>, metrics: &Metrics) -> u64 {
         inner.seq += 1;
         let seq = inner.seq;
         body.insert("seq".into(), json!(seq));
@@ -110,18 +117,39 @@ impl ChatSession {
         seq
     }
 
-    /// Adds a watcher after sending it `first` and every logged frame after
-    /// `last_seq`, all under one lock so nothing is missed or doubled.
-    /// Returns false when the backlog does not fit the watcher's queue.
-    pub fn subscribe(&self, sub: Subscriber, first: OutFrame, last_seq: u64) -> bool {
+    /// Adds a watcher after sending it `welcome` and every logged frame
+    /// after `last_seq`, all under one lock so nothing is missed or doubled.
+    /// Consecutive `delta` frames of one input are replayed as one (under
+    /// the last one's seq), so a long reply fits the watcher's queue.
+    /// `welcome` learns whether frames the client missed are no longer
+    /// kept (`truncated`). Returns false when the backlog still does not fit.
+    pub fn subscribe(&self, sub: Subscriber, mut welcome: Map<String, Value>, last_seq: u64) -> bool {
         let mut inner = self.lock();
-        if sub.tx.try_send(first).is_err() {
+        if inner.closed {
             return false;
         }
-        for (seq, _, f) in inner.log.iter() {
-            if *seq > last_seq && sub.tx.try_send(f.clone()).is_err() {
-                return false;
+        let oldest = inner.log.front().map(|(s, _, _)| *s).unwrap_or(inner.seq + 1);
+        welcome.insert("seq".into(), json!(inner.seq));
+        welcome.insert("truncated".into(), json!(last_seq + 1 < oldest && last_seq < inner.seq));
+        let mut replay: Vec<Value> = Vec::new();
+        for (seq, _, f) in inner.log.iter().filter(|(s, _, _)| *s > last_seq) {
+            let Ok(v) = serde_json::from_str::<Value>(f) else { continue };
+            if let Some(prev) = replay.last_mut() {
+                if v["type"] == "delta" && prev["type"] == "delta" && prev["reply_to"] == v["reply_to"] {
+                    let text = format!("{}{}", prev["text"].as_str().unwrap_or(""), v["text"].as_str().unwrap_or(""));
+                    prev["text"] = json!(text);
+                    prev["seq"] = json!(seq);
+                    continue;
+                }
             }
+            replay.push(v);
+        }
+        if replay.len() + 1 > sub.tx.capacity() {
+            return false;
+        }
+        let _ = sub.tx.try_send(Value::Object(welcome).to_string().into());
+        for v in replay {
+            let _ = sub.tx.try_send(v.to_string().into());
         }
         inner.subscribers.push(sub);
         true
@@ -142,6 +170,11 @@ impl ChatSession {
 
     pub fn busy(&self) -> bool {
         self.lock().busy
+    }
+
+    /// Whether the session was deleted.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Frames after `after`, oldest first.
@@ -173,47 +206,61 @@ impl ChatSession {
     }
 
     /// Queues an input under the client's id. A repeated id runs nothing:
-    /// that input's frames go to `resend` again instead.
-    pub fn submit(&self, id: &str, input: Input, user_text: Option<&str>, resend: &mpsc::Sender<OutFrame>, metrics: &Metrics) -> Result<(), Refused> {
-        {
-            let mut inner = self.lock();
-            if inner.seen.contains(id) {
-                let frames: Vec<OutFrame> = inner
-                    .log
-                    .iter()
-                    .filter(|(_, r, _)| r.as_deref() == Some(id))
-                    .map(|(_, _, f)| f.clone())
-                    .collect();
-                drop(inner);
-                let ack = json!({"type": "ack", "id": id, "duplicate": true, "reply_to": id}).to_string();
-                let _ = resend.try_send(ack.into());
-                for f in frames {
-                    let _ = resend.try_send(f);
+    /// that input's frames go to `resend` again instead. The check, the
+    /// queueing and the `ack` happen under one lock, so two tabs sending
+    /// the same id cannot both run it, and `ack` always precedes the
+    /// input's own frames.
+    pub fn submit(&self, id: &str, input: Input, user_text: Option<&str>, resend: &Subscriber, metrics: &Metrics) -> Result<(), Refused> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Err(Refused::NotFound);
+        }
+        if inner.seen.contains(id) {
+            let frames: Vec<OutFrame> = inner
+                .log
+                .iter()
+                .filter(|(_, r, _)| r.as_deref() == Some(id))
+                .map(|(_, _, f)| f.clone())
+                .collect();
+            drop(inner);
+            let ack: OutFrame = json!({"type": "ack", "id": id, "duplicate": true, "reply_to": id}).to_string().into();
+            for f in std::iter::once(ack).chain(frames) {
+                if resend.tx.try_send(f).is_err() {
+                    resend.kick.notify_one();
+                    break;
                 }
-                return Err(Refused::Duplicate);
             }
-            inner.seen.insert(id.to_owned());
+            return Err(Refused::Duplicate);
         }
-        match self.jobs.try_send(Job { reply_to: id.to_owned(), input }) {
-            Ok(()) => {}
-            Err(_) => {
-                // Not run: the same id may be sent again later.
-                self.lock().seen.remove(id);
-                return Err(Refused::Busy);
-            }
+        // try_send never waits, so holding the lock here is fine.
+        if self.jobs.try_send(Job { reply_to: id.to_owned(), input }).is_err() {
+            return Err(Refused::Busy);
         }
+        inner.seen.insert(id.to_owned());
         let mut ack = Map::new();
         ack.insert("type".into(), json!("ack"));
         ack.insert("id".into(), json!(id));
         ack.insert("duplicate".into(), json!(false));
-        self.publish(Some(id), ack, metrics);
+        Self::publish_locked(&mut inner, Some(id), ack, metrics);
         if let Some(t) = user_text {
             let mut f = Map::new();
             f.insert("type".into(), json!("user"));
             f.insert("text".into(), json!(t));
-            self.publish(Some(id), f, metrics);
+            Self::publish_locked(&mut inner, Some(id), f, metrics);
         }
         Ok(())
+    }
+
+    /// Stops taking input and drops every watcher (their sockets are
+    /// told the session is gone by the kick).
+    fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        for s in inner.subscribers.drain(..) {
+            s.kick.notify_one();
+        }
+        drop(inner);
+        self.closed.send_replace(true);
     }
 }
 
@@ -337,8 +384,10 @@ impl Hub {
                 turns: 0,
                 last_active_ms: now_ms(),
                 last_confirmation: None,
+                closed: false,
             }),
             jobs,
+            closed: watch::channel(false).0,
         });
         {
             let mut map = self.map();
@@ -358,6 +407,9 @@ impl Hub {
         Some(session)
     }
 
+    /// Deletes a session: it takes no more input, its watchers are
+    /// dropped, a reply being written is stopped, and the agent forgets it
+    /// once the running input (if any) is over.
     pub fn remove(&self, user: &str, id: &str) -> bool {
         let removed = {
             let mut map = self.map();
@@ -366,34 +418,45 @@ impl Hub {
                 _ => None,
             }
         };
-        if removed.is_some() {
-            self.agent.reset(id);
+        match removed {
+            Some(s) => {
+                s.close();
+                self.agent.cancel(id);
+                true
+            }
+            None => false,
         }
-        removed.is_some()
     }
 
     /// Runs a session's inputs one at a time until shutdown or removal.
     async fn worker(self: Arc<Self>, s: Arc<ChatSession>, mut jobs: mpsc::Receiver<Job>) {
         let mut shutdown = self.shutdown.clone();
+        let mut closed = s.closed.subscribe();
         loop {
             let job = tokio::select! {
-                biased;
-                job = jobs.recv() => match job { Some(j) => j, None => return },
-                _ = super::stopped(&mut shutdown) => {
-                    // Inputs accepted but not started are answered, not lost silently.
-                    jobs.close();
-                    while let Ok(j) = jobs.try_recv() {
-                        let mut f = Map::new();
-                        f.insert("type".into(), json!("error"));
-                        f.insert("code".into(), json!("shutting_down"));
-                        f.insert("id".into(), json!(j.reply_to));
-                        f.insert("message".into(), json!("the server is shutting down; this input was not run — send it again after it restarts"));
-                        s.publish(Some(&j.reply_to), f, &self.metrics);
-                        s.lock().seen.remove(&j.reply_to);
-                    }
-                    return;
-                }
+                job = jobs.recv() => job,
+                _ = super::stopped(&mut shutdown) => None,
+                _ = super::stopped(&mut closed) => None,
             };
+            let stopping = *shutdown.borrow() || *closed.borrow();
+            if stopping || job.is_none() {
+                // Inputs accepted but not started are answered, not lost silently.
+                jobs.close();
+                for j in job.into_iter().chain(std::iter::from_fn(|| jobs.try_recv().ok())) {
+                    let mut f = Map::new();
+                    f.insert("type".into(), json!("error"));
+                    f.insert("code".into(), json!("shutting_down"));
+                    f.insert("id".into(), json!(j.reply_to));
+                    f.insert("message".into(), json!("this input was not run: the server is shutting down or the session was deleted; send it again later"));
+                    s.publish(Some(&j.reply_to), f, &self.metrics);
+                    s.lock().seen.remove(&j.reply_to);
+                }
+                if *closed.borrow() {
+                    self.agent.reset(&s.id);
+                }
+                return;
+            }
+            let job = job.expect("checked above");
             s.lock().busy = true;
             self.run_job(&s, job).await;
             let mut inner = s.lock();
@@ -485,7 +548,7 @@ impl Hub {
                 let Some(now) = hub.agent.order_status(&app, &last).await else { continue };
                 if now["status"] != last["status"] || now["payment"]["status"] != last["payment"]["status"] {
                     let status = now["status"].as_str().unwrap_or("unknown");
-                    let _ = hub.orders.update_status(&app, &oid, status, now["payment"]["status"].as_str(), &now);
+                    let _ = hub.orders.update_status(&s.user, &app, &oid, status, now["payment"]["status"].as_str(), &now);
                     let f = frame_of(&AgentEvent::Order { app: app.clone(), tool: String::new(), order: now.clone() });
                     if let Some(f) = f {
                         s.publish(None, f, &hub.metrics);
@@ -494,5 +557,110 @@ impl Hub {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> (ChatSession, mpsc::Receiver<Job>) {
+        let (jobs, rx) = mpsc::channel(QUEUE);
+        let s = ChatSession {
+            id: "s-test".into(),
+            user: "alice".into(),
+            created_ms: 0,
+            inner: Mutex::new(Inner {
+                seq: 0,
+                log: VecDeque::new(),
+                seen: HashSet::new(),
+                subscribers: Vec::new(),
+                cards: HashMap::new(),
+                busy: false,
+                turns: 0,
+                last_active_ms: 0,
+                last_confirmation: None,
+                closed: false,
+            }),
+            jobs,
+            closed: watch::channel(false).0,
+        };
+        (s, rx)
+    }
+
+    fn delta(t: &str) -> Map<String, Value> {
+        json!({"type": "delta", "text": t}).as_object().unwrap().clone()
+    }
+
+    fn sub(cap: usize) -> (Subscriber, mpsc::Receiver<OutFrame>, Arc<Notify>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let kick = Arc::new(Notify::new());
+        (Subscriber { conn: 1, tx, kick: kick.clone() }, rx, kick)
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_is_dropped_and_publishing_never_waits() {
+        let (s, _jobs) = session();
+        let m = Metrics::default();
+        let (sub, mut rx, kick) = sub(16);
+        assert!(s.subscribe(sub, Map::new(), 0));
+        // Far more frames than the reader's queue holds: publish returns
+        // every time, and the reader is kicked and removed.
+        for i in 0..100 {
+            s.publish(Some("m1"), delta(&i.to_string()), &m);
+        }
+        tokio::time::timeout(Duration::from_secs(1), kick.notified()).await.expect("kicked");
+        assert!(s.lock().subscribers.is_empty());
+        let mut got = 0;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 16, "welcome plus what fitted");
+        assert!(m.render(&[]).contains("errand_ws_slow_clients_total 1"));
+    }
+
+    #[tokio::test]
+    async fn an_input_id_runs_once_and_a_closed_session_takes_none() {
+        let (s, mut jobs) = session();
+        let m = Metrics::default();
+        let (me, mut rx, _) = sub(64);
+        s.submit("m1", Input::Text("hi".into()), Some("hi"), &me, &m).unwrap();
+        assert_eq!(s.submit("m1", Input::Text("hi".into()), Some("hi"), &me, &m), Err(Refused::Duplicate));
+        assert_eq!(jobs.try_recv().unwrap().reply_to, "m1");
+        assert!(jobs.try_recv().is_err(), "queued once");
+        // The duplicate's answer: ack {duplicate: true} and m1's frames again.
+        let first: Value = serde_json::from_str(&rx.try_recv().unwrap()).unwrap();
+        assert_eq!((first["type"].as_str(), first["duplicate"].as_bool()), (Some("ack"), Some(true)));
+        let again: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f).unwrap()).collect();
+        assert_eq!(again.iter().map(|f| f["type"].as_str().unwrap()).collect::<Vec<_>>(), ["ack", "user"]);
+        // A full queue refuses without marking the id as seen.
+        for i in 0..QUEUE {
+            s.submit(&format!("q{i}"), Input::Text("x".into()), None, &me, &m).unwrap();
+        }
+        assert_eq!(s.submit("late", Input::Text("x".into()), None, &me, &m), Err(Refused::Busy));
+        assert!(!s.has_seen("late"));
+        s.close();
+        assert_eq!(s.submit("m9", Input::Text("x".into()), None, &me, &m), Err(Refused::NotFound));
+        assert!(!s.subscribe(sub(8).0, Map::new(), 0));
+    }
+
+    #[tokio::test]
+    async fn resume_replays_a_long_reply_as_one_delta_within_the_queue() {
+        let (s, _jobs) = session();
+        let m = Metrics::default();
+        for i in 0..1000 {
+            s.publish(Some("m1"), delta(&format!("{} ", i)), &m);
+        }
+        let mut done = Map::new();
+        done.insert("type".into(), json!("done"));
+        s.publish(Some("m1"), done, &m);
+        let (me, mut rx, _) = sub(16);
+        assert!(s.subscribe(me, Map::new(), 10));
+        let frames: Vec<Value> = std::iter::from_fn(|| rx.try_recv().ok()).map(|f| serde_json::from_str(&f).unwrap()).collect();
+        assert_eq!(frames.len(), 3, "welcome, one delta, done");
+        assert_eq!((frames[0]["seq"].as_u64(), frames[0]["truncated"].as_bool()), (Some(1001), Some(false)));
+        assert!(frames[1]["text"].as_str().unwrap().starts_with("10 11 12 "));
+        assert!(frames[1]["text"].as_str().unwrap().ends_with("999 "));
+        assert_eq!((frames[1]["seq"].as_u64(), frames[2]["seq"].as_u64()), (Some(1000), Some(1001)));
     }
 }

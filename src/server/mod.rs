@@ -87,6 +87,10 @@ pub struct AppState {
     pub hub: Arc<hub::Hub>,
     pub orders: Arc<orders::Orders>,
     pub apps_dir: PathBuf,
+    /// Apps whose manifests come from the tools folder: not replaceable at run time.
+    pub builtin_apps: Vec<String>,
+    /// The mini-programs' base URL; uploaded manifests may not point there.
+    pub sandbox_url: String,
     /// Serializes manifest uploads (read-modify-write of the tool set).
     pub apps_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
@@ -168,6 +172,7 @@ pub struct Server {
     pub url: String,
     pub state: Arc<AppState>,
     shutdown_tx: watch::Sender<bool>,
+    http_stop_tx: watch::Sender<bool>,
     tasks_rx: mpsc::Receiver<()>,
     http: tokio::task::JoinHandle<()>,
     sandbox: Option<Sandbox>,
@@ -198,6 +203,8 @@ impl Server {
         };
         // Mini-programs registered at run time come back after a restart.
         let apps_dir = data.join("apps");
+        let mut builtin_apps: Vec<String> = opts.tools.iter().map(|t| t.app.clone()).collect();
+        builtin_apps.dedup();
         let mut tools = opts.tools;
         if let Ok(rd) = std::fs::read_dir(&apps_dir) {
             let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
@@ -217,6 +224,8 @@ impl Server {
         }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // The listener stays open while draining, so /readyz can say 503.
+        let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let (tasks_tx, tasks_rx) = mpsc::channel::<()>(1);
         let metrics = Arc::new(metrics::Metrics::default());
         let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), tasks_tx, opts.order_poll));
@@ -231,6 +240,8 @@ impl Server {
             hub,
             orders,
             apps_dir,
+            builtin_apps,
+            sandbox_url: base.clone(),
             apps_lock: tokio::sync::Mutex::new(()),
             shutdown: shutdown_rx.clone(),
             conns: Arc::new(Semaphore::new(limits.max_connections)),
@@ -238,7 +249,7 @@ impl Server {
         });
         let addr = listener.local_addr()?;
         let router = app(state.clone());
-        let mut stop = shutdown_rx;
+        let mut stop = http_stop_rx;
         let http = tokio::spawn(async move {
             let r = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
@@ -255,6 +266,7 @@ impl Server {
             drain: Duration::from_secs(state.limits.drain_seconds),
             state,
             shutdown_tx,
+            http_stop_tx,
             tasks_rx,
             http,
             sandbox,
@@ -286,6 +298,7 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
+        self.http_stop_tx.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http).await;
         self.tasks_rx.close();
         if let Some(sb) = self.sandbox.take() {

@@ -99,11 +99,13 @@ impl Orders {
         Ok(())
     }
 
-    pub fn update_status(&self, app: &str, order_id: &str, status: &str, payment_status: Option<&str>, data: &Value) -> rusqlite::Result<()> {
+    /// Updates one of `user`'s orders (another user's row with the same
+    /// ids is left alone).
+    pub fn update_status(&self, user: &str, app: &str, order_id: &str, status: &str, payment_status: Option<&str>, data: &Value) -> rusqlite::Result<()> {
         self.conn().execute(
             "UPDATE orders SET status = ?3, payment_status = COALESCE(?4, payment_status), data = ?5, updated_ms = ?6
-             WHERE app = ?1 AND order_id = ?2",
-            params![app, order_id, status, payment_status, data.to_string(), now_ms()],
+             WHERE app = ?1 AND order_id = ?2 AND user = ?7",
+            params![app, order_id, status, payment_status, data.to_string(), now_ms(), user],
         )?;
         Ok(())
     }
@@ -181,7 +183,9 @@ mod tests {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].row.status, "accepted");
         assert_eq!(o.for_user("bob").unwrap().len(), 1);
-        o.update_status("food", "o1", "delivered", None, &json!({})).unwrap();
+        o.update_status("bob", "food", "o1", "stolen", None, &json!({})).unwrap();
+        assert_eq!(o.for_user("alice").unwrap()[0].row.status, "accepted");
+        o.update_status("alice", "food", "o1", "delivered", None, &json!({})).unwrap();
         assert_eq!(o.for_user("alice").unwrap()[0].row.status, "delivered");
         assert_eq!(o.for_user("alice").unwrap()[0].row.payment_status, "paid");
         assert_eq!(o.for_app("food").unwrap().len(), 2);

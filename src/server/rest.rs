@@ -163,6 +163,22 @@ async fn register_app(State(st): State<Arc<AppState>>, app: AppAuth, body: axum:
             app.id, app.id
         )));
     }
+    if st.builtin_apps.contains(&app.id) {
+        return Err(ApiError::forbidden(format!(
+            "app `{}` is built in (tools/{}.json); its tools cannot be replaced at run time",
+            app.id, app.id
+        )));
+    }
+    // An uploaded mini-program calls its own service, never the sandbox's
+    // (where the payment service and the other merchants live).
+    if let Some(base) = v["base_url"].as_str() {
+        let sandbox = st.sandbox_url.trim_end_matches('/');
+        if base.starts_with("{sandbox}") || base.trim_end_matches('/').starts_with(sandbox) {
+            return Err(ApiError::bad_request(format!(
+                "base_url `{base}` points at the built-in mini-programs; an uploaded manifest must name its own service"
+            )));
+        }
+    }
     let origin = std::path::PathBuf::from(format!("upload:{}", app.id));
     let tools = crate::tools::parse_manifest(text, &origin).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let names: Vec<String> = tools.iter().map(|t| t.def.name.clone()).collect();

@@ -25,6 +25,10 @@ pub const PROTOCOL_VERSION: u64 = 1;
 const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_TOO_SLOW: u16 = 4408;
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// A socket must say `hello` within this long.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// One frame may take this long to write before the peer counts as gone.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -114,6 +118,10 @@ struct Conn {
 }
 
 impl Conn {
+    fn subscriber(&self) -> Subscriber {
+        Subscriber { conn: self.id, tx: self.tx.clone(), kick: self.kick.clone() }
+    }
+
     fn send(&self, f: OutFrame) {
         if self.tx.try_send(f).is_err() {
             self.kick.notify_one();
@@ -152,13 +160,14 @@ impl Conn {
             },
         };
         self.detach();
-        let pending = st.agent.pending(&s.id).await;
+        // Never waits for a running reply (which holds the agent's session).
+        let pending = st.agent.pending_now(&s.id);
         let welcome = json!({
-            "type": "welcome", "v": PROTOCOL_VERSION, "seq": s.seq(), "session": s.id, "user": user,
+            "type": "welcome", "v": PROTOCOL_VERSION, "session": s.id, "user": user,
             "resumed": resumed, "model": st.model_id, "pending": pending, "busy": s.busy(),
         });
-        let sub = Subscriber { conn: self.id, tx: self.tx.clone(), kick: self.kick.clone() };
-        if !s.subscribe(sub, welcome.to_string().into(), last_seq) {
+        let Value::Object(welcome) = welcome else { unreachable!("a json object") };
+        if !s.subscribe(self.subscriber(), welcome, last_seq) {
             return Err(("too_large", format!("too many missed frames to replay; read GET /v1/sessions/{}/history and resume from its last seq", s.id)));
         }
         self.session = Some(s);
@@ -206,6 +215,11 @@ impl Conn {
                 Some(t) => st.auth.check(t),
                 None => self.pre_auth.clone(),
             };
+            let lang = match lang.as_deref().map(|l| (l, Lang::parse(l))) {
+                Some((l, None)) => return self.error("bad_frame", &format!("unknown language `{l}`; use en, zh or ko"), None),
+                Some((_, l)) => l,
+                None => None,
+            };
             match principal {
                 Some(super::auth::Principal::User { id, wallet }) => {
                     if self.user.as_ref().is_some_and(|(u, _)| *u != id) {
@@ -220,11 +234,8 @@ impl Conn {
                     return;
                 }
             }
-            if let Some(l) = lang {
-                self.lang = Some(match Lang::parse(&l) {
-                    Some(l) => l,
-                    None => return self.error("bad_frame", &format!("unknown language `{l}`; use en, zh or ko"), None),
-                });
+            if lang.is_some() {
+                self.lang = lang;
             }
             if let Err((code, msg)) = self.attach(session, last_seq.unwrap_or(0)).await {
                 self.error(code, &msg, None);
@@ -244,6 +255,11 @@ impl Conn {
             return self.error("not_found", "this connection has no session; send hello again", None);
         };
         let (user, _) = self.user.clone().expect("checked above");
+        if let ClientFrame::Message { id, .. } | ClientFrame::Confirm { id, .. } | ClientFrame::Decline { id, .. } | ClientFrame::Select { id, .. } = &frame {
+            if id.is_empty() || id.chars().count() > 64 {
+                return self.error("bad_frame", "`id` must be 1–64 characters", None);
+            }
+        }
         let (id, input, shown) = match frame {
             ClientFrame::Cancel { .. } => {
                 st.agent.cancel(&s.id);
@@ -264,9 +280,6 @@ impl Conn {
             },
             ClientFrame::Hello { .. } | ClientFrame::Resume { .. } | ClientFrame::Ping => unreachable!("handled above"),
         };
-        if id.is_empty() || id.len() > 64 {
-            return self.error("bad_frame", "`id` must be 1–64 characters", None);
-        }
         let stopping = *st.shutdown.borrow();
         if stopping {
             return self.error("shutting_down", "the server is shutting down; send this again after it restarts", Some(&id));
@@ -282,13 +295,13 @@ impl Conn {
                 return self.error(e.code, &e.message, Some(&id));
             }
         }
-        match s.submit(&id, input, shown.as_deref(), &self.tx, m) {
+        match s.submit(&id, input, shown.as_deref(), &self.subscriber(), m) {
             Ok(()) | Err(Refused::Duplicate) => {}
             Err(Refused::Busy) => {
                 m.inc("errand_rejected_total", &[("reason", "queue")]);
                 self.error("busy", "this session already has inputs waiting; wait for `done` or send cancel", Some(&id))
             }
-            Err(Refused::NotFound) => self.error("not_found", "session not found", Some(&id)),
+            Err(Refused::NotFound) => self.error("not_found", "this session was deleted; start a new one with hello", Some(&id)),
         }
     }
 
@@ -318,37 +331,50 @@ async fn connection(socket: WebSocket, st: Arc<AppState>, pre_auth: Option<super
                 biased;
                 c = close_rx.recv() => match c { Some(c) => c, None => Out::Close(CLOSE_GOING_AWAY, "") },
                 f = rx.recv() => match f { Some(f) => Out::Frame(f), None => Out::Close(CLOSE_GOING_AWAY, "") },
-                _ = kick.notified() => Out::Close(CLOSE_TOO_SLOW, "too slow; reconnect and resume from your last seq"),
+                _ = kick.notified() => Out::Close(CLOSE_TOO_SLOW, "too slow, or the session was deleted; reconnect and resume from your last seq"),
             };
             match out {
                 Out::Frame(f) => {
-                    if sink.send(Message::Text(f.as_ref().into())).await.is_err() {
-                        break;
+                    // A peer that stopped reading fills the TCP window and
+                    // stalls the send: give up on it rather than wait.
+                    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(f.as_ref().into()))).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
                     }
                 }
                 Out::Close(code, reason) => {
                     // Frames queued before the close (an error, `bye`) go first.
                     if code != CLOSE_TOO_SLOW {
                         while let Ok(f) = rx.try_recv() {
-                            if sink.send(Message::Text(f.as_ref().into())).await.is_err() {
+                            if !matches!(tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(f.as_ref().into()))).await, Ok(Ok(()))) {
                                 break;
                             }
                         }
                     }
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))).await;
                     break;
                 }
             }
         }
     });
     let mut shutdown = st.shutdown.clone();
+    let opened = tokio::time::Instant::now();
     loop {
+        // Until `hello`, a socket holds a connection slot on a deadline.
+        let wait = if conn.user.is_none() { (opened + HELLO_TIMEOUT).saturating_duration_since(tokio::time::Instant::now()) } else { std::time::Duration::from_secs(24 * 3600) };
         let msg = tokio::select! {
             m = stream.next() => m,
+            _ = tokio::time::sleep(wait) => {
+                conn.error("no_hello", "no hello within 10 seconds; closing", None);
+                let _ = close_tx.send(Out::Close(CLOSE_UNAUTHORIZED, "no hello")).await;
+                break;
+            }
             _ = super::stopped(&mut shutdown) => {
-                // Drain: let the reply in progress finish, then say goodbye.
+                // Drain: let the reply in progress finish (the session
+                // starts nothing new now), then say goodbye.
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(st.limits.drain_seconds);
                 if let Some(s) = &conn.session {
-                    while s.busy() {
+                    while s.busy() && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 }

@@ -388,6 +388,11 @@ async fn a_mini_program_registers_its_manifest_at_run_time() {
     assert!(body["error"]["message"].as_str().unwrap().contains("object"), "{body}");
     let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body("{not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
+    // An uploaded tool may not call the built-in mini-programs (payments live there).
+    let mut inside: Value = serde_json::from_str(&manifest).unwrap();
+    inside["base_url"] = json!("{sandbox}/pay");
+    let r = h.post(t.http("/v1/apps")).bearer_auth(FLORIST).body(inside.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 400);
     // A key may only register its own app.
     let mut other: Value = serde_json::from_str(&manifest).unwrap();
     other["app"] = json!("food");
@@ -431,5 +436,32 @@ async fn health_readiness_and_metrics() {
     let page = h.get(t.http("/")).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("/sdk.js"));
     assert!(h.get(t.http("/widget.js")).send().await.unwrap().text().await.unwrap().contains("ErrandWidget"));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_session_takes_no_more_input() {
+    let mut t = smol_server(config()).await;
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    let sid = w["session"].as_str().unwrap().to_owned();
+    let r = http().delete(t.http(&format!("/v1/sessions/{sid}"))).bearer_auth(ALICE).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    // The attached socket is dropped, and the session cannot be resumed or used.
+    assert!(c.next(10).await.is_none());
+    let (mut c, e) = Client::hello(&t.ws_url(), ALICE, Some(&sid), 0).await;
+    assert_eq!(e["code"], "not_found", "{e}");
+    c.send(json!({"type": "message", "id": "m1", "text": "hi"})).await;
+    assert_eq!(c.next(10).await.unwrap()["code"], "not_found");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_that_never_says_hello_is_closed() {
+    let mut t = smol_server(config()).await;
+    let mut c = Client::connect(&t.ws_url()).await;
+    let e = c.next(20).await.expect("an error before the close");
+    assert_eq!(e["code"], "no_hello", "{e}");
+    assert!(c.next(5).await.is_none());
+    assert_eq!(c.closed, Some(4401));
     t.stop().await;
 }
