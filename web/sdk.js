@@ -443,7 +443,8 @@
     this._reconnectNow();
   };
 
-  Client.prototype._reconnectNow = function () {
+  // Forgets the current socket (closing it quietly) and its keep-alive.
+  Client.prototype._dropSocket = function () {
     var ws = this._ws;
     this._ws = null;
     this._stopPing();
@@ -454,6 +455,10 @@
         /* ignore */
       }
     }
+  };
+
+  Client.prototype._reconnectNow = function () {
+    this._dropSocket();
     this._attempt = 0;
     clearTimeout(this._timer);
     this._timer = null;
@@ -466,16 +471,7 @@
     clearTimeout(this._welcomeTimer);
     clearTimeout(this._timer);
     this._timer = null;
-    this._stopPing();
-    var ws = this._ws;
-    this._ws = null;
-    if (ws) {
-      try {
-        ws.close(1000);
-      } catch (e) {
-        /* ignore */
-      }
-    }
+    this._dropSocket();
     this._setState("closed");
   };
 
@@ -635,16 +631,7 @@
     this._closedByUser = f.code !== "unauthorized";
     if (f.code === "unauthorized") this._setState("unauthorized");
     else this._setState("closed", { reason: f.code });
-    var ws = this._ws;
-    this._ws = null;
-    this._stopPing();
-    if (ws) {
-      try {
-        ws.close(1000);
-      } catch (e) {
-        /* ignore */
-      }
-    }
+    this._dropSocket();
   };
 
   Client.prototype._onConfirmation = function (req) {

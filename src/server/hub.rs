@@ -82,6 +82,31 @@ fn now_ms() -> i64 {
 }
 
 impl ChatSession {
+    /// A fresh session and the receiving end of its input queue.
+    fn new(id: String, user: &str) -> (Self, mpsc::Receiver<Job>) {
+        let (jobs, rx) = mpsc::channel(QUEUE);
+        let s = ChatSession {
+            id,
+            user: user.to_owned(),
+            created_ms: now_ms(),
+            inner: Mutex::new(Inner {
+                seq: 0,
+                log: VecDeque::new(),
+                seen: HashSet::new(),
+                subscribers: Vec::new(),
+                cards: HashMap::new(),
+                busy: false,
+                turns: 0,
+                last_active_ms: now_ms(),
+                last_confirmation: None,
+                closed: false,
+            }),
+            jobs,
+            closed: watch::channel(false).0,
+        };
+        (s, rx)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -369,26 +394,8 @@ impl Hub {
     /// Opens a new session for `user`, or `None` when they have `limit` already.
     pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize) -> Option<Arc<ChatSession>> {
         let id = format!("s-{}", hex::encode(rand::random::<[u8; 16]>()));
-        let (jobs, rx) = mpsc::channel(QUEUE);
-        let session = Arc::new(ChatSession {
-            id: id.clone(),
-            user: user.to_owned(),
-            created_ms: now_ms(),
-            inner: Mutex::new(Inner {
-                seq: 0,
-                log: VecDeque::new(),
-                seen: HashSet::new(),
-                subscribers: Vec::new(),
-                cards: HashMap::new(),
-                busy: false,
-                turns: 0,
-                last_active_ms: now_ms(),
-                last_confirmation: None,
-                closed: false,
-            }),
-            jobs,
-            closed: watch::channel(false).0,
-        });
+        let (session, rx) = ChatSession::new(id.clone(), user);
+        let session = Arc::new(session);
         {
             let mut map = self.map();
             if map.values().filter(|s| s.user == user).count() >= limit {
@@ -565,27 +572,7 @@ mod tests {
     use super::*;
 
     fn session() -> (ChatSession, mpsc::Receiver<Job>) {
-        let (jobs, rx) = mpsc::channel(QUEUE);
-        let s = ChatSession {
-            id: "s-test".into(),
-            user: "alice".into(),
-            created_ms: 0,
-            inner: Mutex::new(Inner {
-                seq: 0,
-                log: VecDeque::new(),
-                seen: HashSet::new(),
-                subscribers: Vec::new(),
-                cards: HashMap::new(),
-                busy: false,
-                turns: 0,
-                last_active_ms: 0,
-                last_confirmation: None,
-                closed: false,
-            }),
-            jobs,
-            closed: watch::channel(false).0,
-        };
-        (s, rx)
+        ChatSession::new("s-test".into(), "alice")
     }
 
     fn delta(t: &str) -> Map<String, Value> {
