@@ -465,3 +465,24 @@ async fn a_socket_that_never_says_hello_is_closed() {
     assert_eq!(c.closed, Some(4401));
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_the_reply_being_written() {
+    let agent = AgentOptions { max_tokens: 400, constrain: false, ..Default::default() };
+    let mut t = serve(Arc::new(smol().clone()), ToolSet::default(), config(), agent).await;
+    let (mut c, _) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    c.send(json!({"type": "message", "id": "m1", "text": "Write a very long story about a cat who travels the world."})).await;
+    c.until("delta", 120).await;
+    c.send(json!({"type": "cancel"})).await;
+    let done = c.until("done", 60).await;
+    let notices: Vec<&str> = c.of_type("notice").iter().filter_map(|n| n["text"].as_str()).collect();
+    assert!(notices.iter().any(|n| n.starts_with("Stopped")), "{}", show("frames", &c.seen));
+    assert_eq!(done["reply_to"], "m1");
+    let deltas = c.of_type("delta").len();
+    assert!(deltas < 400, "stopped before max_tokens, got {deltas} deltas");
+    // The session goes on normally afterwards.
+    c.send(json!({"type": "message", "id": "m2", "text": "Hi"})).await;
+    let d = c.until("done", 120).await;
+    assert_eq!(d["reply_to"], "m2");
+    t.stop().await;
+}
