@@ -155,7 +155,8 @@ impl ChatSession {
         }
         let oldest = inner.log.front().map(|(s, _, _)| *s).unwrap_or(inner.seq + 1);
         welcome.insert("seq".into(), json!(inner.seq));
-        welcome.insert("truncated".into(), json!(last_seq + 1 < oldest && last_seq < inner.seq));
+        // `last_seq` comes from the client: any u64, even past our seq.
+        welcome.insert("truncated".into(), json!(last_seq.saturating_add(1) < oldest && last_seq < inner.seq));
         let mut replay: Vec<Value> = Vec::new();
         for (seq, _, f) in inner.log.iter().filter(|(s, _, _)| *s > last_seq) {
             let Ok(v) = serde_json::from_str::<Value>(f) else { continue };
@@ -649,5 +650,20 @@ mod tests {
         assert!(frames[1]["text"].as_str().unwrap().starts_with("10 11 12 "));
         assert!(frames[1]["text"].as_str().unwrap().ends_with("999 "));
         assert_eq!((frames[1]["seq"].as_u64(), frames[2]["seq"].as_u64()), (Some(1000), Some(1001)));
+    }
+
+    /// Regression: `last_seq: u64::MAX` from a client overflowed (a panic in
+    /// the socket's task) instead of meaning "nothing to replay".
+    #[tokio::test]
+    async fn any_last_seq_a_client_sends_is_safe() {
+        let (s, _jobs) = session();
+        let m = Metrics::default();
+        s.publish(Some("m1"), delta("a"), &m);
+        for last in [u64::MAX, u64::MAX - 1, 5, 0] {
+            let (me, mut rx, _) = sub(16);
+            assert!(s.subscribe(me, Map::new(), last));
+            let n = std::iter::from_fn(|| rx.try_recv().ok()).count();
+            assert_eq!(n, if last == 0 { 2 } else { 1 }, "last_seq {last}");
+        }
     }
 }
