@@ -77,9 +77,7 @@ pub enum Refused {
     NotFound,
 }
 
-fn now_ms() -> i64 {
-    crate::prompt::now_unix() * 1000
-}
+use super::now_ms;
 
 impl ChatSession {
     /// A fresh session and the receiving end of its input queue.
@@ -349,21 +347,22 @@ pub struct Hub {
     orders: Arc<Orders>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-    /// Held by every session worker and order watcher; shutdown waits for them.
-    pub(super) tasks: mpsc::Sender<()>,
+    /// Cloned by every session worker, order watcher and socket; shutdown
+    /// waits until only this one is left.
+    pub(super) tasks: Arc<()>,
     order_poll: Duration,
     next_conn: AtomicU64,
 }
 
 impl Hub {
-    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, tasks: mpsc::Sender<()>, order_poll: Duration) -> Self {
+    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, order_poll: Duration) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
             agent,
             orders,
             metrics,
             shutdown,
-            tasks,
+            tasks: Arc::new(()),
             order_poll,
             next_conn: AtomicU64::new(1),
         }

@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -125,6 +125,14 @@ impl AppState {
     }
 }
 
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Resolves once shutdown has begun (holds no borrow across awaits).
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
@@ -173,7 +181,6 @@ pub struct Server {
     pub state: Arc<AppState>,
     shutdown_tx: watch::Sender<bool>,
     http_stop_tx: watch::Sender<bool>,
-    tasks_rx: mpsc::Receiver<()>,
     http: tokio::task::JoinHandle<()>,
     sandbox: Option<Sandbox>,
     drain: Duration,
@@ -226,9 +233,8 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         // The listener stays open while draining, so /readyz can say 503.
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
-        let (tasks_tx, tasks_rx) = mpsc::channel::<()>(1);
         let metrics = Arc::new(metrics::Metrics::default());
-        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), tasks_tx, opts.order_poll));
+        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll));
         let limits = opts.config.server.clone();
         let state = Arc::new(AppState {
             auth: auth::Auth::from_config(&opts.config),
@@ -267,7 +273,6 @@ impl Server {
             state,
             shutdown_tx,
             http_stop_tx,
-            tasks_rx,
             http,
             sandbox,
         })
@@ -283,13 +288,12 @@ impl Server {
     /// Returns whether everything finished within the drain time.
     pub async fn shutdown(mut self) -> bool {
         self.shutdown_tx.send_replace(true);
-        // Every session worker, order watcher and socket holds a sender.
-        let hub_sender_dropped = {
-            // The hub keeps one sender for new tasks; it goes with the state
-            // below, so wait for the others by counting down to it.
+        let drained = {
+            // Every session worker, order watcher and socket holds a clone
+            // of the hub's task guard: wait until only the hub's is left.
             let deadline = tokio::time::Instant::now() + self.drain;
             loop {
-                if self.state.hub.tasks.strong_count() <= 1 {
+                if Arc::strong_count(&self.state.hub.tasks) <= 1 {
                     break true;
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -300,10 +304,9 @@ impl Server {
         };
         self.http_stop_tx.send_replace(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http).await;
-        self.tasks_rx.close();
         if let Some(sb) = self.sandbox.take() {
             sb.stop().await;
         }
-        hub_sender_dropped
+        drained
     }
 }

@@ -41,12 +41,7 @@ pub struct Orders {
     conn: Mutex<Connection>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use super::now_ms;
 
 impl Orders {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
