@@ -447,7 +447,7 @@ pub(crate) struct Restaurant {
 }
 
 /// Minutes after local midnight at `now_ms` in `city` (UTC+8 in China, UTC+9 in Korea).
-pub(crate) fn local_minute(now_ms: i64, city: &City) -> u32 {
+pub fn local_minute(now_ms: i64, city: &City) -> u32 {
     let offset = if city.country == "KR" { 9 * 60 } else { 8 * 60 };
     (now_ms.div_euclid(60_000) + offset).rem_euclid(1440) as u32
 }
@@ -2014,3 +2014,89 @@ mod tests {
     }
 }
 
+
+/// Restaurants and dishes as feed items (see [`super::catalog`]).
+pub(crate) fn catalog_items(seed: u64) -> Vec<super::catalog::CatalogItem> {
+    use super::catalog::{meals_open, CatalogItem};
+    let mut out = Vec::new();
+    for r in Catalog::build(seed).restaurants {
+        let c = r.cuisine;
+        let veg = c.id == "vegetarian";
+        let mut tags = vec![c.id.to_owned()];
+        if veg || r.dishes.iter().filter(|d| d.tags.contains(&"vegetarian")).count() * 2 > r.dishes.len() {
+            if !tags.iter().any(|t| t == "vegetarian") {
+                tags.push("vegetarian".into());
+            }
+        }
+        if r.dishes.iter().filter(|d| d.tags.contains(&"spicy")).count() * 3 >= r.dishes.len() {
+            tags.push("spicy".into());
+        }
+        let meals = meals_open(r.hours.0, r.hours.1);
+        let rid = format!("food:restaurant:{}", r.id);
+        let mut refs = serde_json::Map::new();
+        refs.insert("restaurant_id".into(), r.id.clone().into());
+        let typical = r.dishes.iter().skip(1).map(|d| d.price).sum::<i64>() / (r.dishes.len().max(2) as i64 - 1);
+        out.push(CatalogItem {
+            id: rid.clone(),
+            app: "food".into(),
+            kind: "restaurant".into(),
+            name: r.name.into(),
+            text: format!(
+                "{} restaurant, {} food: {}. {} Dishes: {}.",
+                r.name.en,
+                c.name.en,
+                tags.join(", "),
+                r.description,
+                r.dishes.iter().map(|d| d.name.en).collect::<Vec<_>>().join(", ")
+            ),
+            tags: tags.clone(),
+            city: r.city.id.into(),
+            lat: r.lat,
+            lon: r.lon,
+            price: Some(typical),
+            currency: r.currency().into(),
+            rating: Some(r.rating),
+            meals: meals.clone(),
+            parent: None,
+            refs: refs.clone(),
+        });
+        for d in &r.dishes {
+            let mut dtags: Vec<String> = vec![c.id.to_owned()];
+            dtags.extend(d.tags.iter().map(|t| (*t).to_owned()));
+            let mut drefs = refs.clone();
+            drefs.insert("dish_id".into(), d.id.clone().into());
+            out.push(CatalogItem {
+                id: format!("food:dish:{}", d.id),
+                app: "food".into(),
+                kind: "dish".into(),
+                name: d.name.into(),
+                text: format!("{}, a {} dish ({}) from {}", d.name.en, c.name.en, d.tags.join(", "), r.name.en),
+                tags: dtags,
+                city: r.city.id.into(),
+                lat: r.lat,
+                lon: r.lon,
+                price: Some(d.price),
+                currency: r.currency().into(),
+                rating: Some(r.rating),
+                meals: meals.clone(),
+                parent: Some(rid.clone()),
+                refs: drefs,
+            });
+        }
+    }
+    out
+}
+
+/// Every cuisine id with the words people use for it (English, Chinese and
+/// Korean names and aliases), for language-neutral memory tags.
+pub fn cuisine_terms() -> Vec<(&'static str, Vec<&'static str>)> {
+    CUISINES
+        .iter()
+        .map(|c| (c.id, std::iter::once(c.id).chain(c.name.all()).chain(c.aliases.iter().copied()).collect()))
+        .collect()
+}
+
+/// A cuisine's name in `lang` (`en`, `zh`, `ko`), by id.
+pub fn cuisine_name(id: &str, lang: &str) -> Option<&'static str> {
+    CUISINES.iter().find(|c| c.id == id).map(|c| c.name.get(lang))
+}

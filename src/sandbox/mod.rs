@@ -22,6 +22,7 @@
 //! `--only` and `--pay-url` pointing at a payment service elsewhere.
 
 pub mod bike;
+pub mod catalog;
 pub mod cities;
 pub mod common;
 pub mod core;
@@ -260,8 +261,11 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
     let pay_url = cfg.pay_url.clone().unwrap_or_else(|| format!("{base_url}/pay"));
     let clock = Clock::default();
 
+    // Built once: the recommendation feed reads it at start.
+    let items = Arc::new(json!({"seed": cfg.seed, "items": catalog::items(cfg.seed, &cfg.services)}));
     let mut app = Router::new()
         .route("/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/catalog", get(move || async move { Json(items.as_ref().clone()) }))
         .route("/_admin/clock", post(advance_clock).with_state(clock.clone()));
     let mut faults = HashMap::new();
     let mut merchants = HashMap::new();

@@ -2262,3 +2262,44 @@ mod tests {
     }
 }
 
+
+/// Each venue's titles as feed items (see [`super::catalog`]): what a
+/// person can book there, whatever the date.
+pub(crate) fn catalog_items() -> Vec<super::catalog::CatalogItem> {
+    use super::catalog::CatalogItem;
+    let mut out = Vec::new();
+    for v in VENUES {
+        let Some(city) = cities::city_by_id(v.city) else { continue };
+        let meals: Vec<String> = match v.kind {
+            Kind::Movie => vec!["lunch".into(), "afternoon".into(), "dinner".into(), "late".into()],
+            _ => vec!["dinner".into()],
+        };
+        for t in v.kind.titles() {
+            let slug: String = t.en.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+            let slug = slug.split('-').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("-");
+            let kind = v.kind.as_str();
+            let mut refs = serde_json::Map::new();
+            refs.insert("kind".into(), kind.into());
+            refs.insert("city".into(), city.name.en.into());
+            refs.insert("title".into(), t.en.into());
+            out.push(CatalogItem {
+                id: format!("tickets:{kind}:{}:{slug}", v.id),
+                app: "tickets".into(),
+                kind: kind.into(),
+                name: (*t).into(),
+                text: format!("{} ({kind}) at {} in {}", t.en, v.name.en, city.name.en),
+                tags: vec![kind.to_owned()],
+                city: city.id.into(),
+                lat: city.lat,
+                lon: city.lon,
+                price: None,
+                currency: city.currency.into(),
+                rating: None,
+                meals: meals.clone(),
+                parent: None,
+                refs,
+            });
+        }
+    }
+    out
+}
