@@ -80,6 +80,7 @@ pub mod catalog;
 pub mod chat;
 pub mod engine;
 pub mod gguf;
+pub mod memory;
 pub mod model;
 pub mod prompt;
 pub mod sandbox;

@@ -66,6 +66,13 @@ enum Cmd {
         data: Option<PathBuf>,
         #[arg(long, default_value_t = 320)]
         max_tokens: usize,
+        /// Keep memories and the catalog index on this Qdrant server (gRPC,
+        /// e.g. http://localhost:6334) instead of the embedded qdrant-edge.
+        #[arg(long)]
+        qdrant_url: Option<String>,
+        /// Run without memory and recommendations (no embedding model needed).
+        #[arg(long, conflicts_with = "qdrant_url")]
+        no_memory: bool,
     },
     /// Talk to the assistant in the terminal.
     Chat {
@@ -165,6 +172,18 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Feed latency at catalog scale and memory-write throughput, against anchors.
+    BenchMemory {
+        /// Catalog size (the real items, copied with jitter up to this many).
+        #[arg(long, default_value_t = 100_000)]
+        items: usize,
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// How often tool calls are valid, with and without constraints (evals/toolcalls.json).
     Toolcheck {
         #[command(flatten)]
@@ -229,7 +248,10 @@ fn run() -> Result<()> {
     // candle and gemm size their pools from this before first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     match cli.cmd {
-        Cmd::Serve { model, addr, config, tools, sandbox_url, data, max_tokens } => serve(model, addr, config, tools, sandbox_url, data, max_tokens)?,
+        Cmd::Serve { model, addr, config, tools, sandbox_url, data, max_tokens, qdrant_url, no_memory } => {
+            let memory = (!no_memory).then_some(qdrant_url);
+            serve(model, addr, config, tools, sandbox_url, data, max_tokens, memory)?
+        }
         Cmd::Sandbox { port, data, only, pay_url, seed, latency_ms, error_rate, secret, crash_after_pay, notify_backoff_ms } => {
             let mut cfg = SandboxConfig::new(data.unwrap_or_else(sandbox_dir));
             cfg.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -373,6 +395,15 @@ fn run() -> Result<()> {
                 std::fs::write(&p, serde_json::to_string_pretty(&report)?)?;
             }
         }
+        Cmd::BenchMemory { items, queries, writes, json } => {
+            let e: Arc<dyn errand::memory::embed::Embedder> = Arc::new(errand::memory::embed::MiniLm::from_catalog()?);
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(errand::memory::bench::run(e, items, queries, writes))?;
+            println!("{report}");
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
         Cmd::Toolcheck { model, cases, tools } => {
             let text = std::fs::read_to_string(&cases).with_context(|| format!("cannot read {}", cases.display()))?;
             let cases: Vec<errand::toolcheck::Case> =
@@ -410,6 +441,7 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     model: ModelArgs,
     addr: Option<std::net::SocketAddr>,
@@ -418,6 +450,8 @@ fn serve(
     sandbox_url: Option<String>,
     data: Option<PathBuf>,
     max_tokens: usize,
+    // None: no memory; Some(None): embedded qdrant-edge; Some(Some(url)): a Qdrant server.
+    memory: Option<Option<String>>,
 ) -> Result<()> {
     use errand::server::config::ServerConfig;
     use errand::server::{SandboxChoice, ServeOptions, Server};
@@ -435,6 +469,13 @@ fn serve(
     let engine = Engine::start(&resolved, engine_options(&model)?)?;
     eprintln!("{} ready in {:.1} s", engine.info.name, engine.info.load_ms / 1000.0);
     let data = data.unwrap_or_else(|| errand_home().join("server"));
+    let memory = match memory {
+        None => None,
+        Some(qdrant_url) => {
+            let e = errand::memory::embed::MiniLm::from_catalog().context("memory needs the embedding model (or start with --no-memory)")?;
+            Some(errand::server::MemoryOptions { embedder: Arc::new(e), qdrant_url })
+        }
+    };
     let sandbox = match sandbox_url {
         Some(u) => SandboxChoice::Remote(u),
         None => SandboxChoice::InProcess(SandboxConfig::new(sandbox_dir())),
@@ -449,9 +490,10 @@ fn serve(
             config: cfg,
             data_dir: data,
             tools,
-            agent: AgentOptions { max_tokens, ..Default::default() },
+            agent: AgentOptions { max_tokens, extract_memories: memory.is_some(), ..Default::default() },
             sandbox,
             order_poll: std::time::Duration::from_secs(2),
+            memory,
         };
         let server = Server::start(Arc::new(engine), listener, opts).await?;
         if let Some(sb) = server.sandbox_url() {

@@ -21,6 +21,7 @@
 //! step is written to the [`Audit`] log.
 
 pub mod ground;
+mod personal;
 pub mod present;
 
 use crate::adapter::{Adapter, AdapterError, CallRequest, ErrorKind};
@@ -55,6 +56,9 @@ pub struct AgentOptions {
     pub pay_method: String,
     /// Fixed language; detected from the first message when `None`.
     pub lang: Option<Lang>,
+    /// Ask the model, after a message about oneself that the rules did not
+    /// read, for preferences to remember (one extra short model call).
+    pub extract_memories: bool,
 }
 
 impl Default for AgentOptions {
@@ -69,6 +73,7 @@ impl Default for AgentOptions {
             wallet: "demo".into(),
             pay_method: "alipay".into(),
             lang: None,
+            extract_memories: false,
         }
     }
 }
@@ -175,6 +180,12 @@ struct Session {
     wallet: Option<String>,
     /// Turns true when the client asks to stop the running input.
     cancel: tokio::sync::watch::Receiver<bool>,
+    /// Whose memories this session reads and writes (none: no memory).
+    user: Option<String>,
+    /// The memory this session kept last ("forget that").
+    last_memory: Option<u64>,
+    /// A message for the model to read for preferences after the turn.
+    to_extract: Option<String>,
 }
 
 /// Resolves when the switch turns on; never, when its sender is gone.
@@ -189,6 +200,8 @@ async fn cancelled(mut rx: tokio::sync::watch::Receiver<bool>) {
 pub struct SessionOptions {
     pub wallet: Option<String>,
     pub lang: Option<Lang>,
+    /// The person, for memory and recommendations.
+    pub user: Option<String>,
 }
 
 pub struct Agent {
@@ -204,6 +217,8 @@ pub struct Agent {
     http: reqwest::Client,
     opts: AgentOptions,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+    /// Memory and the feed, when the server runs them.
+    personal: std::sync::RwLock<Option<Arc<crate::memory::feed::Feed>>>,
 }
 
 /// How a call left the turn.
@@ -234,7 +249,17 @@ impl Agent {
                 .expect("a plain HTTP client builds"),
             opts,
             sessions: Mutex::new(HashMap::new()),
+            personal: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Turns memory on (or off) for sessions that know their user.
+    pub fn set_personal(&self, feed: Option<Arc<crate::memory::feed::Feed>>) {
+        *self.personal.write().unwrap_or_else(|p| p.into_inner()) = feed;
+    }
+
+    pub fn personal(&self) -> Option<Arc<crate::memory::feed::Feed>> {
+        self.personal.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn audit(&self) -> &Audit {
@@ -257,6 +282,7 @@ impl Agent {
         let s = self.session(session);
         let mut s = s.lock().await;
         s.wallet = o.wallet;
+        s.user = o.user;
         if o.lang.is_some() {
             s.lang = o.lang;
         }
@@ -328,6 +354,9 @@ impl Agent {
                     excluded: Vec::new(),
                     wallet: None,
                     cancel: tokio::sync::watch::channel(false).1,
+                    user: None,
+                    last_memory: None,
+                    to_extract: None,
                 }))
             })
             .clone()
@@ -400,8 +429,14 @@ impl Agent {
             }
             None => s.evidence.user.push(text.clone()),
         }
+        let text = match self.personal_turn(sid, s, lang, &text, tx).await? {
+            personal::Handled::Done => return Ok(()),
+            personal::Handled::Continue(t) => t,
+        };
         s.messages.push(Message::user(text));
-        self.rounds(sid, s, lang, self.opts.max_rounds, tx).await
+        let r = self.rounds(sid, s, lang, self.opts.max_rounds, tx).await;
+        self.after_turn(s, lang);
+        r
     }
 
     /// Model rounds until the model answers without calling, a call ends the
@@ -978,6 +1013,9 @@ impl Agent {
             emit(tx, AgentEvent::Card(present::card(kind, &name, &p.tool.app, &shown, lang))).await;
         }
         emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
+        if paid.is_some() {
+            self.remember_order(s, &p.tool.app, &name, &p.args, &p.req.summary, p.req.amount, &p.req.currency).await;
+        }
         let text = if paid.is_some() {
             say(lang, Say::Paid { amount: p.req.amount_display.clone(), summary: &p.req.summary })
         } else {

@@ -403,7 +403,7 @@ impl Hub {
             }
             map.insert(id.clone(), session.clone());
         }
-        self.agent.open_session(&id, SessionOptions { wallet: Some(wallet.to_owned()), lang }).await;
+        self.agent.open_session(&id, SessionOptions { wallet: Some(wallet.to_owned()), lang, user: Some(user.to_owned()) }).await;
         let hub = self.clone();
         let s = session.clone();
         let guard = self.tasks.clone();

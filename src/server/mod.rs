@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openai;
 pub mod orders;
+pub mod personal;
 pub mod rest;
 pub mod ws;
 
@@ -73,6 +74,17 @@ pub struct ServeOptions {
     pub sandbox: SandboxChoice,
     /// How often confirmed orders are re-read to push status changes.
     pub order_poll: Duration,
+    /// Personal memory and the feed; `None` turns them off.
+    pub memory: Option<MemoryOptions>,
+}
+
+/// Where memories and the catalog index live, and what embeds them.
+#[derive(Clone)]
+pub struct MemoryOptions {
+    pub embedder: Arc<dyn crate::memory::embed::Embedder>,
+    /// A Qdrant server (gRPC, e.g. `http://localhost:6334`); embedded
+    /// qdrant-edge under the data directory when `None`.
+    pub qdrant_url: Option<String>,
 }
 
 /// What every handler shares. Cheap to reach through `Arc`.
@@ -95,6 +107,8 @@ pub struct AppState {
     pub apps_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
     pub conns: Arc<Semaphore>,
+    /// Memory and the feed (`None` with `--no-memory`).
+    pub feed: Option<Arc<crate::memory::feed::Feed>>,
 }
 
 impl AppState {
@@ -156,6 +170,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
         .route("/v1/ws", get(ws::handler))
         .merge(rest::routes())
+        .merge(personal::routes())
         .merge(openai::routes())
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
@@ -230,6 +245,33 @@ impl Server {
             agent_opts.pay_url = Some(format!("{base}/pay"));
         }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
+        let feed = match opts.memory {
+            None => None,
+            Some(m) => {
+                let store = match &m.qdrant_url {
+                    None => crate::memory::store::Store::Edge(crate::memory::store::EdgeStore::open(data.join("vectors")).map_err(|e| data_err("the vector store", &format!("{e:#}")))?),
+                    Some(url) => crate::memory::store::Store::Qdrant(crate::memory::store::QdrantStore::connect(url, "errand_").map_err(|e| data_err("the Qdrant server", &format!("{e:#}")))?),
+                };
+                let memory = crate::memory::Memory::open(Arc::new(store), m.embedder).await.map_err(|e| data_err("the memory store", &format!("{e:#}")))?;
+                let feed = crate::memory::feed::Feed::open(memory).await.map_err(|e| data_err("the catalog index", &format!("{e:#}")))?;
+                agent.set_personal(Some(feed.clone()));
+                // Indexing embeds only what changed since the last start;
+                // the feed answers 503 until it is done.
+                let (f, url) = (feed.clone(), base.clone());
+                tokio::spawn(async move {
+                    for attempt in 0..5u64 {
+                        match f.index_from(&url).await {
+                            Ok(_) => return,
+                            Err(e) => {
+                                eprintln!("errand serve: indexing the catalog failed (attempt {}): {e:#}", attempt + 1);
+                                tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+                            }
+                        }
+                    }
+                });
+                Some(feed)
+            }
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         // The listener stays open while draining, so /readyz can say 503.
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
@@ -252,6 +294,7 @@ impl Server {
             shutdown: shutdown_rx.clone(),
             conns: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
+            feed,
         });
         let addr = listener.local_addr()?;
         let router = app(state.clone());

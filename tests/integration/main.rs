@@ -6,6 +6,8 @@
 
 mod util;
 
+mod memory;
+
 mod agent_qwen;
 mod e2e_qwen;
 mod payments;
@@ -18,3 +20,4 @@ mod grammar;
 mod reference_model;
 mod template_golden;
 mod tokenizer_fixture;
+mod vector_store;

@@ -5,6 +5,7 @@
 
 use crate::util::{repo, show, smol};
 use errand::agent::AgentOptions;
+use errand::memory::keys::Kind;
 use errand::server::config::{AppEntry, ServerConfig, UserEntry};
 use errand::server::{SandboxChoice, ServeOptions, Server};
 use errand::sandbox::SandboxConfig;
@@ -56,7 +57,18 @@ impl TestServer {
 
 /// A server on 127.0.0.1:0 with the given engine, tools and config.
 pub async fn serve(engine: Arc<errand::engine::Engine>, tools: ToolSet, cfg: ServerConfig, agent: AgentOptions) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
+    serve_in(tempfile::tempdir().unwrap(), engine, tools, cfg, agent, None).await
+}
+
+/// The same, in a given folder (a restart reuses it), with memory when asked.
+pub async fn serve_in(
+    dir: tempfile::TempDir,
+    engine: Arc<errand::engine::Engine>,
+    tools: ToolSet,
+    cfg: ServerConfig,
+    agent: AgentOptions,
+    memory: Option<errand::server::MemoryOptions>,
+) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let opts = ServeOptions {
         config: cfg,
@@ -65,6 +77,7 @@ pub async fn serve(engine: Arc<errand::engine::Engine>, tools: ToolSet, cfg: Ser
         agent,
         sandbox: SandboxChoice::InProcess(SandboxConfig::new(dir.path().join("sandbox"))),
         order_poll: Duration::from_millis(200),
+        memory,
     };
     let server = Server::start(engine, listener, opts).await.unwrap();
     TestServer { server: Some(server), dir }
@@ -485,4 +498,113 @@ async fn cancel_stops_the_reply_being_written() {
     let d = c.until("done", 120).await;
     assert_eq!(d["reply_to"], "m2");
     t.stop().await;
+}
+
+/// A SmolLM2 server with memory on the embedded store, in `dir`.
+async fn memory_server(dir: tempfile::TempDir) -> TestServer {
+    let agent = AgentOptions { max_tokens: 24, constrain: false, ..Default::default() };
+    let tools = ToolSet::load_dir(&crate::util::repo().join("tools")).unwrap();
+    let memory = errand::server::MemoryOptions { embedder: crate::util::minilm(), qdrant_url: None };
+    let t = serve_in(dir, Arc::new(smol().clone()), tools, config(), agent, Some(memory)).await;
+    // The catalog is indexed in the background; the feed says 503 until then.
+    for _ in 0..600 {
+        let r = http().get(t.http("/v1/users/me/feed")).bearer_auth(ALICE).send().await.unwrap();
+        if r.status() != 503 {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the catalog was never indexed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memories_over_rest_are_per_user_and_survive_a_restart() {
+    let mut t = memory_server(tempfile::tempdir().unwrap()).await;
+    let c = http();
+    let r = c.post(t.http("/v1/users/me/memories")).bearer_auth(ALICE).json(&json!({"text": "I'm vegetarian"})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let m: Value = r.json().await.unwrap();
+    assert_eq!((m["kind"].as_str(), m["user"].as_str()), (Some("diet"), Some("alice")));
+    for (body, why) in [(json!({"text": ""}), "empty"), (json!({"txt": "x"}), "unknown field"), (json!({"text": "x", "kind": "order"}), "orders come from orders")] {
+        let r = c.post(t.http("/v1/users/alice/memories")).bearer_auth(ALICE).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{why}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"]["message"].as_str().is_some_and(|s| !s.is_empty()), "{why}: {e}");
+    }
+    // Bob cannot read, forget or rank by Alice's memories: her user is "not found" to him.
+    for path in ["/v1/users/alice/memories", "/v1/users/alice/feed"] {
+        assert_eq!(c.get(t.http(path)).bearer_auth(BOB).send().await.unwrap().status(), 404, "{path}");
+    }
+    let id = m["id"].as_u64().unwrap();
+    assert_eq!(c.delete(t.http(&format!("/v1/users/alice/memories/{id}"))).bearer_auth(BOB).send().await.unwrap().status(), 404);
+    assert_eq!(c.delete(t.http(&format!("/v1/users/bob/memories/{id}"))).bearer_auth(BOB).send().await.unwrap().status(), 404, "not Bob's memory");
+    let bob: Value = c.get(t.http("/v1/users/me/memories")).bearer_auth(BOB).send().await.unwrap().json().await.unwrap();
+    assert_eq!(bob["memories"], json!([]));
+    assert_eq!(c.get(t.http("/v1/users/me/memories")).send().await.unwrap().status(), 401);
+
+    // The feed: Alice's diet holds; bad parameters get a clear 400.
+    let f: Value = c.get(t.http("/v1/users/me/feed?lat=31.2323&lon=121.4754&time=19:00&kinds=restaurant&limit=5")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    let items = f["items"].as_array().unwrap();
+    // Shanghai has two places that fit the diet: fewer items, never a wrong one.
+    assert!(!items.is_empty() && items.len() <= 5, "{f}");
+    assert!(items.iter().all(|i| i["tags"].as_array().unwrap().contains(&json!("vegetarian"))), "{f}");
+    assert!(items.iter().all(|i| i["reason"].as_str().is_some_and(|r| !r.is_empty())), "{f}");
+    for q in ["lat=31.2", "lat=100&lon=0", "time=25:00", "kinds=spaceship", "limit=0", "lang=fr", "radius=3"] {
+        let r = c.get(t.http(&format!("/v1/users/me/feed?{q}"))).bearer_auth(ALICE).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+    }
+
+    // A restart on the same data keeps the memory.
+    assert!(t.stop().await);
+    let dir = std::mem::replace(&mut t.dir, tempfile::tempdir().unwrap());
+    let t = memory_server(dir).await;
+    let list: Value = c.get(t.http("/v1/users/me/memories")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["memories"][0]["id"].as_u64(), Some(id), "{list}");
+    let r: Value = c.delete(t.http("/v1/users/me/memories")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["deleted"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remember_recommend_forget_and_my_usual_over_the_socket() {
+    let t = memory_server(tempfile::tempdir().unwrap()).await;
+    let feed = t.s().state.feed.clone().unwrap();
+    // Starting state: Alice ordered the same dinner twice.
+    let args = json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-mapo-tofu", "quantity": 1}], "address": "88 Nanjing Road"}).as_object().unwrap().clone();
+    for _ in 0..2 {
+        let o = errand::memory::OrderMemory::new("food", "food_order", args.clone(), "Mapo Tofu ×1 from sh01", 3300, "CNY");
+        feed.memory().remember_order("alice", o, feed.tags_for(&args)).await.unwrap();
+    }
+    let (mut c, _) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    c.send(json!({"type": "message", "id": "m1", "text": "Remember I'm vegetarian"})).await;
+    let n = c.until("notice", 60).await;
+    assert!(n["text"].as_str().unwrap().contains("I'll remember: I'm vegetarian"), "{n}");
+    c.until("done", 30).await;
+
+    c.send(json!({"type": "message", "id": "m2", "text": "Recommend dinner"})).await;
+    let card = c.until("card", 60).await;
+    assert_eq!(card["card"]["kind"].as_str().or(card["kind"].as_str()), Some("recommendations"), "{card}");
+    let data = if card["card"].is_object() { &card["card"]["data"] } else { &card["data"] };
+    let items = data["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    assert!(items.iter().all(|i| i["tags"].as_array().unwrap().contains(&json!("vegetarian"))), "{card}");
+    c.until("done", 30).await;
+
+    c.send(json!({"type": "message", "id": "m3", "text": "forget that"})).await;
+    let n = c.until("notice", 60).await;
+    assert!(n["text"].as_str().unwrap().starts_with("Forgotten: I'm vegetarian"), "{n}");
+    c.until("done", 30).await;
+    assert!(feed.memory().list("alice").await.unwrap().iter().all(|m| m.kind == Kind::Order));
+
+    // "My usual": the twice-ordered dinner, quoted and confirmed like any order.
+    c.send(json!({"type": "message", "id": "m4", "text": "order my usual"})).await;
+    let conf = c.until("confirmation", 60).await;
+    assert_eq!(conf["tool"].as_str().or(conf["confirmation"]["tool"].as_str()), Some("food_order"), "{conf}");
+    let token = conf["token"].as_str().or(conf["confirmation"]["token"].as_str()).unwrap().to_owned();
+    c.until("done", 30).await;
+    c.send(json!({"type": "confirm", "id": "c1", "token": token})).await;
+    let p = c.until("payment", 60).await;
+    assert_eq!(p["status"].as_str().or(p["payment"]["status"].as_str()), Some("paid"), "{p}");
+    c.until("done", 30).await;
+    let orders = feed.memory().usual("alice", Some("food")).await.unwrap().unwrap();
+    assert_eq!(orders.times, 3, "the new order is remembered too");
 }

@@ -46,3 +46,9 @@ pub fn qwen_arc() -> Arc<Engine> {
 pub fn show(label: &str, value: &impl std::fmt::Debug) -> String {
     format!("\n--- {label} ---\n{value:#?}\n")
 }
+
+/// One MiniLM embedder shared by the tests in this binary.
+pub fn minilm() -> std::sync::Arc<dyn errand::memory::embed::Embedder> {
+    static E: OnceLock<Arc<errand::memory::embed::MiniLm>> = OnceLock::new();
+    E.get_or_init(|| Arc::new(errand::memory::embed::MiniLm::from_catalog().unwrap_or_else(|e| panic!("{e:#}")))).clone()
+}
