@@ -21,7 +21,8 @@ use tokenizers::{Encoding, Tokenizer, TruncationParams};
 /// record which model made them.
 pub const MINILM_ID: &str = "all-minilm-l6-v2";
 /// Texts per forward pass: large enough to keep matmuls efficient, small
-/// enough that a batch of 256-token texts stays a few tens of MB.
+/// enough that a full batch of 256-token texts peaks at a few hundred MB
+/// (one layer's attention scores are 32×12×256×256 floats, 100 MB).
 pub const BATCH: usize = 32;
 /// Tokens per text, special tokens included (sentence-transformers'
 /// max_seq_length for this model; it was trained on at most 256).

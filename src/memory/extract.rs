@@ -19,7 +19,7 @@ const SYSTEM: &str = "You read one message from a user and keep what it says abo
 fn tool() -> Tool {
     let def: ToolDef = serde_json::from_value(json!({
         "name": "save_preferences",
-        "description": "Keep the user's lasting preferences from their message.",
+        "description": {"en": "Keep the user's lasting preferences from their message."},
         "parameters": {
             "type": "object",
             "properties": {
@@ -98,6 +98,14 @@ pub fn checked(text: &str, args: &Value) -> Vec<(Kind, String, Vec<String>)> {
         if tags.is_empty() && !words_said && !cjk_said {
             continue;
         }
+        // The model's stance is a proposal too: clear words in the text win
+        // ("I can't eat peanuts" is a dislike whatever it labelled it).
+        let kind = keys::polarity(about).unwrap_or(kind);
+        // …and the person must have taken that stance: "get me a ride to the
+        // airport" holds no "I love the airport".
+        if !keys::has_stance(text, kind) {
+            continue;
+        }
         if kind == Kind::Diet && !tags.iter().any(|t| t == "vegetarian") {
             // A diet the lexicon does not know is kept as a dislike or fact, not as a rule.
             out.push((Kind::Fact, about.to_owned(), tags));
@@ -113,6 +121,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_tool_builds() {
+        assert_eq!(tool().def.name, "save_preferences");
+    }
+
+    #[test]
     fn only_self_descriptions_are_read() {
         assert!(worth_reading("By the way, I can't eat peanuts"));
         assert!(worth_reading("我对花生过敏"));
@@ -123,16 +136,19 @@ mod tests {
     #[test]
     fn invented_proposals_are_dropped() {
         let text = "By the way, I can't eat peanuts and I love spicy food";
+        assert_eq!(keys::polarity("I can't eat peanuts"), Some(Kind::Dislike));
         let args = json!({"preferences": [
             {"kind": "dislike", "about": "peanuts"},
-            {"kind": "like", "about": "spicy food"},
+            {"kind": "dislike", "about": "I love spicy food"},
             {"kind": "like", "about": "sushi"},
             {"kind": "diet", "about": "gluten-free"},
             {"kind": "nonsense", "about": "peanuts"}
         ]});
+        let invented = json!({"preferences": [{"kind": "like", "about": "I love to go to the airport at 7"}]});
+        assert!(checked("Get me a ride to the airport at 7, please.", &invented).is_empty(), "no stance was taken");
         let got = checked(text, &args);
         let kinds: Vec<(Kind, &str)> = got.iter().map(|(k, a, _)| (*k, a.as_str())).collect();
-        assert_eq!(kinds, [(Kind::Dislike, "peanuts"), (Kind::Like, "spicy food")]);
+        assert_eq!(kinds, [(Kind::Dislike, "peanuts"), (Kind::Like, "I love spicy food")], "the words' stance beats the label");
         assert_eq!(got[1].2, ["spicy"]);
     }
 }

@@ -127,19 +127,41 @@ const DIET: &[&str] = &["i'm vegetarian", "i am vegetarian", "i'm vegan", "i am 
 /// nothing about likes, dislikes or diet (it may still be kept as a fact
 /// when the person asked to remember it).
 pub fn preference(text: &str) -> Option<(Kind, Vec<String>)> {
-    let t = lower(text);
     let tags = tags(text);
-    if DIET.iter().any(|w| t.contains(w)) {
-        return Some((Kind::Diet, if tags.is_empty() { vec!["vegetarian".into()] } else { tags }));
+    match polarity(text)? {
+        Kind::Diet => Some((Kind::Diet, if tags.is_empty() { vec!["vegetarian".into()] } else { tags })),
+        k if tags.is_empty() => {
+            let _ = k;
+            None
+        }
+        k => Some((k, tags)),
     }
-    if tags.is_empty() {
-        return None;
+}
+
+/// Whether `text` itself takes this stance anywhere (a message can hold a
+/// dislike and a like at once).
+pub fn has_stance(text: &str, kind: Kind) -> bool {
+    let t = lower(text);
+    match kind {
+        Kind::Diet => DIET.iter().any(|w| t.contains(w)),
+        Kind::Dislike => DISLIKE.iter().any(|w| t.contains(w)),
+        Kind::Like => LIKE.iter().any(|w| contains_cue(&t, w)),
+        Kind::Fact | Kind::Order => true,
+    }
+}
+
+/// The stance a sentence takes, whatever it is about: a diet, a dislike or
+/// a like (`None`: no stance, or a request such as "I'd like …").
+pub fn polarity(text: &str) -> Option<Kind> {
+    let t = lower(text);
+    if DIET.iter().any(|w| t.contains(w)) {
+        return Some(Kind::Diet);
     }
     if DISLIKE.iter().any(|w| t.contains(w)) || (t.contains("no ") && t.contains("please")) {
-        return Some((Kind::Dislike, tags));
+        return Some(Kind::Dislike);
     }
     if LIKE.iter().any(|w| contains_cue(&t, w)) && !REQUEST.iter().any(|w| contains_cue(&t, w)) {
-        return Some((Kind::Like, tags));
+        return Some(Kind::Like);
     }
     None
 }
