@@ -4,7 +4,8 @@
 //! process: the LLM on candle (CPU by default), tool calling against
 //! mini-program services, confirmations and payments in sandbox
 //! mini-programs, and the server that chat clients, embedding mini-programs
-//! and OpenAI-style tools talk to. Memory comes in a later layer.
+//! and OpenAI-style tools talk to, and personal memory with a
+//! recommendation feed on embedded Qdrant.
 //!
 //! ## Architecture map
 //!
@@ -43,7 +44,16 @@
 //!    │                order watchers push status changes; orders in SQLite
 //!    /v1/chat/completions, /v1/models ── openai (SSE) ──► engine
 //!    /v1/sessions, /v1/orders, /v1/apps (manifest upload), /healthz, /readyz, /metrics
-//!    /, /sdk.js, /widget.js ── web/ (chat page, JS SDK, one-tag widget)
+//!    /v1/users/{id}/memories, /v1/users/{id}/feed ── server::personal ──┐
+//!    /, /sdk.js, /widget.js ── web/ (chat page, JS SDK, one-tag widget)  │
+//!                                                                        ▼
+//!  memory: Memory (per-user memories: like, dislike, diet, fact, order) ◄── agent::personal
+//!    ├─ keys: en/zh/ko lexicon → English tags; remember/forget/my usual/recommend by rules
+//!    ├─ embed: all-MiniLM-L6-v2 on candle BERT (mean pool, L2), on blocking threads
+//!    ├─ extract: preferences the model proposes (constrained call), checked against the words
+//!    ├─ feed: sandbox /catalog indexed incrementally; ranking by profile, time, place, diversity
+//!    └─ store: VectorStore ── EdgeStore (qdrant-edge, in-process, default)
+//!                           └─ QdrantStore (qdrant-client, --qdrant-url)
 //! ```
 //!
 //! - [`catalog`]: model names → files; the exact command to fetch what is missing.
@@ -63,6 +73,8 @@
 //! - [`agent`]: the dialogue loop, grounding, the confirmation gate, cards.
 //! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
 //! - [`audit`]: the append-only audit log.
+//! - [`memory`]: memories per user, "my usual", the Now feed, embeddings and
+//!   the vector stores (`docs/memory.md`); `errand bench-memory`.
 //! - [`sandbox`]: the sandbox mini-programs and the payment service.
 //! - [`chat`]: the terminal REPL behind `errand chat`.
 //! - [`server`]: `errand serve`: the WebSocket protocol (`docs/protocol.md`),

@@ -195,8 +195,13 @@ impl Agent {
             }
             None => {
                 let mut noted = None;
-                if let Some((kind, tags)) = keys::preference(text) {
-                    let m = mem.remember(&user, text, Some(kind), "said").await.map_err(fail)?;
+                // An ordinary message never fails for memory's sake: without
+                // the store it is simply answered without memory.
+                let kept = match keys::preference(text) {
+                    Some((kind, tags)) => mem.remember(&user, text, Some(kind), "said").await.ok().map(|m| (kind, tags, m)),
+                    None => None,
+                };
+                if let Some((kind, tags, m)) = kept {
                     self.audit_row(sid, "user", "memory", None, json!({"remembered": m.text, "kind": m.kind, "tags": tags}), "kept")?;
                     s.last_memory = Some(m.id);
                     let what = tags.iter().map(|t| tag_words(t, lang)).collect::<Vec<_>>().join(", ");
@@ -214,7 +219,7 @@ impl Agent {
                     s.to_extract = Some(text.to_owned());
                 }
                 // What the model should know: the few memories about this.
-                let recalled = mem.recall(&user, text, 3, &[Kind::Like, Kind::Dislike, Kind::Diet, Kind::Fact, Kind::Order]).await.map_err(fail)?;
+                let recalled = mem.recall(&user, text, 3, &[Kind::Like, Kind::Dislike, Kind::Diet, Kind::Fact, Kind::Order]).await.unwrap_or_default();
                 let relevant: Vec<(MemoryItem, f32)> = recalled.into_iter().filter(|(m, sc)| *sc >= RECALL_MIN && Some(m.id) != s.last_memory.filter(|_| noted.is_some())).collect();
                 for (m, _) in &relevant {
                     // The person's own earlier words count as said.
