@@ -31,6 +31,8 @@ pub struct MemoryBench {
     pub feed_p50_ms: f64,
     pub feed_p99_ms: f64,
     pub feed_max_ms: f64,
+    /// Queries with nothing to show (a diet no place in that city fits).
+    pub feed_empty: usize,
     pub scan_p50_ms: f64,
     pub writes: usize,
     pub writes_per_s: f64,
@@ -40,7 +42,7 @@ pub struct MemoryBench {
 impl std::fmt::Display for MemoryBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "catalog: {} items (qdrant-edge, HNSW), indexed in {:.1} s", self.items, self.index_s)?;
-        writeln!(f, "feed over {} queries: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (goal: p99 < 10 ms)", self.queries, self.feed_p50_ms, self.feed_p99_ms, self.feed_max_ms)?;
+        writeln!(f, "feed over {} queries: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (goal: p99 < 10 ms); {} had nothing to show", self.queries, self.feed_p50_ms, self.feed_p99_ms, self.feed_max_ms, self.feed_empty)?;
         writeln!(f, "anchor, exact scan of every vector: p50 {:.2} ms  → feed p50 / scan p50 = {:.2}×", self.scan_p50_ms, self.feed_p50_ms / self.scan_p50_ms)?;
         writeln!(f, "memory writes: {:.1}/s over {} writes; anchor, MiniLM alone: {:.1}/s → {:.2}× of embedding speed", self.writes_per_s, self.writes, self.embed_only_per_s, self.writes_per_s / self.embed_only_per_s)
     }
@@ -105,13 +107,17 @@ pub async fn run(embedder: Arc<dyn Embedder>, items: usize, queries: usize, writ
         feed.feed(&format!("u{u}"), &FeedQuery::default()).await?;
     }
     let mut lat = Vec::with_capacity(queries);
+    let mut empty = 0;
     for q in 0..queries {
         let (la, lo) = places[rng.random_range(0..places.len())];
         let query = FeedQuery { lat: Some(la), lon: Some(lo), minute: Some(rng.random_range(0..1440)), limit: 10, ..FeedQuery::default() };
         let t = Instant::now();
         let out = feed.feed(&format!("u{}", q % 20), &query).await?;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        anyhow::ensure!(!out.is_empty(), "the feed came back empty");
+        // A vegetarian in a city without a vegetarian place gets nothing: right, and counted.
+        if out.is_empty() {
+            empty += 1;
+        }
     }
     // Anchor: exact scan.
     let mut scan = Vec::new();
@@ -148,6 +154,7 @@ pub async fn run(embedder: Arc<dyn Embedder>, items: usize, queries: usize, writ
         feed_p50_ms: pct(&mut lat.clone(), 0.5),
         feed_p99_ms: pct(&mut lat.clone(), 0.99),
         feed_max_ms: pct(&mut lat, 1.0),
+        feed_empty: empty,
         scan_p50_ms: pct(&mut scan, 0.5),
         writes,
         writes_per_s,

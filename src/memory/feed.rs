@@ -320,21 +320,27 @@ impl Feed {
             Some(v) => v.clone(),
             None => self.context_vector(format!("{meal} {}", kinds.join(" "))).await?,
         };
-        let mut hits = self.store.search(CATALOG, vector.as_ref().clone(), filter.clone(), CANDIDATES).await?;
+        let mut hits = self.store.search_ids(CATALOG, vector.as_ref().clone(), filter.clone(), CANDIDATES).await?;
         // Items with a tag the person likes or orders are always candidates.
         let mut wanted: Vec<String> = profile.likes.keys().chain(profile.ordered_tags.keys()).chain(profile.diet.iter()).cloned().collect();
         wanted.sort();
         wanted.dedup();
-        if !wanted.is_empty() {
-            let more = self.store.search(CATALOG, vector.as_ref().clone(), filter.and(Cond::AnyOf("tags".into(), wanted)), CANDIDATES / 2).await?;
-            let seen: HashSet<u64> = hits.iter().map(|h| h.id).collect();
-            hits.extend(more.into_iter().filter(|h| !seen.contains(&h.id)));
+        // …unless the nearest already hold enough of them (the second search
+        // is half the cost of a feed at 100k items).
+        let enough = {
+            let items = self.items.read().unwrap_or_else(|p| p.into_inner());
+            hits.iter().filter(|h| items.get(&h.0).is_some_and(|it| it.tags.iter().any(|t| wanted.contains(t)))).count() >= 2 * q.limit.max(1)
+        };
+        if !wanted.is_empty() && !enough {
+            let more = self.store.search_ids(CATALOG, vector.as_ref().clone(), filter.and(Cond::AnyOf("tags".into(), wanted)), CANDIDATES / 2).await?;
+            let seen: HashSet<u64> = hits.iter().map(|h| h.0).collect();
+            hits.extend(more.into_iter().filter(|h| !seen.contains(&h.0)));
         }
-        let items = self.items.read().unwrap_or_else(|p| p.into_inner()).clone_subset(hits.iter().map(|h| h.id));
+        let items = self.items.read().unwrap_or_else(|p| p.into_inner()).clone_subset(hits.iter().map(|h| h.0));
         let mut scored: Vec<(f32, Arc<CatalogItem>, Option<f64>, &'static str, String)> = Vec::new();
-        for h in &hits {
-            let Some(it) = items.get(&h.id) else { continue };
-            if let Some(s) = score(&profile, it, h.score, q, meal) {
+        for &(id, sim) in &hits {
+            let Some(it) = items.get(&id) else { continue };
+            if let Some(s) = score(&profile, it, sim, q, meal) {
                 let (code, reason) = reason(&profile, it, meal, s.1, q.lang);
                 scored.push((s.0, it.clone(), s.1, code, reason));
             }

@@ -147,6 +147,16 @@ pub trait VectorStore: Send + Sync {
         filter: Filter,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<Hit>>> + Send;
+    /// [`VectorStore::search`] without payloads, for callers that keep
+    /// their own copy of them (the feed): the payload conversion is most of
+    /// a search's cost at scale.
+    fn search_ids(
+        &self,
+        collection: &str,
+        vector: Vec<f32>,
+        filter: Filter,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, f32)>>> + Send;
     /// Every matching point (paging internally), score 0, ordered by id; at most `limit`.
     fn scroll(
         &self,
@@ -577,6 +587,27 @@ impl VectorStore for EdgeStore {
         .await
     }
 
+    async fn search_ids(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize) -> Result<Vec<(u64, f32)>> {
+        let filter = edge_filter(&filter)?;
+        if limit == 0 {
+            return validate_collection_name(collection).map(|()| Vec::new());
+        }
+        self.with_shard(collection, "search", move |shard| {
+            let mut request = QueryRequestBuilder::new(limit)
+                .query(ScoringQuery::Vector(QueryEnum::from(vector)))
+                .with_payload(WithPayloadInterface::Bool(false));
+            if let Some(filter) = filter {
+                request = request.filter(filter);
+            }
+            shard
+                .query(request.build())?
+                .into_iter()
+                .map(|p| Ok((edge_id(p.id)?, p.score)))
+                .collect()
+        })
+        .await
+    }
+
     async fn scroll(&self, collection: &str, filter: Filter, limit: usize) -> Result<Vec<Hit>> {
         let filter = edge_filter(&filter)?;
         self.with_shard(collection, "scroll", move |shard| {
@@ -959,6 +990,20 @@ impl VectorStore for QdrantStore {
             .collect()
     }
 
+    async fn search_ids(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize) -> Result<Vec<(u64, f32)>> {
+        let full = self.name(collection)?;
+        let filter = grpc_filter(&filter)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut request = QueryPointsBuilder::new(&full).query(Query::new_nearest(vector)).limit(limit as u64).with_payload(false);
+        if let Some(filter) = filter {
+            request = request.filter(filter);
+        }
+        let response = self.client.query(request).await.with_context(|| format!("qdrant: search in collection {full:?}"))?;
+        response.result.into_iter().map(|p| Ok((grpc_id(p.id)?, p.score))).collect()
+    }
+
     async fn scroll(&self, collection: &str, filter: Filter, limit: usize) -> Result<Vec<Hit>> {
         let full = self.name(collection)?;
         let filter = grpc_filter(&filter)?;
@@ -1126,6 +1171,13 @@ impl VectorStore for Store {
         match self {
             Store::Edge(s) => s.search(collection, vector, filter, limit).await,
             Store::Qdrant(s) => s.search(collection, vector, filter, limit).await,
+        }
+    }
+
+    async fn search_ids(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize) -> Result<Vec<(u64, f32)>> {
+        match self {
+            Store::Edge(s) => s.search_ids(collection, vector, filter, limit).await,
+            Store::Qdrant(s) => s.search_ids(collection, vector, filter, limit).await,
         }
     }
 

@@ -182,6 +182,11 @@ async fn search_returns_nearest_first_with_cosine_scores<S: VectorStore>(store: 
         );
     }
     assert_eq!(hits[1].payload["name"], "near");
+    // Without payloads: the same ids and scores.
+    let bare = store.search_ids(c, vec![1.0, 0.0, 0.0, 0.0], Filter::default(), 10).await.unwrap();
+    assert_eq!(bare, hits.iter().map(|h| (h.id, h.score)).collect::<Vec<_>>());
+    let filtered = store.search_ids(c, vec![1.0, 0.0, 0.0, 0.0], Filter::eq("name", json!("near")), 10).await.unwrap();
+    assert_eq!(filtered.iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
 
     // Cosine ignores length, of the query and of the stored vectors.
     let scaled = store
