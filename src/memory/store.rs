@@ -485,6 +485,26 @@ fn edge_update(shard: &EdgeShard, op: PointOperations) -> Result<()> {
     Ok(shard.update(UpdateOperation::PointOperation(op))?)
 }
 
+impl EdgeStore {
+    /// The shared body of `search` and `search_ids`.
+    async fn nearest(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize, payload: bool) -> Result<Vec<qdrant_edge::ScoredPoint>> {
+        let filter = edge_filter(&filter)?;
+        if limit == 0 {
+            return validate_collection_name(collection).map(|()| Vec::new());
+        }
+        self.with_shard(collection, "search", move |shard| {
+            let mut request = QueryRequestBuilder::new(limit)
+                .query(ScoringQuery::Vector(QueryEnum::from(vector)))
+                .with_payload(WithPayloadInterface::Bool(payload));
+            if let Some(filter) = filter {
+                request = request.filter(filter);
+            }
+            Ok(shard.query(request.build())?)
+        })
+        .await
+    }
+}
+
 impl VectorStore for EdgeStore {
     async fn ensure_collection(
         &self,
@@ -560,52 +580,14 @@ impl VectorStore for EdgeStore {
         .await
     }
 
-    async fn search(
-        &self,
-        collection: &str,
-        vector: Vec<f32>,
-        filter: Filter,
-        limit: usize,
-    ) -> Result<Vec<Hit>> {
-        let filter = edge_filter(&filter)?;
-        if limit == 0 {
-            return validate_collection_name(collection).map(|()| Vec::new());
-        }
-        self.with_shard(collection, "search", move |shard| {
-            let mut request = QueryRequestBuilder::new(limit)
-                .query(ScoringQuery::Vector(QueryEnum::from(vector)))
-                .with_payload(WithPayloadInterface::Bool(true));
-            if let Some(filter) = filter {
-                request = request.filter(filter);
-            }
-            shard
-                .query(request.build())?
-                .into_iter()
-                .map(|p| edge_hit(p.id, p.score, p.payload))
-                .collect()
-        })
-        .await
+    async fn search(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize) -> Result<Vec<Hit>> {
+        let found = self.nearest(collection, vector, filter, limit, true).await?;
+        found.into_iter().map(|p| edge_hit(p.id, p.score, p.payload)).collect()
     }
 
     async fn search_ids(&self, collection: &str, vector: Vec<f32>, filter: Filter, limit: usize) -> Result<Vec<(u64, f32)>> {
-        let filter = edge_filter(&filter)?;
-        if limit == 0 {
-            return validate_collection_name(collection).map(|()| Vec::new());
-        }
-        self.with_shard(collection, "search", move |shard| {
-            let mut request = QueryRequestBuilder::new(limit)
-                .query(ScoringQuery::Vector(QueryEnum::from(vector)))
-                .with_payload(WithPayloadInterface::Bool(false));
-            if let Some(filter) = filter {
-                request = request.filter(filter);
-            }
-            shard
-                .query(request.build())?
-                .into_iter()
-                .map(|p| Ok((edge_id(p.id)?, p.score)))
-                .collect()
-        })
-        .await
+        let found = self.nearest(collection, vector, filter, limit, false).await?;
+        found.into_iter().map(|p| Ok((edge_id(p.id)?, p.score))).collect()
     }
 
     async fn scroll(&self, collection: &str, filter: Filter, limit: usize) -> Result<Vec<Hit>> {
