@@ -42,7 +42,7 @@ impl Agent {
             return Ok(Handled::Continue(text.to_owned()));
         };
         let mem = feed.memory().clone();
-        let fail = |e: anyhow::Error| format!("memory is unavailable ({e:#}); nothing was changed");
+        let fail = |e: anyhow::Error| format!("memory was not changed: {e:#}");
         let answer = |s: &mut Session, reply: String| {
             s.messages.push(Message::user(text.to_owned()));
             s.messages.push(Message::assistant(reply.clone()));

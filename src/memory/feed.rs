@@ -304,7 +304,7 @@ impl Feed {
             _ => None,
         };
         let minute = q.minute.unwrap_or_else(|| {
-            let now = super::now_ms();
+            let now = crate::server::now_ms();
             crate::sandbox::food::local_minute(now, city.unwrap_or_else(|| cities::city_by_id("shanghai").expect("a known city")))
         });
         let meal = meal_at(minute);
@@ -336,7 +336,10 @@ impl Feed {
             let seen: HashSet<u64> = hits.iter().map(|h| h.0).collect();
             hits.extend(more.into_iter().filter(|h| !seen.contains(&h.0)));
         }
-        let items = self.items.read().unwrap_or_else(|p| p.into_inner()).clone_subset(hits.iter().map(|h| h.0));
+        let items: HashMap<u64, Arc<CatalogItem>> = {
+            let all = self.items.read().unwrap_or_else(|p| p.into_inner());
+            hits.iter().filter_map(|h| Some((h.0, all.get(&h.0)?.clone()))).collect()
+        };
         let mut scored: Vec<(f32, Arc<CatalogItem>, Option<f64>, &'static str, String)> = Vec::new();
         for &(id, sim) in &hits {
             let Some(it) = items.get(&id) else { continue };
@@ -384,16 +387,6 @@ impl Feed {
             });
         }
         Ok(out)
-    }
-}
-
-trait Subset {
-    fn clone_subset(&self, ids: impl Iterator<Item = u64>) -> HashMap<u64, Arc<CatalogItem>>;
-}
-
-impl Subset for HashMap<u64, Arc<CatalogItem>> {
-    fn clone_subset(&self, ids: impl Iterator<Item = u64>) -> HashMap<u64, Arc<CatalogItem>> {
-        ids.filter_map(|id| Some((id, self.get(&id)?.clone()))).collect()
     }
 }
 

@@ -125,9 +125,7 @@ pub struct Profile {
     pub version: u64,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use crate::server::now_ms;
 
 fn new_id() -> u64 {
     rand::random::<u64>() >> 11
