@@ -91,6 +91,7 @@ pub mod bench;
 pub mod catalog;
 pub mod chat;
 pub mod engine;
+pub mod eval;
 pub mod gguf;
 pub mod memory;
 pub mod model;

@@ -193,6 +193,55 @@ enum Cmd {
         #[arg(long, default_value = "tools")]
         tools: PathBuf,
     },
+    /// Run scripted (and simulated-user) dialogues over the WebSocket protocol and score them (docs/eval.md).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Dialogue files or folders (*.yaml, *.yml, folders recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Runs per dialogue; pass^1 … pass^k are reported.
+        #[arg(long, default_value_t = 1)]
+        trials: usize,
+        /// Runs at once (they share one engine).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Only dialogues with this id or tag (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+        /// A running `errand serve` (http://HOST:PORT) instead of a fresh in-process server per run.
+        #[arg(long)]
+        server: Option<String>,
+        /// The user's bearer token on --server.
+        #[arg(long, requires = "server")]
+        token: Option<String>,
+        /// The mini-programs' base URL behind --server (for wallets, friend-pay, the catalog).
+        #[arg(long, requires = "server")]
+        sandbox: Option<String>,
+        /// Assistant sampling temperature; each run has its own fixed seed (0: greedy, every trial the same).
+        #[arg(long, default_value_t = 0.3)]
+        temperature: f32,
+        /// Seconds a turn may take before it counts as an error.
+        #[arg(long, default_value_t = 600)]
+        turn_timeout: u64,
+        /// Reply budget per model round (in-process).
+        #[arg(long, default_value_t = 320)]
+        max_tokens: usize,
+        #[arg(long, default_value = "tools")]
+        tools: PathBuf,
+        /// Write the full results (every turn of every run) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML report here.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Exit with status 3 when pass^1 is below this (0-1, or a percentage like 60%).
+        #[arg(long)]
+        min_pass: Option<String>,
+        /// Check the files and list the dialogues; run nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Show the model catalog and what is downloaded.
     Models,
     /// Print token ids for a text (as llama-tokenize would).
@@ -414,6 +463,23 @@ fn run() -> Result<()> {
             eprintln!("{} prompts, each with and without constraints …", cases.len());
             println!("{}", errand::toolcheck::run(&engine, tools, &cases)?);
         }
+        Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, min_pass, check } => {
+            let min_pass = min_pass.as_deref().map(parse_fraction).transpose()?;
+            anyhow::ensure!((1..=20).contains(&trials), "--trials must be 1 to 20");
+            anyhow::ensure!((0.0..=2.0).contains(&temperature), "--temperature must be 0 to 2");
+            let dialogues = errand::eval::run::load(&paths, &only)?;
+            if check {
+                for d in &dialogues {
+                    println!("{:<40} {}  {:<10} {}", d.id, d.lang, d.domain(), if d.simulated.is_some() { "simulated".to_string() } else { format!("{} turns", d.turns.len()) });
+                }
+                println!("{} dialogues, all valid", dialogues.len());
+                return Ok(());
+            }
+            let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, min_pass)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+        }
         Cmd::Models => {
             let c = Catalog::builtin()?;
             let dir = catalog::models_dir();
@@ -514,6 +580,110 @@ fn serve(
         eprintln!("{}", if clean { "stopped" } else { "stopped (some replies did not finish within the drain time)" });
         anyhow::Ok(())
     })
+}
+
+/// `0.6` or `60%`.
+fn parse_fraction(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|x| x / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .with_context(|| format!("--min-pass takes a fraction (0.6) or a percentage (60%); got `{s}`"))?;
+    anyhow::ensure!((0.0..=1.0).contains(&v), "--min-pass must be between 0 and 1 (or 0% and 100%); got `{s}`");
+    Ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    model: ModelArgs,
+    paths: Vec<PathBuf>,
+    dialogues: Vec<errand::eval::dialogue::Dialogue>,
+    trials: usize,
+    jobs: usize,
+    server: Option<String>,
+    token: Option<String>,
+    sandbox: Option<String>,
+    temperature: f32,
+    turn_timeout: u64,
+    max_tokens: usize,
+    tools: PathBuf,
+    json: Option<PathBuf>,
+    html: Option<PathBuf>,
+    min_pass: Option<f64>,
+) -> Result<i32> {
+    use errand::eval::run::{run_suite, EvalOptions, Target};
+    // Fail on unwritable outputs now, not after an hour of dialogues.
+    for p in json.iter().chain(html.iter()) {
+        std::fs::write(p, b"").with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    let needs_engine = server.is_none() || dialogues.iter().any(|d| d.simulated.is_some());
+    let (engine, model_name) = if needs_engine {
+        let resolved = resolve(&model)?;
+        eprintln!("loading {} …", resolved.path.display());
+        let engine = Engine::start(&resolved, engine_options(&model)?)?;
+        let name = engine.info.name.clone();
+        (Some(Arc::new(engine)), name)
+    } else {
+        (None, "(the server's)".to_string())
+    };
+    let target = match server {
+        Some(url) => Target::Remote {
+            url,
+            token: token.context("--server needs --token (the user's bearer token)")?,
+            sandbox_url: sandbox.context("--server needs --sandbox (the mini-programs' base URL, for wallets and state)")?,
+            engine,
+        },
+        None => {
+            let embedder: Option<Arc<dyn errand::memory::embed::Embedder>> = if dialogues.iter().any(|d| d.needs_memory()) {
+                let e = errand::memory::embed::MiniLm::from_catalog().context("dialogues with memory need the embedding model")?;
+                Some(Arc::new(e))
+            } else {
+                None
+            };
+            Target::InProcess { engine: engine.expect("loaded above"), tools: ToolSet::load_dir(&tools)?, embedder, max_tokens }
+        }
+    };
+    let total = dialogues.len() * trials;
+    eprintln!("{} dialogues × {trials} trial(s) = {total} runs, {jobs} at a time", dialogues.len());
+    let progress: errand::eval::run::Progress = Arc::new(|n, total, r| {
+        let codes: Vec<&str> = r.failures.iter().map(|f| f.code.as_str()).collect();
+        eprintln!(
+            "[{n:>3}/{total}] {:<36} #{} {} {:>6.1} s{}",
+            r.id,
+            r.trial,
+            if r.passed { "pass" } else { "FAIL" },
+            r.wall_ms / 1000.0,
+            if codes.is_empty() { String::new() } else { format!("  {}", codes.join(", ")) }
+        );
+    });
+    let opts = EvalOptions {
+        trials,
+        jobs,
+        temperature,
+        turn_timeout: std::time::Duration::from_secs(turn_timeout),
+        paths: paths.iter().map(|p| p.display().to_string()).collect(),
+        model: model_name,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let report = rt.block_on(run_suite(Arc::new(target), dialogues, opts, progress));
+    println!("{}", errand::eval::render::terminal(&report));
+    if let Some(p) = &json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    if let Some(p) = &html {
+        std::fs::write(p, errand::eval::render::html(&report)).with_context(|| format!("cannot write {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    let pass1 = report.summary.pass_hat.first().copied().unwrap_or(0.0);
+    if let Some(min) = min_pass {
+        if pass1 < min {
+            eprintln!("pass^1 {:.1}% is below --min-pass {:.1}%", pass1 * 100.0, min * 100.0);
+            return Ok(3);
+        }
+    }
+    Ok(0)
 }
 
 fn errand_home() -> PathBuf {

@@ -325,7 +325,7 @@ pub fn frame_of(ev: &AgentEvent) -> Option<Map<String, Value>> {
 
 /// The id a service gave an order (`order_id`, `ride_id`, `booking_id`, …).
 pub fn order_id(order: &Value) -> Option<String> {
-    for k in ["order_id", "ride_id", "booking_id", "rental_id", "id"] {
+    for k in ["order_id", "ride_id", "booking_id", "rental_id", "bike_ride_id", "id"] {
         if let Some(s) = order.get(k).and_then(Value::as_str) {
             return Some(s.to_owned());
         }

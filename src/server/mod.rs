@@ -245,6 +245,7 @@ impl Server {
             agent_opts.pay_url = Some(format!("{base}/pay"));
         }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let feed = match opts.memory {
             None => None,
             Some(m) => {
@@ -257,14 +258,23 @@ impl Server {
                 agent.set_personal(Some(feed.clone()));
                 // Indexing embeds only what changed since the last start;
                 // the feed answers 503 until it is done.
-                let (f, url) = (feed.clone(), base.clone());
+                let (f, url, mut stop) = (feed.clone(), base.clone(), shutdown_rx.clone());
                 tokio::spawn(async move {
                     for attempt in 0..5u64 {
-                        match f.index_from(&url).await {
+                        // A server stopped while indexing (a short-lived
+                        // evaluation world) has no sandbox left to read.
+                        let r = tokio::select! {
+                            r = f.index_from(&url) => r,
+                            _ = stopped(&mut stop) => return,
+                        };
+                        match r {
                             Ok(_) => return,
                             Err(e) => {
                                 eprintln!("errand serve: indexing the catalog failed (attempt {}): {e:#}", attempt + 1);
-                                tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+                                tokio::select! {
+                                    _ = tokio::time::sleep(Duration::from_secs(2 << attempt)) => {}
+                                    _ = stopped(&mut stop) => return,
+                                }
                             }
                         }
                     }
@@ -272,7 +282,6 @@ impl Server {
                 Some(feed)
             }
         };
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         // The listener stays open while draining, so /readyz can say 503.
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let metrics = Arc::new(metrics::Metrics::default());

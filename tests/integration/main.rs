@@ -10,6 +10,7 @@ mod memory;
 
 mod agent_qwen;
 mod e2e_qwen;
+mod eval;
 mod payments;
 mod server_clients;
 mod server_qwen;
