@@ -54,6 +54,15 @@
 //!    ├─ feed: sandbox /catalog indexed incrementally; ranking by profile, time, place, diversity
 //!    └─ store: VectorStore ── EdgeStore (qdrant-edge, in-process, default)
 //!                           └─ QdrantStore (qdrant-client, --qdrant-url)
+//!
+//!  eval (errand eval): evals/dialogues/*.yaml ── dialogue (checked, matchers compiled)
+//!    run: per run a fresh world ── server::Server + seeded sandbox on the shared engine
+//!    │    (clocks pinned), or --server; wallets, memories, past orders seeded
+//!    ├─ client: each turn over /v1/ws as a chat client ── TurnRecord (calls, words,
+//!    │          confirmations, payments, TTFT, tokens); sim: the model plays the user
+//!    ├─ state: GET /v1/orders (joined with /catalog), /pay wallet ledger, memories
+//!    ├─ score: reason codes + the invariant "no payment without confirmation"
+//!    └─ report: pass^k, by domain and language ── render: terminal, JSON, HTML
 //! ```
 //!
 //! - [`catalog`]: model names → files; the exact command to fetch what is missing.
@@ -79,6 +88,8 @@
 //! - [`chat`]: the terminal REPL behind `errand chat`.
 //! - [`server`]: `errand serve`: the WebSocket protocol (`docs/protocol.md`),
 //!   the OpenAI-compatible API, REST, auth, limits, metrics and the web page.
+//! - [`eval`]: `errand eval`, scripted and simulated dialogues over the
+//!   WebSocket protocol, judged on calls, words and end state (`docs/eval.md`).
 //! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`.
 //! - [`toolcheck`]: `errand toolcheck`, tool-call validity with and without constraints.
 //!

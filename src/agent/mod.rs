@@ -59,6 +59,9 @@ pub struct AgentOptions {
     /// Ask the model, after a message about oneself that the rules did not
     /// read, for preferences to remember (one extra short model call).
     pub extract_memories: bool,
+    /// Seconds added to the wall clock for "today" in the prompt and the
+    /// date checks (an evaluation pins the date; 0 otherwise).
+    pub clock_offset_s: i64,
 }
 
 impl Default for AgentOptions {
@@ -74,6 +77,7 @@ impl Default for AgentOptions {
             pay_method: "alipay".into(),
             lang: None,
             extract_memories: false,
+            clock_offset_s: 0,
         }
     }
 }
@@ -410,9 +414,9 @@ impl Agent {
     async fn on_text(&self, sid: &str, s: &mut Session, text: String, tx: &Tx) -> Result<(), String> {
         let lang = *s.lang.get_or_insert_with(|| Lang::detect(&text));
         if s.messages.is_empty() {
-            s.messages.push(Message::system(self.engine.info.prompt.prompts.system(lang, now_unix())));
+            s.messages.push(Message::system(self.engine.info.prompt.prompts.system(lang, now_unix() + self.opts.clock_offset_s)));
         }
-        s.evidence.today = now_unix().div_euclid(86_400);
+        s.evidence.today = (now_unix() + self.opts.clock_offset_s).div_euclid(86_400);
         if let Some(p) = s.pending.take() {
             // "Change it": the open confirmation is void; the model sees the
             // person's new words after the quote.

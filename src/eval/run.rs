@@ -13,6 +13,7 @@ use crate::memory::embed::Embedder;
 use crate::tools::ToolSet;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,15 +73,28 @@ pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: Eval
     let dialogues = Arc::new(dialogues);
     let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter()));
     let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // The first run of each language goes alone, so that the prompt prefix
+    // it computes is there for every later one (two first runs at once
+    // would both compute it from scratch).
+    let first_runs: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<bool>>>>> = Arc::default();
     let mut workers = Vec::new();
     for _ in 0..opts.jobs.max(1) {
-        let (queue, done, dialogues, target, progress) = (queue.clone(), done.clone(), dialogues.clone(), target.clone(), progress.clone());
+        let (queue, done, dialogues, target, progress, first_runs) = (queue.clone(), done.clone(), dialogues.clone(), target.clone(), progress.clone(), first_runs.clone());
         let (temperature, timeout) = (opts.temperature, opts.turn_timeout);
         workers.push(tokio::spawn(async move {
             loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
                 let Some((i, trial)) = next else { break };
-                let r = run_one(&target, &dialogues[i], trial, temperature, timeout).await;
+                let gate = first_runs.lock().unwrap_or_else(|p| p.into_inner()).entry(dialogues[i].lang.clone()).or_default().clone();
+                let mut warmed = gate.lock().await;
+                let r = if *warmed {
+                    drop(warmed);
+                    run_one(&target, &dialogues[i], trial, temperature, timeout).await
+                } else {
+                    let r = run_one(&target, &dialogues[i], trial, temperature, timeout).await;
+                    *warmed = true;
+                    r
+                };
                 let n = {
                     let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
                     d.push(r.clone());
@@ -104,7 +118,12 @@ pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: Eval
         errand_version: env!("CARGO_PKG_VERSION").into(),
         model: opts.model,
         server,
-        started: format!("{} (Unix ms)", started_at),
+        started: {
+            let secs = started_at.div_euclid(1000);
+            let (y, m, d) = crate::template::civil_from_days(secs.div_euclid(86_400));
+            let t = secs.rem_euclid(86_400);
+            format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", t / 3600, t % 3600 / 60)
+        },
         wall_s: started.elapsed().as_secs_f64(),
         trials: opts.trials,
         temperature: opts.temperature,
@@ -290,6 +309,7 @@ impl World {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         let w = match target {
             Target::Remote { url, token, sandbox_url, .. } => {
+                // A running server's clock is its own: `now` is not applied.
                 if !d.past_orders.is_empty() {
                     bail!("state.past_orders can only be seeded in an in-process run (no --server)");
                 }
@@ -321,6 +341,9 @@ impl World {
                 config.server.drain_seconds = 5;
                 let mut sb = SandboxConfig::new(dir.path().join("sandbox"));
                 sb.seed = d.seed;
+                // Pinned "now": the same dates, open hours and prices every run.
+                let offset_ms = d.now_ms.map(|t| t - crate::server::now_ms()).unwrap_or(0);
+                sb.clock_offset_ms = offset_ms;
                 for (cur, bal) in &d.wallet {
                     sb.pay.wallets.push((d.user.clone(), cur.clone(), *bal));
                 }
@@ -338,7 +361,13 @@ impl World {
                     config,
                     data_dir: dir.path().join("server"),
                     tools: tools.clone(),
-                    agent: crate::agent::AgentOptions { max_tokens: *max_tokens, sampling, extract_memories: memory.is_some(), ..Default::default() },
+                    agent: crate::agent::AgentOptions {
+                        max_tokens: *max_tokens,
+                        sampling,
+                        extract_memories: memory.is_some(),
+                        clock_offset_s: offset_ms.div_euclid(1000),
+                        ..Default::default()
+                    },
                     sandbox: SandboxChoice::InProcess(sb),
                     order_poll: Duration::from_millis(300),
                     memory,

@@ -139,6 +139,10 @@ impl Clock {
     pub fn advance(&self, by: Duration) {
         self.0.fetch_add(by.as_millis() as i64, Ordering::Relaxed);
     }
+    /// Moves the clock either way (only set up before serving).
+    pub fn shift_ms(&self, by: i64) {
+        self.0.fetch_add(by, Ordering::Relaxed);
+    }
 }
 
 /// Fault-injection knobs of one service, adjustable while it runs through

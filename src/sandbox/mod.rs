@@ -151,6 +151,9 @@ pub struct SandboxConfig {
     pub secret: Option<Vec<u8>>,
     pub faults: FaultConfig,
     pub pay: PayOptions,
+    /// Added to the wall clock from the start (an evaluation pins "now"
+    /// to a fixed instant so that dates and prices stay reproducible).
+    pub clock_offset_ms: i64,
 }
 
 impl SandboxConfig {
@@ -164,6 +167,7 @@ impl SandboxConfig {
             secret: None,
             faults: FaultConfig::default(),
             pay: PayOptions::default(),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -260,6 +264,7 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
     let base_url = format!("http://{addr}");
     let pay_url = cfg.pay_url.clone().unwrap_or_else(|| format!("{base_url}/pay"));
     let clock = Clock::default();
+    clock.shift_ms(cfg.clock_offset_ms);
 
     // Built once: the recommendation feed reads it at start.
     let items = Arc::new(json!({"seed": cfg.seed, "items": catalog::items(cfg.seed, &cfg.services)}));
