@@ -235,6 +235,10 @@ enum Cmd {
         /// Write a self-contained HTML report here.
         #[arg(long)]
         html: Option<PathBuf>,
+        /// Append each finished run to this file (JSON lines); runs already in it are not run
+        /// again, so an interrupted run resumes and more trials can be added later.
+        #[arg(long)]
+        log: Option<PathBuf>,
         /// Exit with status 3 when pass^1 is below this (0-1, or a percentage like 60%).
         #[arg(long)]
         min_pass: Option<String>,
@@ -463,7 +467,7 @@ fn run() -> Result<()> {
             eprintln!("{} prompts, each with and without constraints …", cases.len());
             println!("{}", errand::toolcheck::run(&engine, tools, &cases)?);
         }
-        Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, min_pass, check } => {
+        Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, log, min_pass, check } => {
             let min_pass = min_pass.as_deref().map(parse_fraction).transpose()?;
             anyhow::ensure!((1..=20).contains(&trials), "--trials must be 1 to 20");
             anyhow::ensure!((0.0..=2.0).contains(&temperature), "--temperature must be 0 to 2");
@@ -475,7 +479,8 @@ fn run() -> Result<()> {
                 println!("{} dialogues, all valid", dialogues.len());
                 return Ok(());
             }
-            let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, min_pass)?;
+            let outputs = EvalOutputs { json, html, log, min_pass };
+            let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, outputs)?;
             if code != 0 {
                 std::process::exit(code);
             }
@@ -582,6 +587,14 @@ fn serve(
     })
 }
 
+/// Where `errand eval` writes, and the bar it holds the result to.
+struct EvalOutputs {
+    json: Option<PathBuf>,
+    html: Option<PathBuf>,
+    log: Option<PathBuf>,
+    min_pass: Option<f64>,
+}
+
 /// `0.6` or `60%`.
 fn parse_fraction(s: &str) -> Result<f64> {
     let t = s.trim();
@@ -608,15 +621,24 @@ fn eval(
     turn_timeout: u64,
     max_tokens: usize,
     tools: PathBuf,
-    json: Option<PathBuf>,
-    html: Option<PathBuf>,
-    min_pass: Option<f64>,
+    out: EvalOutputs,
 ) -> Result<i32> {
-    use errand::eval::run::{run_suite, EvalOptions, Target};
+    use errand::eval::run::{read_log, run_suite, EvalOptions, Target};
+    let EvalOutputs { json, html, log, min_pass } = out;
     // Fail on unwritable outputs now, not after an hour of dialogues.
     for p in json.iter().chain(html.iter()) {
         std::fs::write(p, b"").with_context(|| format!("cannot write {}", p.display()))?;
     }
+    let earlier = match &log {
+        Some(p) if p.exists() => read_log(p)?,
+        _ => Vec::new(),
+    };
+    let log_file = match &log {
+        Some(p) => Some(std::sync::Mutex::new(
+            std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("cannot write the run log {}", p.display()))?,
+        )),
+        None => None,
+    };
     let needs_engine = server.is_none() || dialogues.iter().any(|d| d.simulated.is_some());
     let (engine, model_name) = if needs_engine {
         let resolved = resolve(&model)?;
@@ -646,7 +668,18 @@ fn eval(
     };
     let total = dialogues.len() * trials;
     eprintln!("{} dialogues × {trials} trial(s) = {total} runs, {jobs} at a time", dialogues.len());
-    let progress: errand::eval::run::Progress = Arc::new(|n, total, r| {
+    if !earlier.is_empty() {
+        eprintln!("{} runs read from {}; they are not run again", earlier.len(), log.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    }
+    let progress: errand::eval::run::Progress = Arc::new(move |n, total, r| {
+        if let Some(f) = &log_file {
+            use std::io::Write;
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let line = serde_json::to_string(r).unwrap_or_default();
+            if let Err(e) = writeln!(f, "{line}") {
+                eprintln!("cannot append to the run log: {e}");
+            }
+        }
         let codes: Vec<&str> = r.failures.iter().map(|f| f.code.as_str()).collect();
         eprintln!(
             "[{n:>3}/{total}] {:<36} #{} {} {:>6.1} s{}",
@@ -666,7 +699,7 @@ fn eval(
         model: model_name,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(run_suite(Arc::new(target), dialogues, opts, progress));
+    let report = rt.block_on(run_suite(Arc::new(target), dialogues, opts, earlier, progress));
     println!("{}", errand::eval::render::terminal(&report));
     if let Some(p) = &json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", p.display()))?;

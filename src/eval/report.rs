@@ -2,11 +2,11 @@
 //! reason codes, latency and tokens. Rendering is in [`super::render`].
 
 use super::score::{Code, Failure, Transcript};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One run of one dialogue.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrialResult {
     pub id: String,
     /// From 1.

@@ -58,21 +58,30 @@ pub struct EvalOptions {
 /// A progress line per finished run.
 pub type Progress = Arc<dyn Fn(usize, usize, &TrialResult) + Send + Sync>;
 
-/// Runs every dialogue `trials` times and summarises.
-pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: EvalOptions, progress: Progress) -> Report {
+/// Runs every dialogue `trials` times and summarises. Runs in `earlier`
+/// (from a log of an interrupted or shorter run, `--resume`) are not run
+/// again; they count in the summary like new ones.
+pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: EvalOptions, earlier: Vec<TrialResult>, progress: Progress) -> Report {
     let started = Instant::now();
     let started_at = crate::server::now_ms();
+    let ids: std::collections::HashSet<&str> = dialogues.iter().map(|d| d.id.as_str()).collect();
+    let earlier: Vec<TrialResult> = earlier.into_iter().filter(|r| ids.contains(r.id.as_str()) && (1..=opts.trials).contains(&r.trial)).collect();
+    let have: std::collections::HashSet<(String, usize)> = earlier.iter().map(|r| (r.id.clone(), r.trial)).collect();
     // Language by language: each language has its own system prompt and
     // tool descriptions (3,600 tokens for Qwen), which the engine prefills
     // once and then shares across sessions; interleaving languages would
     // evict and recompute it.
     let mut order: Vec<usize> = (0..dialogues.len()).collect();
     order.sort_by(|a, b| dialogues[*a].lang.cmp(&dialogues[*b].lang));
-    let jobs: Vec<(usize, usize)> = (1..=opts.trials).flat_map(|t| order.iter().map(move |i| (*i, t))).collect();
+    let jobs: Vec<(usize, usize)> = (1..=opts.trials)
+        .flat_map(|t| order.iter().map(move |i| (*i, t)))
+        .filter(|(i, t)| !have.contains(&(dialogues[*i].id.clone(), *t)))
+        .collect();
     let total = jobs.len();
+    let skipped = have.len();
     let dialogues = Arc::new(dialogues);
     let queue = Arc::new(std::sync::Mutex::new(jobs.into_iter()));
-    let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let done = Arc::new(std::sync::Mutex::new(earlier));
     // The first run of each language goes alone, so that the prompt prefix
     // it computes is there for every later one (two first runs at once
     // would both compute it from scratch).
@@ -98,7 +107,7 @@ pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: Eval
                 let n = {
                     let mut d = done.lock().unwrap_or_else(|p| p.into_inner());
                     d.push(r.clone());
-                    d.len()
+                    d.len() - skipped
                 };
                 progress(n, total, &r);
             }
@@ -543,6 +552,13 @@ pub fn order_view(o: Value, catalog: &Value) -> Value {
         }
     }
     Value::Object(m)
+}
+
+/// Reads a run log (`--log`: one result per line, as each run finishes).
+/// A line cut short by an interrupted write is skipped.
+pub fn read_log(path: &std::path::Path) -> Result<Vec<TrialResult>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the run log {}", path.display()))?;
+    Ok(text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
 /// Resolves `errand eval` paths and loads the dialogues, filtered by id or tag.

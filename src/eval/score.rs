@@ -5,11 +5,11 @@
 
 use super::dialogue::{Action, CallSpec, Dialogue, EndCheck, Expect};
 use super::matcher::{lookup, normalize, Matcher};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
     WrongTool,
@@ -59,7 +59,7 @@ impl Code {
 
 /// Why a dialogue failed: a code, the turn (from 0) when it is a turn's,
 /// and what was expected against what happened.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     pub code: Code,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -73,13 +73,13 @@ impl Failure {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Call {
     pub tool: String,
     pub arguments: Value,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Confirmation {
     pub token: String,
     pub tool: String,
@@ -88,7 +88,7 @@ pub struct Confirmation {
     pub summary: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Payment {
     pub out_trade_no: String,
     pub status: String,
@@ -98,7 +98,7 @@ pub struct Payment {
 }
 
 /// What one turn produced, as the client saw it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TurnRecord {
     /// What the evaluator did (`user: …`, `confirm`, …).
     pub action: String,
@@ -130,7 +130,7 @@ pub struct TurnRecord {
     pub frames_text: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Transcript {
     pub turns: Vec<TurnRecord>,
     /// Payment frames pushed outside any turn (`reply_to` of an earlier input or none).
