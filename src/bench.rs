@@ -29,6 +29,8 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error("llama-bench failed: {0}")]
     LlamaBench(String),
+    #[error("instruction count failed: {0}")]
+    Callgrind(String),
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,21 @@ pub struct BenchOptions {
     /// Directory holding `llama-bench`; `None` skips the anchor.
     pub llama_bin: Option<PathBuf>,
     pub tools_dir: PathBuf,
+    /// Session counts for the aggregate-throughput runs (empty skips them).
+    pub concurrency: Vec<usize>,
+    /// Tokens each concurrent session generates.
+    pub concurrent_tokens: usize,
+}
+
+/// Aggregate decode throughput with `sessions` requests in flight at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Concurrency {
+    pub sessions: usize,
+    /// Generated tokens of all sessions over the wall time from the first
+    /// submission to the last reply.
+    pub aggregate_tok_s: f64,
+    pub mean_ttft_ms: f64,
+    pub tokens: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +83,7 @@ pub struct BenchReport {
     pub followup_ttft_full_ms: f64,
     pub peak_rss_mib: f64,
     pub llama_cpp: Option<Anchor>,
+    pub concurrency: Vec<Concurrency>,
 }
 
 impl BenchReport {
@@ -101,6 +119,18 @@ impl std::fmt::Display for BenchReport {
             self.followup_ttft_full_ms,
             self.followup_ttft_full_ms / self.followup_ttft_reuse_ms.max(1e-9)
         )?;
+        if let Some(one) = self.concurrency.iter().find(|c| c.sessions == 1) {
+            for c in &self.concurrency {
+                writeln!(
+                    f,
+                    "{:>2} concurrent sessions: {:>7.1} tok/s aggregate ({:.2}x one session), mean TTFT {:.0} ms",
+                    c.sessions,
+                    c.aggregate_tok_s,
+                    c.aggregate_tok_s / one.aggregate_tok_s.max(1e-9),
+                    c.mean_ttft_ms
+                )?;
+            }
+        }
         write!(f, "peak RSS: {:.0} MiB", self.peak_rss_mib)
     }
 }
@@ -176,7 +206,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     }
     drop(model);
 
-    let (followup_prompt_tokens, reuse_ms, full_ms) = followup_ttft(opts)?;
+    let engine = Engine::start(
+        &opts.model,
+        EngineOptions {
+            load: opts.load,
+            max_batch: opts.concurrency.iter().copied().max().unwrap_or(1).max(1),
+            queue_depth: opts.concurrency.iter().copied().max().unwrap_or(1).max(16),
+            ..Default::default()
+        },
+    )?;
+    let (followup_prompt_tokens, reuse_ms, full_ms) = followup_ttft(opts, &engine)?;
+    let mut concurrency = Vec::new();
+    for &n in &opts.concurrency {
+        concurrency.push(concurrent(&engine, n, opts.concurrent_tokens)?);
+    }
+    drop(engine);
     let llama_cpp = match &opts.llama_bin {
         Some(dir) => Some(llama_bench(dir, &opts.model.path, opts)?),
         None => None,
@@ -193,19 +237,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         followup_ttft_full_ms: full_ms,
         peak_rss_mib: peak_rss_mib(),
         llama_cpp,
+        concurrency,
     })
 }
 
 /// A conversation with the real system prompt and every tool, then a
 /// follow-up turn: first token time with the session cache and without.
-fn followup_ttft(opts: &BenchOptions) -> Result<(usize, f64, f64), BenchError> {
-    let engine = Engine::start(
-        &opts.model,
-        EngineOptions {
-            load: opts.load,
-            ..Default::default()
-        },
-    )?;
+fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f64), BenchError> {
     let tools = ToolSet::load_dir(&opts.tools_dir)
         .map(Arc::new)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -248,6 +286,123 @@ fn followup_ttft(opts: &BenchOptions) -> Result<(usize, f64, f64), BenchError> {
         full.push(r.usage.expect("usage").ttft_ms);
     }
     Ok((prompt_tokens, median(reuse), median(full)))
+}
+
+/// `n` sessions at once, each asked for a long answer (greedy, so every
+/// session runs its full `tokens` unless the model ends its turn).
+fn concurrent(engine: &Engine, n: usize, tokens: usize) -> Result<Concurrency, BenchError> {
+    let t0 = Instant::now();
+    let mut rxs = Vec::with_capacity(n);
+    for i in 0..n {
+        let req = Request {
+            session: Some(format!("bench-concurrent-{n}-{i}")),
+            max_tokens: tokens,
+            ..Request::chat(vec![Message::user(format!(
+                "Count from {} to 1000, separated by commas, and nothing else.",
+                i + 1
+            ))])
+        };
+        rxs.push(engine.submit(req)?);
+    }
+    let mut generated = 0;
+    let mut ttft = 0.0;
+    for mut rx in rxs {
+        let mut usage = None;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                crate::engine::Event::Done(u) => usage = Some(u),
+                crate::engine::Event::Error(e) => return Err(EngineError::Internal(e).into()),
+                _ => {}
+            }
+        }
+        let u = usage.ok_or_else(|| EngineError::Internal("a session ended without usage".into()))?;
+        generated += u.completion_tokens;
+        ttft += u.ttft_ms + u.queue_ms;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(Concurrency {
+        sessions: n,
+        aggregate_tok_s: generated as f64 / secs,
+        mean_ttft_ms: ttft / n as f64,
+        tokens: generated,
+    })
+}
+
+/// A fixed decode for instruction counting: loads the model, prefills 16
+/// fixed tokens, then decodes `steps` greedy tokens; returns the last token
+/// (so the work cannot be optimised away).
+pub fn fixed_decode(model_path: &Path, load: LoadOptions, steps: usize) -> Result<u32, BenchError> {
+    let g = GgufFile::open(model_path).map_err(EngineError::from)?;
+    let model = Transformer::load(&g, &candle_core::Device::Cpu, load).map_err(EngineError::from)?;
+    let prompt = synthetic_tokens(16, model.cfg.vocab_size);
+    let mut cache = model.new_cache();
+    let mut logits = model.forward(&prompt, &mut cache).map_err(EngineError::from)?;
+    let mut tok = crate::model::argmax(&logits);
+    for _ in 0..steps {
+        logits = model.forward(&[tok], &mut cache).map_err(EngineError::from)?;
+        tok = crate::model::argmax(&logits);
+    }
+    Ok(tok)
+}
+
+/// Milliseconds per batched decode step for `batch` sequences that each
+/// hold `context` tokens (a profiling aid: `errand bench-decode --batch`).
+pub fn batch_step_ms(model_path: &Path, load: LoadOptions, batch: usize, context: usize, steps: usize) -> Result<f64, BenchError> {
+    let g = GgufFile::open(model_path).map_err(EngineError::from)?;
+    let model = Transformer::load(&g, &candle_core::Device::Cpu, load).map_err(EngineError::from)?;
+    let prompt = synthetic_tokens(context.max(1), model.cfg.vocab_size);
+    let mut first = model.new_cache();
+    model.forward(&prompt, &mut first).map_err(EngineError::from)?;
+    let mut caches: Vec<KvCache> = (0..batch.max(1))
+        .map(|_| first.copy_prefix(prompt.len()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| EngineError::from(crate::model::ModelError::from(e)))?;
+    let mut toks = vec![prompt[0]; caches.len()];
+    let t = Instant::now();
+    for _ in 0..steps.max(1) {
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let logits = model.forward_batch(&toks, &mut refs).map_err(EngineError::from)?;
+        toks = logits.iter().map(|l| crate::model::argmax(l)).collect();
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0 / steps.max(1) as f64)
+}
+
+/// Instructions executed by `steps` decode steps, counted by callgrind
+/// (repeatable on a noisy machine, unlike seconds): `errand bench-decode`
+/// runs twice under `valgrind --tool=callgrind` on one thread, with `steps`
+/// and with none, and the difference is the decode's. Every thread's
+/// instructions count, so work handed to a pool is not missed.
+pub fn instructions(exe: &Path, model: &Path, load_args: &[&str], steps: usize) -> Result<u64, BenchError> {
+    let run = |n: usize| -> Result<u64, BenchError> {
+        let out = Command::new("valgrind")
+            .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+            .env("RAYON_NUM_THREADS", "1")
+            .arg(exe)
+            .args(["--threads", "1"])
+            .arg("bench-decode")
+            .arg("-m")
+            .arg(model)
+            .args(load_args)
+            .args(["--steps", &n.to_string()])
+            .output()
+            .map_err(|e| BenchError::Callgrind(format!("cannot run valgrind: {e}; install it (apt-get install valgrind)")))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(BenchError::Callgrind(format!("callgrind run failed: {err}")));
+        }
+        parse_callgrind_total(&err).ok_or_else(|| BenchError::Callgrind(format!("no instruction count in callgrind's output: {err}")))
+    };
+    let with = run(steps)?;
+    let without = run(0)?;
+    Ok(with.saturating_sub(without))
+}
+
+/// The `Collected : N` line of callgrind's summary.
+pub fn parse_callgrind_total(stderr: &str) -> Option<u64> {
+    stderr
+        .lines()
+        .find_map(|l| l.split_once("Collected :").map(|(_, n)| n.trim().parse().ok()))
+        .flatten()
 }
 
 fn llama_bench(dir: &Path, gguf: &Path, opts: &BenchOptions) -> Result<Anchor, BenchError> {
@@ -306,6 +461,13 @@ mod tests {
         assert_eq!(a.decode_tok_s, 40.25);
         assert!(parse_llama_bench_json("[]").is_err());
         assert!(parse_llama_bench_json("nope").is_err());
+    }
+
+    #[test]
+    fn parses_callgrinds_summary() {
+        let err = "==12== Events    : Ir\n==12== Collected : 123456789\n==12==\n==12== I   refs:      123,456,789\n";
+        assert_eq!(parse_callgrind_total(err), Some(123_456_789));
+        assert_eq!(parse_callgrind_total("==1== nothing here"), None);
     }
 
     #[test]

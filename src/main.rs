@@ -35,6 +35,9 @@ struct ModelArgs {
     /// Keep Q5_0/Q5_1/Q4_1 weights as they are instead of re-quantizing them to Q8_0.
     #[arg(long)]
     no_requant: bool,
+    /// Multiply Q5_0/Q8_0 weights with candle's kernels instead of Errand's own (for comparisons).
+    #[arg(long)]
+    no_native: bool,
     /// Read prompt files from this folder instead of the built-in copies of prompts/.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -171,6 +174,30 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Session counts for aggregate throughput (comma-separated; empty skips).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        concurrency: Vec<usize>,
+        /// Tokens each concurrent session generates.
+        #[arg(long, default_value_t = 64)]
+        concurrent_tokens: usize,
+        /// Also count the instructions of this many decode steps with
+        /// valgrind's callgrind (one thread; 0 skips).
+        #[arg(long, default_value_t = 0)]
+        instructions: usize,
+    },
+    /// A fixed decode for `bench --instructions` (run under callgrind).
+    #[command(hide = true)]
+    BenchDecode {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Time batched steps of this many sequences instead (ms per step).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens each batched sequence already holds.
+        #[arg(long, default_value_t = 64)]
+        context: usize,
     },
     /// Feed latency at catalog scale and memory-write throughput, against anchors.
     BenchMemory {
@@ -278,6 +305,7 @@ fn engine_options(m: &ModelArgs) -> Result<EngineOptions> {
     };
     Ok(EngineOptions {
         load: LoadOptions {
+            native_kernels: !m.no_native,
             requantize_to_q8_0: !m.no_requant,
         },
         prompts,
@@ -421,7 +449,20 @@ fn run() -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, depth, reps, llama_bin, no_anchor, tools, json } => {
+        Cmd::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            depth,
+            reps,
+            llama_bin,
+            no_anchor,
+            tools,
+            json,
+            concurrency,
+            concurrent_tokens,
+            instructions,
+        } => {
             let resolved = resolve(&model)?;
             let llama_bin = if no_anchor {
                 None
@@ -431,22 +472,52 @@ fn run() -> Result<()> {
                     None => build_llama_cpp()?,
                 })
             };
+            let load = engine_options(&model)?.load;
             let opts = errand::bench::BenchOptions {
-                model: resolved,
+                model: resolved.clone(),
                 threads,
                 prompt_tokens,
                 gen_tokens,
                 depth,
                 reps,
-                load: engine_options(&model)?.load,
+                load,
                 llama_bin,
                 tools_dir: tools,
+                concurrency: concurrency.into_iter().filter(|&n| n > 0).collect(),
+                concurrent_tokens,
             };
             let report = errand::bench::run(&opts)?;
             println!("{report}");
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&report)?)?;
+            let mut value = serde_json::to_value(&report)?;
+            if instructions > 0 {
+                let exe = std::env::current_exe()?;
+                let mut flags = Vec::new();
+                if !load.native_kernels {
+                    flags.push("--no-native");
+                }
+                if !load.requantize_to_q8_0 {
+                    flags.push("--no-requant");
+                }
+                let n = errand::bench::instructions(&exe, &resolved.path, &flags, instructions)?;
+                println!(
+                    "instructions (callgrind, 1 thread): {n} for {instructions} decode steps, {:.0} M per token",
+                    n as f64 / instructions as f64 / 1e6
+                );
+                value["decode_instructions"] = serde_json::json!({ "steps": instructions, "total": n });
             }
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&value)?)?;
+            }
+        }
+        Cmd::BenchDecode { model, steps, batch: Some(b), context } => {
+            let resolved = resolve(&model)?;
+            let ms = errand::bench::batch_step_ms(&resolved.path, engine_options(&model)?.load, b, context, steps)?;
+            println!("batch {b}, context {context}: {ms:.1} ms per step, {:.1} tok/s", b as f64 * 1000.0 / ms);
+        }
+        Cmd::BenchDecode { model, steps, batch: None, .. } => {
+            let resolved = resolve(&model)?;
+            let last = errand::bench::fixed_decode(&resolved.path, engine_options(&model)?.load, steps)?;
+            println!("{last}");
         }
         Cmd::BenchMemory { items, queries, writes, json } => {
             let e: Arc<dyn errand::memory::embed::Embedder> = Arc::new(errand::memory::embed::MiniLm::from_catalog()?);

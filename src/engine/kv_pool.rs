@@ -42,11 +42,21 @@ impl KvPool {
             return;
         }
         self.entries.insert(session.to_owned(), Entry { cache, tokens, last_used: self.clock });
-        while self.bytes() > self.budget_bytes {
+        self.evict_until(self.budget_bytes, Some(session));
+    }
+
+    /// Evicts least recently used sessions until the pool holds at most
+    /// `bytes` (running requests' caches take precedence over idle ones).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        self.evict_until(bytes, None);
+    }
+
+    fn evict_until(&mut self, bytes: usize, spare: Option<&str>) {
+        while self.bytes() > bytes {
             let oldest = self
                 .entries
                 .iter()
-                .filter(|(k, _)| k.as_str() != session)
+                .filter(|(k, _)| Some(k.as_str()) != spare)
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(k, _)| k.clone());
             match oldest {
@@ -127,6 +137,26 @@ mod tests {
         assert!(pool.contains("a") && pool.contains("c") && !pool.contains("b"));
         assert!(pool.bytes() <= one * 2 + one / 2);
         assert_eq!(pool.evictions, 1);
+    }
+
+    #[test]
+    fn shrinking_for_running_requests_evicts_the_oldest_first() {
+        let m = tiny_model("llama", 5);
+        let mk = || {
+            let mut c = m.new_cache();
+            m.forward(&[1u32; 10], &mut c).unwrap();
+            c
+        };
+        let one = mk().bytes();
+        let mut pool = KvPool::new(usize::MAX);
+        for s in ["a", "b", "c"] {
+            pool.checkin(s, mk(), vec![1; 10]);
+        }
+        pool.shrink_to(one * 2);
+        assert!(!pool.contains("a") && pool.contains("b") && pool.contains("c"));
+        pool.shrink_to(0);
+        assert_eq!(pool.sessions(), 0);
+        assert_eq!(pool.evictions, 3);
     }
 
     #[test]

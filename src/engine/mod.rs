@@ -1,15 +1,29 @@
 //! The inference engine: one thread that owns the model and every session's
-//! KV cache, fed through a bounded queue.
+//! KV cache, fed through a bounded queue, serving many requests at once.
 //!
-//! Callers (the chat REPL, later the server) send a [`Request`] carrying its
-//! own reply channel and get [`Event`]s back: text deltas, tool calls, and a
-//! final `Done` with usage and timings. Errors travel as events too. Forward
-//! passes never run on async worker threads: the engine thread is a plain OS
-//! thread, and `submit` only enqueues. A full queue answers
+//! Callers (the chat REPL, the server, the evaluator) send a [`Request`]
+//! carrying its own reply channel and get [`Event`]s back: text deltas, tool
+//! calls, and a final `Done` with usage and timings. Errors travel as events
+//! too. Forward passes never run on async worker threads: the engine thread
+//! is a plain OS thread, and `submit` only enqueues. A full queue answers
 //! [`EngineError::Busy`] at once instead of waiting.
 //!
+//! Continuous batching: the engine thread loops over rounds. Each round it
+//! admits queued requests, oldest first, while fewer than
+//! [`EngineOptions::max_batch`] run and their KV caches (prompt plus
+//! `max_tokens`, at most) fit the KV budget next to running ones (idle
+//! sessions' caches are evicted first); then it prefills one chunk of the
+//! oldest request still reading its prompt, so a long prompt delays the
+//! others by at most one chunk per round; then it samples one token for
+//! every decoding request and runs all those tokens through the model in
+//! one batched step ([`Transformer::forward_batch`]), which streams the
+//! weights once for the whole batch. A second turn of a session that is
+//! running waits until the first ends, so it can reuse that cache. Each
+//! request's rows are computed exactly as they would be alone, so batching
+//! does not change greedy outputs.
+//!
 //! Cancellation: when the receiver of a request's events is dropped, the
-//! engine notices before computing the next token and stops.
+//! engine notices before computing that request's next token and stops it.
 
 pub mod detok;
 pub mod kv_pool;
@@ -17,7 +31,7 @@ pub mod sampler;
 
 use crate::catalog::ResolvedModel;
 use crate::gguf::{GgufError, GgufFile};
-use crate::model::{LoadOptions, ModelError, Transformer};
+use crate::model::{KvCache, LoadOptions, ModelError, Transformer};
 use crate::prompt::{PromptBuilder, PromptError, Prompts};
 use crate::template::{ChatTemplate, Message, TemplateError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -28,6 +42,8 @@ use kv_pool::{common_prefix, KvPool};
 use sampler::{Sampler, SamplingParams};
 use serde::Serialize;
 use std::sync::mpsc as std_mpsc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -191,6 +207,9 @@ pub struct EngineOptions {
     pub prompts: Prompts,
     /// Events buffered per request before the engine waits for the reader.
     pub event_buffer: usize,
+    /// Requests decoded together in one batched step at most (continuous
+    /// batching); 1 serves one request at a time.
+    pub max_batch: usize,
 }
 
 impl Default for EngineOptions {
@@ -202,6 +221,7 @@ impl Default for EngineOptions {
             template_override: None,
             prompts: Prompts::builtin(),
             event_buffer: 1024,
+            max_batch: 16,
         }
     }
 }
@@ -243,6 +263,8 @@ pub struct EngineStats {
     pub kv_sessions: usize,
     pub kv_bytes: usize,
     pub kv_evictions: u64,
+    /// Most requests decoded together in one batched step so far.
+    pub peak_batch: usize,
 }
 
 impl Engine {
@@ -261,10 +283,7 @@ impl Engine {
             .spawn(move || match Worker::load(&model, &opts) {
                 Ok(mut w) => {
                     let _ = ready_tx.send(Ok(w.info.clone()));
-                    while let Ok(job) = rx.recv() {
-                        queued2.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                        w.serve(job, &stats2);
-                    }
+                    w.schedule(rx, &queued2, &stats2);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -350,6 +369,11 @@ struct Worker {
     pool: KvPool,
     constraints: Option<ConstraintFactory>,
     info: Arc<ModelInfo>,
+    /// Requests decoded together at most.
+    max_batch: usize,
+    /// KV memory for running requests and idle sessions together.
+    kv_budget: usize,
+    kv_bytes_per_position: usize,
 }
 
 impl Worker {
@@ -379,6 +403,8 @@ impl Worker {
         let prompt = Arc::new(PromptBuilder::new(template, opts.prompts.clone()));
         let model = Transformer::load(&g, &candle_core::Device::Cpu, opts.load)?;
         let n_vocab = model.cfg.vocab_size.max(tok.vocab_size());
+        // Keys and values, f32, for every layer.
+        let kv_bytes_per_position = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4;
         let info = Arc::new(ModelInfo {
             name: m.name.clone(),
             arch: model.cfg.arch.clone(),
@@ -395,42 +421,10 @@ impl Worker {
             pool: KvPool::new(opts.kv_budget_bytes),
             constraints: None,
             info,
+            max_batch: opts.max_batch.max(1),
+            kv_budget: opts.kv_budget_bytes,
+            kv_bytes_per_position,
         })
-    }
-
-    fn serve(&mut self, job: Job, stats: &Mutex<EngineStats>) {
-        let out = job.out.clone();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(job)));
-        let mut usage = None;
-        let err = match result {
-            Ok(Ok(u)) => {
-                usage = Some(u);
-                None
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(p) => Some(format!(
-                "internal error (panic): {}",
-                p.downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| p.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown")
-            )),
-        };
-        if let Some(e) = err {
-            let _ = out.blocking_send(Event::Error(e));
-        }
-        if let Ok(mut s) = stats.lock() {
-            s.requests += 1;
-            if let Some(u) = usage {
-                if u.finish == FinishReason::Cancelled {
-                    s.cancelled += 1;
-                }
-                s.last = Some(u);
-            }
-            s.kv_sessions = self.pool.sessions();
-            s.kv_bytes = self.pool.bytes();
-            s.kv_evictions = self.pool.evictions;
-        }
     }
 
     fn constraint(&mut self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, EngineError> {
@@ -440,12 +434,94 @@ impl Worker {
         Ok(self.constraints.as_ref().expect("built above").for_tools(tools, require_call)?)
     }
 
-    fn run(&mut self, job: Job) -> Result<Usage, EngineError> {
-        let Job { req, out, queued } = job;
+    /// The scheduler: admits queued requests (oldest first) while the batch
+    /// has room, advances one prompt by one prefill chunk, then samples the
+    /// next token of every decoding request and runs those tokens through
+    /// the model together in one batched step. Returns when every handle is
+    /// gone and nothing is left to serve.
+    fn schedule(&mut self, rx: std_mpsc::Receiver<Job>, queued: &AtomicUsize, stats: &Mutex<EngineStats>) {
+        let mut active: Vec<Seq> = Vec::new();
+        // Requests for a session that is already being served wait here, in
+        // order, so that a session's turns never run concurrently; so do
+        // requests that the KV memory budget cannot take yet.
+        let mut held: VecDeque<Job> = VecDeque::new();
+        let mut closed = false;
+        loop {
+            // 1. Admission.
+            while active.len() < self.max_batch {
+                let pos = held.iter().position(|j| !session_busy(&active, j));
+                let job = if let Some(i) = pos {
+                    held.remove(i).expect("index from position")
+                } else if closed {
+                    break;
+                } else if active.is_empty() && held.is_empty() {
+                    match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(j) => j,
+                        Err(std_mpsc::TryRecvError::Empty) => break,
+                        Err(std_mpsc::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
+                    }
+                };
+                if pos.is_none() {
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                if session_busy(&active, &job) {
+                    held.push_back(job);
+                    continue;
+                }
+                let reserved: usize = active.iter().map(|s| s.reserve).sum();
+                let out = job.out.clone();
+                match catch(|| self.admit(job, reserved, active.is_empty())) {
+                    Ok(Admit::Run(seq)) => active.push(*seq),
+                    Ok(Admit::Wait(job)) => {
+                        // No room in the KV budget until a request finishes.
+                        held.push_front(*job);
+                        break;
+                    }
+                    Ok(Admit::Done(usage)) => record(stats, &self.pool, Some(&usage)),
+                    Err(e) => {
+                        let _ = out.blocking_send(Event::Error(e));
+                        record(stats, &self.pool, None);
+                    }
+                }
+            }
+            if active.is_empty() {
+                if closed && held.is_empty() {
+                    return;
+                }
+                continue;
+            }
+            let stepped = catch(|| {
+                self.step(&mut active, stats);
+                Ok(())
+            });
+            if let Err(msg) = stepped {
+                // A panic mid-step: the caches may be half-written, so every
+                // request in flight is failed and its cache dropped.
+                for s in active.drain(..) {
+                    let _ = s.out.blocking_send(Event::Error(msg.clone()));
+                    record(stats, &self.pool, None);
+                }
+            }
+        }
+    }
+
+    /// Tokenizes and checks a request and finds its cache; `Wait` when the
+    /// KV budget (less `reserved` by running requests) cannot take it yet
+    /// and `alone` is false.
+    fn admit(&mut self, job: Job, reserved: usize, alone: bool) -> Result<Admit, EngineError> {
         let start = Instant::now();
-        if out.is_closed() {
+        let queue_ms = start.duration_since(job.queued).as_secs_f64() * 1000.0;
+        if job.out.is_closed() {
             // Cancelled while it waited in the queue: do no work for it.
-            return Ok(Usage {
+            return Ok(Admit::Done(Usage {
                 prompt_tokens: 0,
                 cached_tokens: 0,
                 completion_tokens: 0,
@@ -453,10 +529,10 @@ impl Worker {
                 ttft_ms: 0.0,
                 prefill_ms: 0.0,
                 decode_ms: 0.0,
-                queue_ms: start.duration_since(queued).as_secs_f64() * 1000.0,
-            });
+                queue_ms,
+            }));
         }
-        let queue_ms = start.duration_since(queued).as_secs_f64() * 1000.0;
+        let req = &job.req;
         let (tokens, tools) = match &req.prompt {
             Prompt::Chat { messages, tools, lang } => {
                 let schemas = tools.as_ref().map(|t| t.template_json(lang)).unwrap_or_default();
@@ -482,7 +558,13 @@ impl Worker {
             return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary")));
         }
         let max_tokens = req.max_tokens.min(context - tokens.len());
-        let mut constraint = match (&tools, req.constrain_tools) {
+        let reserve = (tokens.len() + max_tokens) * self.kv_bytes_per_position;
+        if !alone && reserved + reserve > self.kv_budget {
+            return Ok(Admit::Wait(Box::new(job)));
+        }
+        // Idle sessions' caches give way to running requests.
+        self.pool.shrink_to(self.kv_budget.saturating_sub(reserved + reserve));
+        let constraint = match (&tools, req.constrain_tools) {
             (Some(t), true) => match &req.grammar_tools {
                 Some(g) => Some(self.constraint(g, req.require_call)?),
                 None => Some(self.constraint(t, req.require_call)?),
@@ -505,136 +587,309 @@ impl Worker {
         }
         cache.truncate(reuse);
         in_cache.truncate(reuse);
+        let Job { req, out, .. } = job;
+        Ok(Admit::Run(Box::new(Seq {
+            calls: tools.as_ref().map(|_| CallStream::new()),
+            tools,
+            session: req.session,
+            start,
+            queue_ms,
+            prompt_tokens: tokens.len(),
+            reuse,
+            pending: tokens[reuse..].to_vec(),
+            cache,
+            in_cache,
+            keep_cache: true,
+            logits: None,
+            constraint,
+            sampler: Sampler::new(req.sampling),
+            text: TextStream::new(req.stop),
+            generated: 0,
+            max_tokens,
+            ttft_ms: 0.0,
+            prefill_ms: 0.0,
+            decode_start: None,
+            reserve,
+            out,
+        })))
+    }
 
-        let checkin = |pool: &mut KvPool, cache, toks| {
-            if let Some(s) = &req.session {
-                pool.checkin(s, cache, toks);
-            }
-        };
-
-        let mut logits = match self.model.forward(&tokens[reuse..], &mut cache) {
-            Ok(l) => l,
-            Err(e) => {
+    /// One round: a prefill chunk for the oldest request still reading its
+    /// prompt, then one token for every request that is decoding.
+    fn step(&mut self, active: &mut Vec<Seq>, stats: &Mutex<EngineStats>) {
+        let mut done: Vec<(usize, Result<FinishReason, EngineError>)> = Vec::new();
+        if let Some(i) = active.iter().position(|s| !s.pending.is_empty()) {
+            let s = &mut active[i];
+            if s.out.is_closed() {
+                done.push((i, Ok(FinishReason::Cancelled)));
+            } else if let Err(e) = s.prefill_chunk(&self.model) {
                 // The cache may be half-written: do not keep it.
-                return Err(e.into());
+                s.keep_cache = false;
+                done.push((i, Err(e)));
             }
-        };
-        in_cache.extend_from_slice(&tokens[reuse..]);
-        let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
-
-        let mut sampler = Sampler::new(req.sampling);
-        let mut text = TextStream::new(req.stop.clone());
-        let mut calls = tools.as_ref().map(|_| CallStream::new());
-        let mut generated = 0usize;
-        let mut ttft_ms = 0.0;
-        let decode_start = Instant::now();
-        let mut finish = FinishReason::Length;
-        let emit = |items: Vec<StreamItem>, out: &mpsc::Sender<Event>| -> bool {
-            for item in items {
-                let ev = match item {
-                    StreamItem::Text(t) if t.is_empty() => continue,
-                    StreamItem::Text(t) => Event::Delta(t),
-                    StreamItem::Call(call) => {
-                        let error = tools.as_ref().and_then(|t| t.check(&call).err());
-                        Event::ToolCall { call, error }
-                    }
-                    StreamItem::Malformed { reason, raw } => Event::ToolCallMalformed { reason, raw },
-                };
-                if out.blocking_send(ev).is_err() {
-                    return false;
-                }
+        }
+        let mut next: Vec<(usize, u32)> = Vec::new();
+        for (i, s) in active.iter_mut().enumerate() {
+            if s.logits.is_none() || done.iter().any(|(d, _)| *d == i) {
+                continue;
             }
-            true
-        };
-        let route = |s: String, calls: &mut Option<CallStream>| -> Vec<StreamItem> {
-            match calls {
-                Some(c) => c.push(&s),
-                None => vec![StreamItem::Text(s)],
+            match s.decide(&self.tok) {
+                Decision::Next(t) => next.push((i, t)),
+                Decision::Finished(r) => done.push((i, Ok(r))),
+                Decision::Failed(e) => done.push((i, Err(e))),
             }
-        };
-
-        // A failure while decoding leaves the cache consistent with
+        }
+        if let Ok(mut st) = stats.lock() {
+            st.peak_batch = st.peak_batch.max(next.len());
+        }
+        // A failure while decoding leaves each cache consistent with its
         // `in_cache` (a forward pass only commits its length at the end), so
-        // the session keeps its cache and the error is reported after.
-        let mut failure: Option<EngineError> = None;
-        while generated < max_tokens {
-            if out.is_closed() {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if let Some(c) = constraint.as_mut() {
-                if let Err(e) = c.mask(&mut logits) {
-                    failure = Some(e.into());
-                    break;
+        // sessions keep their caches and the error is reported after.
+        match next.as_slice() {
+            [] => {}
+            [(i, t)] => match self.model.forward(&[*t], &mut active[*i].cache) {
+                Ok(l) => active[*i].advance(*t, l),
+                Err(e) => done.push((*i, Err(e.into()))),
+            },
+            _ => {
+                let toks: Vec<u32> = next.iter().map(|(_, t)| *t).collect();
+                let mut caches: Vec<&mut KvCache> = active
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| next.iter().any(|(n, _)| n == i))
+                    .map(|(_, s)| &mut s.cache)
+                    .collect();
+                match self.model.forward_batch(&toks, &mut caches) {
+                    Ok(all) => {
+                        for ((i, t), l) in next.iter().zip(all) {
+                            active[*i].advance(*t, l);
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for (i, _) in &next {
+                            done.push((*i, Err(EngineError::Internal(msg.clone()))));
+                        }
+                    }
                 }
             }
-            let history_len = in_cache.len();
-            let Some(tok) = sampler.sample(&mut logits, &in_cache[..history_len]) else {
-                failure = Some(EngineError::Internal(
-                    "no token can be sampled (every logit is masked)".into(),
-                ));
-                break;
+        }
+        done.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, result) in done {
+            let s = active.remove(i);
+            let usage = s.finish(result, &mut self.pool);
+            record(stats, &self.pool, usage.as_ref());
+        }
+    }
+}
+
+enum Admit {
+    Run(Box<Seq>),
+    /// Not now: the KV memory budget is taken by running requests.
+    Wait(Box<Job>),
+    /// Finished without running (cancelled while queued).
+    Done(Usage),
+}
+
+enum Decision {
+    Next(u32),
+    Finished(FinishReason),
+    Failed(EngineError),
+}
+
+/// A request being served: the prompt tokens it has yet to prefill, or the
+/// logits for its next token, and what turns tokens into events.
+struct Seq {
+    out: mpsc::Sender<Event>,
+    session: Option<String>,
+    tools: Option<Arc<ToolSet>>,
+    start: Instant,
+    queue_ms: f64,
+    prompt_tokens: usize,
+    reuse: usize,
+    pending: Vec<u32>,
+    cache: KvCache,
+    /// The tokens whose keys and values `cache` holds.
+    in_cache: Vec<u32>,
+    keep_cache: bool,
+    logits: Option<Vec<f32>>,
+    constraint: Option<ToolConstraint>,
+    sampler: Sampler,
+    text: TextStream,
+    calls: Option<CallStream>,
+    generated: usize,
+    max_tokens: usize,
+    ttft_ms: f64,
+    prefill_ms: f64,
+    decode_start: Option<Instant>,
+    /// KV bytes this request may grow to (prompt plus `max_tokens`).
+    reserve: usize,
+}
+
+impl Seq {
+    fn prefill_chunk(&mut self, model: &Transformer) -> Result<(), EngineError> {
+        let n = self.pending.len().min(crate::model::PREFILL_CHUNK);
+        let logits = model.forward(&self.pending[..n], &mut self.cache)?;
+        self.in_cache.extend(self.pending.drain(..n));
+        if self.pending.is_empty() {
+            self.logits = Some(logits);
+            self.prefill_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            self.decode_start = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, tok: u32, logits: Vec<f32>) {
+        self.in_cache.push(tok);
+        self.logits = Some(logits);
+    }
+
+    /// Samples the next token from the pending logits and streams it.
+    fn decide(&mut self, tok: &Tokenizer) -> Decision {
+        if self.out.is_closed() {
+            return Decision::Finished(FinishReason::Cancelled);
+        }
+        if self.generated >= self.max_tokens {
+            return Decision::Finished(FinishReason::Length);
+        }
+        let Some(mut logits) = self.logits.take() else {
+            return Decision::Failed(EngineError::Internal("decoding without logits".into()));
+        };
+        if let Some(c) = self.constraint.as_mut() {
+            if let Err(e) = c.mask(&mut logits) {
+                return Decision::Failed(e.into());
+            }
+        }
+        let Some(t) = self.sampler.sample(&mut logits, &self.in_cache) else {
+            return Decision::Failed(EngineError::Internal(
+                "no token can be sampled (every logit is masked)".into(),
+            ));
+        };
+        if self.generated == 0 {
+            self.ttft_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        }
+        if tok.is_eog(t) {
+            return Decision::Finished(FinishReason::Stop);
+        }
+        if let Some(c) = self.constraint.as_mut() {
+            if let Err(e) = c.consume(t) {
+                return Decision::Failed(e.into());
+            }
+        }
+        self.generated += 1;
+        let step = self.text.push(tok.token_bytes(t));
+        if !step.text.is_empty() {
+            let items = self.route(step.text);
+            if !self.emit(items) {
+                return Decision::Finished(FinishReason::Cancelled);
+            }
+        }
+        if step.stopped {
+            return Decision::Finished(FinishReason::StopString);
+        }
+        if self.generated >= self.max_tokens {
+            return Decision::Finished(FinishReason::Length);
+        }
+        Decision::Next(t)
+    }
+
+    fn route(&mut self, s: String) -> Vec<StreamItem> {
+        match self.calls.as_mut() {
+            Some(c) => c.push(&s),
+            None => vec![StreamItem::Text(s)],
+        }
+    }
+
+    /// Sends items as events; false when the receiver has gone.
+    fn emit(&self, items: Vec<StreamItem>) -> bool {
+        for item in items {
+            let ev = match item {
+                StreamItem::Text(t) if t.is_empty() => continue,
+                StreamItem::Text(t) => Event::Delta(t),
+                StreamItem::Call(call) => {
+                    let error = self.tools.as_ref().and_then(|t| t.check(&call).err());
+                    Event::ToolCall { call, error }
+                }
+                StreamItem::Malformed { reason, raw } => Event::ToolCallMalformed { reason, raw },
             };
-            if generated == 0 {
-                ttft_ms = start.elapsed().as_secs_f64() * 1000.0;
+            if self.out.blocking_send(ev).is_err() {
+                return false;
             }
-            if self.tok.is_eog(tok) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(c) = constraint.as_mut() {
-                if let Err(e) = c.consume(tok) {
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-            generated += 1;
-            let step = text.push(self.tok.token_bytes(tok));
-            if !step.text.is_empty() && !emit(route(step.text, &mut calls), &out) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if step.stopped {
-                finish = FinishReason::StopString;
-                break;
-            }
-            if generated >= max_tokens {
-                break;
-            }
-            match self.model.forward(&[tok], &mut cache) {
-                Ok(l) => logits = l,
-                Err(e) => {
-                    failure = Some(e.into());
-                    break;
-                }
-            }
-            in_cache.push(tok);
         }
-        if let Some(e) = failure {
-            checkin(&mut self.pool, cache, in_cache);
-            return Err(e);
-        }
-        let decode_ms = decode_start.elapsed().as_secs_f64() * 1000.0;
+        true
+    }
+
+    /// Ends the request: flushes held-back text, returns the cache to the
+    /// pool, sends `Done` (or the error). Returns the usage when it finished.
+    fn finish(mut self, result: Result<FinishReason, EngineError>, pool: &mut KvPool) -> Option<Usage> {
+        let keep = |pool: &mut KvPool, s: &mut Seq| {
+            if let (Some(id), true) = (&s.session, s.keep_cache) {
+                let cache = std::mem::replace(&mut s.cache, KvCache::new(0));
+                pool.checkin(id, cache, std::mem::take(&mut s.in_cache));
+            }
+        };
+        let finish = match result {
+            Ok(f) => f,
+            Err(e) => {
+                keep(pool, &mut self);
+                let _ = self.out.blocking_send(Event::Error(e.to_string()));
+                return None;
+            }
+        };
+        let decode_ms = self.decode_start.map(|t| t.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
         if finish != FinishReason::Cancelled {
-            let rest = text.finish();
-            let mut items = if rest.is_empty() { Vec::new() } else { route(rest, &mut calls) };
-            if let Some(c) = calls.as_mut() {
+            let rest = self.text.finish();
+            let mut items = if rest.is_empty() { Vec::new() } else { self.route(rest) };
+            if let Some(c) = self.calls.as_mut() {
                 items.extend(c.finish());
             }
-            emit(items, &out);
+            self.emit(items);
         }
         let usage = Usage {
-            prompt_tokens: tokens.len(),
-            cached_tokens: reuse,
-            completion_tokens: generated,
+            prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.reuse,
+            completion_tokens: self.generated,
             finish,
-            ttft_ms,
-            prefill_ms,
+            ttft_ms: self.ttft_ms,
+            prefill_ms: self.prefill_ms,
             decode_ms,
-            queue_ms,
+            queue_ms: self.queue_ms,
         };
-        checkin(&mut self.pool, cache, in_cache);
-        let _ = out.blocking_send(Event::Done(usage.clone()));
-        Ok(usage)
+        keep(pool, &mut self);
+        let _ = self.out.blocking_send(Event::Done(usage.clone()));
+        Some(usage)
+    }
+}
+
+fn session_busy(active: &[Seq], job: &Job) -> bool {
+    job.req.session.is_some() && active.iter().any(|s| s.session == job.req.session)
+}
+
+/// Runs `f`, turning an error or a panic into the message its reader gets.
+fn catch<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(p) => Err(format!(
+            "internal error (panic): {}",
+            p.downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown")
+        )),
+    }
+}
+
+fn record(stats: &Mutex<EngineStats>, pool: &KvPool, usage: Option<&Usage>) {
+    if let Ok(mut s) = stats.lock() {
+        s.requests += 1;
+        if let Some(u) = usage {
+            if u.finish == FinishReason::Cancelled {
+                s.cancelled += 1;
+            }
+            s.last = Some(u.clone());
+        }
+        s.kv_sessions = pool.sessions();
+        s.kv_bytes = pool.bytes();
+        s.kv_evictions = pool.evictions;
     }
 }

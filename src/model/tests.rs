@@ -6,6 +6,12 @@ use candle_core::quantized::GgmlDType;
 
 /// A random 2-layer model with GQA (4 query heads, 2 KV heads).
 pub(crate) fn tiny_model(arch: &str, seed: u64) -> Transformer {
+    tiny_model_in(arch, seed, GgmlDType::F32)
+}
+
+/// The same model with its matrices stored as `dtype` (Q5_0 and Q8_0 run on
+/// Errand's own kernels).
+pub(crate) fn tiny_model_in(arch: &str, seed: u64, dtype: GgmlDType) -> Transformer {
     let dev = Device::Cpu;
     let cfg = ModelConfig {
         arch: arch.into(),
@@ -32,7 +38,8 @@ pub(crate) fn tiny_model(arch: &str, seed: u64) -> Transformer {
             })
             .collect();
         let t = Tensor::from_vec(data, shape, &dev).unwrap();
-        QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        let dtype = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
+        QTensor::quantize(&t, dtype).unwrap()
     };
     let mut t = HashMap::new();
     let (h, kvd, ff) = (cfg.hidden, cfg.n_kv_head * cfg.head_dim, 128);
@@ -136,4 +143,57 @@ fn unsupported_architectures_name_the_seam() {
     let e = ArchSpec::for_name("qwen3").unwrap_err().to_string();
     assert!(e.contains("qwen3") && e.contains("q/k"), "{e}");
     assert!(ArchSpec::for_name("mamba").is_err());
+}
+
+#[test]
+fn a_batched_decode_step_equals_each_sequence_alone() {
+    for (arch, dtype) in [("qwen2", GgmlDType::F32), ("qwen2", GgmlDType::Q5_0), ("llama", GgmlDType::Q8_0)] {
+        let m = tiny_model_in(arch, 5, dtype);
+        // Three sequences of different lengths (so different positions).
+        let prompts = [tokens(7, 1), tokens(30, 2), tokens(3, 3)];
+        let next = [5u32, 17, 42];
+        let mut alone = Vec::new();
+        let mut batch_caches = Vec::new();
+        for (p, t) in prompts.iter().zip(next) {
+            let mut c = m.new_cache();
+            m.forward(p, &mut c).unwrap();
+            batch_caches.push(c.copy_prefix(p.len()).unwrap());
+            alone.push(m.forward(&[t], &mut c).unwrap());
+        }
+        let mut refs: Vec<&mut KvCache> = batch_caches.iter_mut().collect();
+        let together = m.forward_batch(&next, &mut refs).unwrap();
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            if dtype == GgmlDType::F32 {
+                // candle's f32 GEMM may block one row differently from three.
+                assert!(max_diff(a, b) < 1e-4, "{arch}: sequence {i} differs in a batch");
+            } else {
+                // Errand's kernels sum every row in the same order.
+                assert_eq!(a, b, "{arch} {dtype:?}: sequence {i} differs in a batch");
+            }
+        }
+        for (c, p) in batch_caches.iter().zip(&prompts) {
+            assert_eq!(c.len(), p.len() + 1);
+        }
+        // The caches really were extended: one more step still matches.
+        let mut c0 = m.new_cache();
+        let mut seq0 = prompts[0].clone();
+        seq0.extend([next[0], 9]);
+        let want = m.forward(&seq0, &mut c0).unwrap();
+        let mut refs: Vec<&mut KvCache> = batch_caches.iter_mut().collect();
+        let got = m.forward_batch(&[9, 9, 9], &mut refs).unwrap();
+        assert!(max_diff(&want, &got[0]) < 1e-3, "{arch} {dtype:?}");
+    }
+}
+
+#[test]
+fn a_batch_refuses_mismatched_inputs_and_overflow() {
+    let m = tiny_model("llama", 6);
+    let mut c = m.new_cache();
+    let mut refs = vec![&mut c];
+    assert!(matches!(m.forward_batch(&[1, 2], &mut refs), Err(ModelError::Shape(_))));
+    assert!(m.forward_batch(&[], &mut []).unwrap().is_empty());
+    let mut full = m.new_cache();
+    m.forward(&vec![1u32; 2048], &mut full).unwrap();
+    let mut refs = vec![&mut full];
+    assert!(matches!(m.forward_batch(&[1], &mut refs), Err(ModelError::ContextOverflow { .. })));
 }

@@ -8,12 +8,12 @@ use errand::gguf::GgufFile;
 use errand::model::{LoadOptions, Transformer};
 use errand::tokenizer::Tokenizer;
 
-fn compare(name: &str, requant: bool) -> (f32, u32, u32) {
+fn compare(name: &str, opts: LoadOptions) -> (f32, u32, u32) {
     let m = model(name);
     let g = GgufFile::open(&m.path).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let ids = tok.encode("The capital of France is", true).unwrap();
-    let ours = Transformer::load(&g, &Device::Cpu, LoadOptions { requantize_to_q8_0: requant }).unwrap();
+    let ours = Transformer::load(&g, &Device::Cpu, opts).unwrap();
     let mut cache = ours.new_cache();
     let a = ours.forward(&ids, &mut cache).unwrap();
 
@@ -36,25 +36,70 @@ fn compare(name: &str, requant: bool) -> (f32, u32, u32) {
     (diff, ta, tb)
 }
 
+/// The file's weights exactly, through candle's kernels on both sides.
+const AS_STORED: LoadOptions = LoadOptions { native_kernels: false, requantize_to_q8_0: false };
+
 #[test]
 fn smollm2_logits_match_candle_quantized_llama() {
-    let (diff, a, b) = compare(SMOL, false);
+    let (diff, a, b) = compare(SMOL, AS_STORED);
     assert_eq!(a, b);
     assert!(diff < 0.05, "max logit difference {diff}");
 }
 
 #[test]
 fn qwen_logits_match_candle_quantized_qwen2() {
-    let (diff, a, b) = compare(QWEN, false);
+    let (diff, a, b) = compare(QWEN, AS_STORED);
     assert_eq!(a, b);
     assert!(diff < 0.05, "max logit difference {diff}");
+}
+
+#[test]
+fn qwen_on_errands_own_kernels_stays_close_to_the_reference() {
+    // The default load: Q5_0 and Q8_0 matrices through `model::qkernel`,
+    // which quantizes activations as ggml and candle do. Q8_0 products come
+    // out bit for bit equal (a difference of 0 with only Q8_0 native);
+    // Q5_0 products differ from candle's in the last bits (candle adds
+    // block by block in scalar code, the kernel in eight SIMD lanes), and
+    // over 24 layers that moves some activations across a rounding step of
+    // the next layer's 8-bit quantization. Measured: 0.46 (logits span about
+    // +-20), the same top token; documented in the README.
+    let (diff, a, b) = compare(QWEN, LoadOptions::default());
+    assert_eq!(a, b);
+    assert!(diff < 1.0, "max logit difference {diff}");
 }
 
 #[test]
 fn requantized_qwen_stays_close_to_the_reference() {
     // Q5_0 -> Q8_0 re-quantization rounds once more; the drift is measured
     // here and documented in the README.
-    let (diff, a, b) = compare(QWEN, true);
+    let (diff, a, b) = compare(QWEN, LoadOptions { native_kernels: false, requantize_to_q8_0: true });
     assert_eq!(a, b);
     assert!(diff < 1.0, "max logit difference {diff}");
+}
+
+/// Every Q5_0 and Q8_0 matrix of layer 0 and the output of the real file,
+/// through `qkernel` and through candle's quantized matmul, on the same
+/// activations: equal up to the order of summation.
+#[test]
+fn qwens_own_matrices_multiply_like_candles() {
+    use candle_core::quantized::QMatMul;
+    use errand::model::qkernel;
+    let m = model(QWEN);
+    let mut file = std::fs::File::open(&m.path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    for name in ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "output.weight"] {
+        let q = ct.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let Some(kind) = qkernel::Kind::of(q.dtype()) else { continue };
+        let (n, k) = q.shape().dims2().unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let rows = 3;
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 97 == 0 { 8.0 } else { 1.0 }).collect();
+        let ours = qkernel::matmul(kind, &bytes, n, k, &x, qkernel::Path::Auto);
+        let qm = QMatMul::from_qtensor(q).unwrap();
+        let xt = Tensor::from_vec(x, (rows, k), &Device::Cpu).unwrap();
+        let theirs = candle_core::Module::forward(&qm, &xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0f32, f32::max);
+        eprintln!("{name} {kind:?} ({n}x{k}): worst relative difference {worst}");
+        assert!(worst < 1e-3, "{name}: {worst}");
+    }
 }
