@@ -15,9 +15,11 @@
 //!                          gguf ── GgufFile (header, metadata, lazily read tensors)
 //!                         ╱   │   ╲
 //!                tokenizer  template  model ── Transformer (qwen2, llama) + KvCache
-//!                   └──► prompt ◄── prompts/        │
+//!                   └──► prompt ◄── prompts/        │  qkernel: AVX2 Q5_0/Q8_0 products on the
+//!                                 │                 │  file's blocks; forward_batch for decode
 //!                                 │                 ▼
-//!                                 ▼        engine (one OS thread, bounded queue)
+//!                                 ▼        engine (one OS thread, bounded queue, rounds:
+//!                                            │  admit, one prefill chunk, one batched decode step)
 //!                                            ├─ kv_pool: per-session caches, LRU budget,
 //!                                            │  a new session starts from another's prefix
 //!                                            ├─ sampler, detok (UTF-8 safe), stop strings
@@ -74,9 +76,12 @@
 //! - [`prompt`]: system prompts from `prompts/`, the tool-list fallback for
 //!   templates that ignore tools, and tokenization that keeps control-token
 //!   text in user or tool content inert.
-//! - [`model`]: the transformer forward pass with an external KV cache.
-//! - [`engine`]: the actor that owns the model; streaming, cancellation,
-//!   KV reuse per session and across sessions, constrained decoding.
+//! - [`model`]: the transformer forward pass with an external KV cache, one
+//!   sequence or a batched decode step over many; `model::qkernel` holds
+//!   Errand's own quantized CPU kernels.
+//! - [`engine`]: the actor that owns the model; continuous batching with a
+//!   KV memory budget, streaming, cancellation, KV reuse per session and
+//!   across sessions, constrained decoding.
 //! - [`tools`]: mini-program manifests (`tools/*.json`), argument validation,
 //!   the tolerant tool-call parser and the llguidance grammar.
 //! - [`agent`]: the dialogue loop, grounding, the confirmation gate, cards.
@@ -90,7 +95,8 @@
 //!   the OpenAI-compatible API, REST, auth, limits, metrics and the web page.
 //! - [`eval`]: `errand eval`, scripted and simulated dialogues over the
 //!   WebSocket protocol, judged on calls, words and end state (`docs/eval.md`).
-//! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`.
+//! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`,
+//!   aggregate throughput at 1/4/16 sessions, callgrind instruction counts.
 //! - [`toolcheck`]: `errand toolcheck`, tool-call validity with and without constraints.
 //!
 //! The library never prints; `src/main.rs` parses arguments and calls in.

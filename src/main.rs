@@ -177,8 +177,8 @@ enum Cmd {
         /// Session counts for aggregate throughput (comma-separated; empty skips).
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         concurrency: Vec<usize>,
-        /// Tokens each concurrent session generates.
-        #[arg(long, default_value_t = 64)]
+        /// Tokens each concurrent session generates (as many as tg128 by default).
+        #[arg(long, default_value_t = 128)]
         concurrent_tokens: usize,
         /// Also count the instructions of this many decode steps with
         /// valgrind's callgrind (one thread; 0 skips).

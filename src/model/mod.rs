@@ -15,7 +15,7 @@
 //! adding them means adding their fields to `ArchSpec` and `Layer`.
 
 mod cache;
-pub mod qkernel;
+pub use errand_qkernel as qkernel;
 
 pub use cache::KvCache;
 
@@ -596,3 +596,5 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod qkernel_tests;

@@ -1,4 +1,4 @@
-//! Quantized matrix products on the CPU for the block types the default
+//! Errand's quantized matrix products on the CPU for the block types the default
 //! model mostly ships in (Q5_0 and Q8_0), read straight from the file's bytes.
 //!
 //! candle's Q5_0 dot product is scalar, so Errand used to re-quantize Q5_0
@@ -15,6 +15,11 @@
 //! bytes of nibbles (22 bytes for 32 weights; weight `j` is the low nibble
 //! of byte `j`, weight `j + 16` the high one, minus 16 after the high bit is
 //! added); a Q8_0 block is an f16 scale and 32 `i8` (34 bytes).
+//!
+//! A crate of its own so that the test profile, which builds Errand itself
+//! with little optimisation, still builds these loops fully optimised (like
+//! every dependency); Errand re-exports it as `errand::model::qkernel`, and
+//! its tests live there (`src/model/qkernel_tests.rs`).
 
 use candle_core::quantized::GgmlDType;
 
@@ -326,99 +331,4 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], path: Path) -
     };
     candle_core::utils::barrier_pool().execute_chunked(items, work);
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
-
-    fn rnd(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
-    }
-
-    fn quantized(kind: Kind, n: usize, k: usize, seed: u64) -> (Vec<u8>, QTensor) {
-        let w = Tensor::from_vec(rnd(n * k, seed, 1.0), (n, k), &Device::Cpu).unwrap();
-        let dt = match kind {
-            Kind::Q5_0 => GgmlDType::Q5_0,
-            Kind::Q8_0 => GgmlDType::Q8_0,
-        };
-        let q = QTensor::quantize(&w, dt).unwrap();
-        (q.data().unwrap().into_owned(), q)
-    }
-
-    #[test]
-    fn unpacking_matches_candles_dequantization() {
-        for kind in [Kind::Q5_0, Kind::Q8_0] {
-            let (bytes, q) = quantized(kind, 8, 64, 3);
-            let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(dequantize(kind, &bytes, 8, 64, Path::Scalar), theirs, "{kind:?}");
-            assert_eq!(dequantize(kind, &bytes, 8, 64, Path::Auto), theirs, "{kind:?}");
-        }
-    }
-
-    /// Every row count from 1 to past a tile, on both paths, against f32
-    /// products of the dequantized weights. The only error left is the
-    /// activations' 8-bit rounding.
-    #[test]
-    fn products_match_the_dequantized_reference_on_both_paths() {
-        let (n, k) = (37, 96);
-        for kind in [Kind::Q5_0, Kind::Q8_0] {
-            let (bytes, _) = quantized(kind, n, k, 7);
-            let wf = dequantize(kind, &bytes, n, k, Path::Scalar);
-            for m in [1, 2, 3, 4, 5, 8, 9, 17] {
-                let x = rnd(m * k, 11 + m as u64, 2.0);
-                let fast = matmul(kind, &bytes, n, k, &x, Path::Auto);
-                let slow = matmul(kind, &bytes, n, k, &x, Path::Scalar);
-                for i in 0..m {
-                    for r in 0..n {
-                        let exact: f32 = (0..k).map(|j| x[i * k + j] * wf[r * k + j]).sum();
-                        let bound = 0.02 * (0..k).map(|j| (x[i * k + j] * wf[r * k + j]).abs()).sum::<f32>() + 1e-4;
-                        let (f, s) = (fast[i * n + r], slow[i * n + r]);
-                        assert!((f - s).abs() <= 1e-3 * (1.0 + s.abs()), "{kind:?} m={m} ({i},{r}): simd {f} scalar {s}");
-                        assert!((s - exact).abs() <= bound, "{kind:?} m={m} ({i},{r}): {s} vs exact {exact}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// candle's own quantized matmul quantizes activations the same way, so
-    /// the two agree up to the order of summation.
-    #[test]
-    fn products_match_candles_quantized_matmul() {
-        let (n, k) = (40, 128);
-        for kind in [Kind::Q5_0, Kind::Q8_0] {
-            let (bytes, q) = quantized(kind, n, k, 21);
-            let qm = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
-            for m in [1, 5] {
-                let x = rnd(m * k, 5 + m as u64, 3.0);
-                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-                let theirs = candle_core::Module::forward(&qm, &xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let ours = matmul(kind, &bytes, n, k, &x, Path::Auto);
-                for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{kind:?} m={m} [{i}]: ours {a} candle {b}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn zero_activations_give_zero() {
-        let (bytes, _) = quantized(Kind::Q5_0, 4, 32, 1);
-        assert_eq!(matmul(Kind::Q5_0, &bytes, 4, 32, &[0.0; 32], Path::Auto), vec![0.0; 4]);
-    }
-
-    #[test]
-    #[should_panic(expected = "do not match")]
-    fn wrong_weight_size_is_refused() {
-        matmul(Kind::Q8_0, &[0u8; 33], 1, 32, &[0.0; 32], Path::Auto);
-    }
 }
