@@ -276,6 +276,18 @@ const QUESTIONS: [&str; 4] = [
     "Write a short poem about rain.",
 ];
 
+/// Submits every question at once, each limited to `max_tokens`.
+fn submit_all(e: &Engine, max_tokens: usize) -> Vec<tokio::sync::mpsc::Receiver<Event>> {
+    QUESTIONS
+        .iter()
+        .map(|q| {
+            let mut r = ask(q);
+            r.max_tokens = max_tokens;
+            e.submit(r).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn concurrent_requests_decode_in_one_batch_and_match_running_alone() {
     let alone: Vec<String> = {
@@ -290,14 +302,7 @@ fn concurrent_requests_decode_in_one_batch_and_match_running_alone() {
             .collect()
     };
     let e = Engine::start(&model(SMOL), EngineOptions::default()).unwrap();
-    let rxs: Vec<_> = QUESTIONS
-        .iter()
-        .map(|q| {
-            let mut r = ask(q);
-            r.max_tokens = 24;
-            e.submit(r).unwrap()
-        })
-        .collect();
+    let rxs = submit_all(&e, 24);
     let together: Vec<String> = rxs.into_iter().map(|rx| collect(rx).0).collect();
     assert!(e.stats().peak_batch >= 2, "never decoded two requests together: {:?}", e.stats());
     // Greedy rows are computed exactly as they would be alone.
@@ -335,15 +340,7 @@ fn the_kv_budget_holds_requests_back_instead_of_overrunning() {
         },
     )
     .unwrap();
-    let rxs: Vec<_> = QUESTIONS
-        .iter()
-        .map(|q| {
-            let mut r = ask(q);
-            r.max_tokens = 8;
-            e.submit(r).unwrap()
-        })
-        .collect();
-    for rx in rxs {
+    for rx in submit_all(&e, 8) {
         let (_, u) = collect(rx);
         assert!(u.completion_tokens > 0);
     }
