@@ -40,6 +40,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// How often one tool may run for one message before the grammar stops
+/// offering it: three items of a shopping list is fine, a fourth search for
+/// the same restaurant is a loop.
+const MAX_RUNS_PER_INPUT: usize = 3;
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Model rounds (each may call tools) per user message.
@@ -726,6 +731,12 @@ impl Agent {
             return Ok(Flow::Continue);
         }
         s.turn_calls.push(key);
+        let runs = s.turn_calls.iter().filter(|k| k.split(' ').next() == Some(name.as_str())).count();
+        if runs >= MAX_RUNS_PER_INPUT && !s.excluded.contains(&name) {
+            // Enough of this tool for one message: the grammar stops offering
+            // it, so a model stuck re-searching has to use what it found.
+            s.excluded.push(name.clone());
+        }
         if tool.def.confirm {
             return self.quote(sid, s, lang, &tool, args, tx).await;
         }

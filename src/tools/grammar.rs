@@ -141,8 +141,26 @@ pub fn call_schema(tools: &ToolSet) -> Value {
     }
 }
 
-/// Lark grammar: plain text, or calls in one of the accepted shapes (one
-/// shape per reply, so the streaming parser always sees what it expects).
+/// The most calls one reply may make. A small model that starts repeating
+/// a call keeps writing it until `max_tokens` runs out (seen with the default
+/// model in the food browser test: six searches, the last cut off), which
+/// costs a whole reply's decode time and ends in a malformed call. Three
+/// still lets one reply look up several items ("milk and apples").
+pub const MAX_CALLS_PER_REPLY: usize = 3;
+
+/// `item`, then up to `MAX_CALLS_PER_REPLY - 1` more separated by
+/// whitespace, as Lark.
+fn up_to_max(item: &str) -> String {
+    let mut s = item.to_owned();
+    for _ in 1..MAX_CALLS_PER_REPLY {
+        s.push_str(&format!(" (WS {item})?"));
+    }
+    s
+}
+
+/// Lark grammar: plain text, or one to [`MAX_CALLS_PER_REPLY`] calls in one
+/// of the accepted shapes (one shape per reply, so the streaming parser
+/// always sees what it expects).
 /// Text may not begin like a call, and may not contain `<tool_call>` or a
 /// code fence anywhere, so no call can pass unvalidated as "text". With
 /// `require_call` there is no text alternative: the reply is calls only.
@@ -157,12 +175,15 @@ pub fn lark_for_tools(tools: &ToolSet, require_call: bool) -> String {
         )
     };
     format!(
-        r#"start: {text_alt}tagged (WS tagged)* WS? | fenced (WS fenced)* WS? | body (WS body)* WS?
+        r#"start: {text_alt}{tagged} WS? | {fenced} WS? | {body} WS?
 tagged: "<tool_call>" WS? body WS? "</tool_call>"
 fenced: "```json\n" WS? body WS? "```"
 body: %json {schema}
 {text_rule}WS: /[ \t\r\n]+/
-"#
+"#,
+        tagged = up_to_max("tagged"),
+        fenced = up_to_max("fenced"),
+        body = up_to_max("body"),
     )
 }
 
@@ -273,5 +294,20 @@ mod tests {
         assert_eq!(run(required(), r#"{"name": "get_weather", "arguments": {}}"#), None);
         assert_eq!(run(required(), "<tool_call>\n{\"name\": \"get_weather\""), Some(false));
         assert!(!required().contains("TEXT"));
+    }
+
+    #[test]
+    fn a_reply_holds_at_most_max_calls() {
+        let lark = || lark_for_tools(&weather(), false);
+        let calls = |n: usize| vec![CALL; n].join("\n");
+        for n in 1..=MAX_CALLS_PER_REPLY {
+            assert_eq!(run(lark(), &calls(n)), Some(true), "{n} calls");
+        }
+        // One more is refused where it starts: the reply has to end instead.
+        assert_eq!(run(lark(), &format!("{}\n<", calls(MAX_CALLS_PER_REPLY))), None);
+        // The same for bare JSON bodies.
+        let body = r#"{"name": "get_weather", "arguments": {"city": "Rome"}}"#;
+        assert_eq!(run(lark(), &vec![body; MAX_CALLS_PER_REPLY].join(" ")), Some(true));
+        assert_eq!(run(lark(), &format!("{} {{", vec![body; MAX_CALLS_PER_REPLY].join(" "))), None);
     }
 }
