@@ -855,10 +855,29 @@ impl Seq {
             decode_ms,
             queue_ms: self.queue_ms,
         };
+        if trace_enabled() {
+            eprintln!(
+                "[engine] prompt {} (cached {}) → {} tokens, {:?}; queue {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tok/s)",
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+                usage.finish,
+                usage.queue_ms,
+                usage.prefill_ms,
+                usage.decode_ms,
+                usage.decode_tok_per_s()
+            );
+        }
         keep(pool, &mut self);
         let _ = self.out.blocking_send(Event::Done(usage.clone()));
         Some(usage)
     }
+}
+
+/// `ERRAND_TRACE=1` prints one line per finished request to stderr.
+fn trace_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("ERRAND_TRACE").is_some_and(|v| !v.is_empty() && v != "0"))
 }
 
 fn session_busy(active: &[Seq], job: &Job) -> bool {

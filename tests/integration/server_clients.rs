@@ -65,6 +65,8 @@ async fn chromium_orders_food_through_the_chat_page_and_sees_it_paid() {
         .await
         .unwrap();
     t.stop().await;
+    // The page's timeline, shown with --nocapture (and by the harness on failure).
+    eprintln!("{err}");
     assert!(ok, "the browser test failed\n--- stdout ---\n{out}\n--- stderr ---\n{err}");
     let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap();
     assert_eq!(summary["ok"], true, "{out}");
