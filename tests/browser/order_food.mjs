@@ -11,7 +11,7 @@
 //                     (default: ~/.cache/errand/node, as browser-deps.sh)
 //   CHROMIUM          the browser (default /usr/bin/chromium)
 //   ERRAND_CONFIRM_TIMEOUT_S / ERRAND_PAID_TIMEOUT_S   override the waits
-//                     (default 360 s for the dialog, 180 s for the payment)
+//                     (default 900 s for the dialog, 180 s for the payment)
 //
 // Writes chat-confirm.png and chat-paid.png (chat-fail.png on failure) to
 // the screenshot dir and prints one JSON line on stdout:
@@ -35,7 +35,7 @@ const MESSAGE =
   "Order kung pao chicken from the best Sichuan restaurant near People's Square, deliver to 200 Renmin Road, Huangpu";
 const MAX_PICKS = 4;
 const IDLE_SETTLE_MS = 4000; // idle this long = the reply is over
-const CONFIRM_TIMEOUT_MS = Number(process.env.ERRAND_CONFIRM_TIMEOUT_S || 360) * 1000;
+const CONFIRM_TIMEOUT_MS = Number(process.env.ERRAND_CONFIRM_TIMEOUT_S || 900) * 1000;
 const PAID_TIMEOUT_MS = Number(process.env.ERRAND_PAID_TIMEOUT_S || 180) * 1000;
 const ORDER_WAIT_MS = 20000;
 
