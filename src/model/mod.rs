@@ -144,7 +144,10 @@ impl ModelConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// Multiply Q5_0 and Q8_0 matrices with Errand's own kernels
-    /// ([`qkernel`]), reading the file's blocks as they are.
+    /// ([`qkernel`]), reading the file's blocks as they are, and run
+    /// attention fused on the CPU ([`qkernel::attention`]). Off, every
+    /// product goes through candle's own kernels and tensor ops (the
+    /// reference path).
     pub native_kernels: bool,
     /// Re-quantize Q5_1/Q4_1 matrices (and Q5_0 when the native kernels are
     /// off) to Q8_0, which has fast SIMD kernels (Errand's and candle's);
@@ -258,6 +261,9 @@ pub struct Transformer {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Attention through [`qkernel::attention`] (CPU, f32) instead of
+    /// candle tensor ops; on with the native kernels.
+    fused_attention: bool,
 }
 
 /// Largest number of prompt tokens pushed through the model at once; bounds
@@ -362,6 +368,7 @@ impl Transformer {
             cos,
             sin,
             device: device.clone(),
+            fused_attention: opts.native_kernels,
         })
     }
 
@@ -452,6 +459,10 @@ impl Transformer {
                     )
                 };
                 let (k_all, v_all) = cache.append(li, &k, &v, p)?;
+                if let Some(y) = self.fused(&q, &k_all, &v_all, p, 1)? {
+                    ys.push(y);
+                    continue;
+                }
                 let q = q.reshape((1, c.n_kv_head, n_rep, c.head_dim))?;
                 let att = (q.matmul(&k_all.t()?)? * scale)?;
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
@@ -474,6 +485,49 @@ impl Transformer {
         Ok(flat.chunks_exact(n).map(<[f32]>::to_vec).collect())
     }
 
+    /// Causal attention of `s` new queries `q` `(1, n_head, s, hd)` over the
+    /// cached `k_all`, `v_all` `(1, n_kv, pos + s, hd)` with the fused CPU
+    /// kernel, as `(1, s, n_head * hd)`; `None` when it does not apply (off,
+    /// not on the CPU, not f32, or a layout it does not read), so the
+    /// caller takes the tensor path.
+    fn fused(&self, q: &Tensor, k_all: &Tensor, v_all: &Tensor, pos: usize, s: usize) -> Result<Option<Tensor>, ModelError> {
+        use candle_core::Storage;
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        if !self.fused_attention || !self.device.is_cpu() || [q, k_all, v_all].iter().any(|t| t.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let q = q.contiguous()?;
+        let (kl, vl) = (k_all.layout(), v_all.layout());
+        let kv_ok = |l: &candle_core::Layout| {
+            let st = l.stride();
+            l.dims() == [1, c.n_kv_head, pos + s, hd] && st[3] == 1 && st[2] == hd
+        };
+        if !kv_ok(kl) || !kv_ok(vl) || kl.stride()[1] != vl.stride()[1] {
+            return Ok(None);
+        }
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, _) = k_all.storage_and_layout();
+        let (vs, _) = v_all.storage_and_layout();
+        let (Storage::Cpu(qc), Storage::Cpu(kc), Storage::Cpu(vc)) = (&*qs, &*ks, &*vs) else {
+            return Ok(None);
+        };
+        let n = c.n_head * s * hd;
+        let qv = &qc.as_slice::<f32>()?[ql.start_offset()..][..n];
+        let kv = &kc.as_slice::<f32>()?[kl.start_offset()..];
+        let vv = &vc.as_slice::<f32>()?[vl.start_offset()..];
+        let shape = qkernel::attention::AttnShape {
+            n_head: c.n_head,
+            n_kv: c.n_kv_head,
+            head_dim: hd,
+            s,
+            pos,
+            kv_head_stride: kl.stride()[1],
+        };
+        let y = qkernel::attention::attention(qv, kv, vv, shape, 1.0 / (hd as f32).sqrt());
+        Ok(Some(Tensor::from_vec(y, (1, s, c.n_head * hd), &self.device)?))
+    }
+
     /// One chunk through every layer; returns the normalised hidden state of
     /// the chunk's last position, shape (1, hidden).
     fn forward_chunk(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
@@ -485,7 +539,7 @@ impl Transformer {
         let cos = self.cos.narrow(0, pos, s)?;
         let sin = self.sin.narrow(0, pos, s)?;
         let n_rep = c.n_head / c.n_kv_head;
-        let mask = if s > 1 {
+        let mask = if s > 1 && !self.fused_attention {
             Some(causal_mask(s, pos, &self.device)?)
         } else {
             None
@@ -511,25 +565,30 @@ impl Transformer {
                 )
             };
             let (k_all, v_all) = cache.append(li, &k, &v, pos)?;
-            // Grouped-query attention without copying K/V: the n_rep query
-            // heads that share a KV head become extra rows of one matmul.
-            let q = q.reshape((1, c.n_kv_head, n_rep * s, c.head_dim))?;
-            let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let att = (q.matmul(&k_all.t()?)? * scale)?;
-            let att = match &mask {
-                // (1, n_kv, n_rep, s, kv) + (s, kv): one mask for every head.
-                Some(m) => att
-                    .reshape((1, c.n_kv_head, n_rep, s, pos + s))?
-                    .broadcast_add(m)?
-                    .reshape((1, c.n_kv_head, n_rep * s, pos + s))?,
-                None => att,
+            let y = match self.fused(&q, &k_all, &v_all, pos, s)? {
+                Some(y) => y,
+                None => {
+                    // Grouped-query attention without copying K/V: the n_rep
+                    // query heads that share a KV head become extra rows of
+                    // one matmul.
+                    let q = q.reshape((1, c.n_kv_head, n_rep * s, c.head_dim))?;
+                    let scale = 1.0 / (c.head_dim as f64).sqrt();
+                    let att = (q.matmul(&k_all.t()?)? * scale)?;
+                    let att = match &mask {
+                        // (1, n_kv, n_rep, s, kv) + (s, kv): one mask for every head.
+                        Some(m) => att
+                            .reshape((1, c.n_kv_head, n_rep, s, pos + s))?
+                            .broadcast_add(m)?
+                            .reshape((1, c.n_kv_head, n_rep * s, pos + s))?,
+                        None => att,
+                    };
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    let y = att.matmul(&v_all)?; // (1, n_kv, n_rep*s, hd)
+                    y.reshape((1, c.n_head, s, c.head_dim))?
+                        .transpose(1, 2)?
+                        .reshape((1, s, c.n_head * c.head_dim))?
+                }
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all)?; // (1, n_kv, n_rep*s, hd)
-            let y = y
-                .reshape((1, c.n_head, s, c.head_dim))?
-                .transpose(1, 2)?
-                .reshape((1, s, c.n_head * c.head_dim))?;
             x = (x + layer.wo.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;

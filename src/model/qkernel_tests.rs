@@ -93,3 +93,53 @@ fn zero_activations_give_zero() {
 fn wrong_weight_size_is_refused() {
     matmul(Kind::Q8_0, &[0u8; 33], 1, 32, &[0.0; 32], Path::Auto);
 }
+
+/// Fused attention against the per-query reference: prefill chunks that
+/// start mid-cache and span several query blocks, decode, grouped-query
+/// heads, and a cache with spare capacity between KV heads.
+#[test]
+fn fused_attention_matches_the_reference() {
+    use super::qkernel::attention::{attention, attention_reference, AttnShape, QUERY_BLOCK};
+    for (n_head, n_kv, hd, s, pos) in [
+        (4, 2, 16, 1, 0),
+        (4, 2, 16, 1, 37),
+        (14, 2, 64, 1, 300),
+        (9, 3, 64, 7, 0),
+        (4, 4, 32, QUERY_BLOCK + 5, 11),
+        (14, 2, 64, 2 * QUERY_BLOCK + 1, 200),
+    ] {
+        let cap = (pos + s).next_multiple_of(64) + 64;
+        let stride = cap * hd;
+        let q = rnd(n_head * s * hd, 1 + s as u64, 1.0);
+        let k = rnd(n_kv * stride, 2 + pos as u64, 1.0);
+        let v = rnd(n_kv * stride, 3, 1.0);
+        let sh = AttnShape { n_head, n_kv, head_dim: hd, s, pos, kv_head_stride: stride };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ours = attention(&q, &k, &v, sh, scale);
+        let want = attention_reference(&q, &k, &v, sh, scale);
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{sh:?}: max difference {worst}");
+    }
+}
+
+/// The reference itself must notice a wrong mask: a query that could see
+/// one key more than its causal limit gives a different answer.
+#[test]
+fn fused_attention_is_causal() {
+    use super::qkernel::attention::{attention, AttnShape};
+    let (n_head, n_kv, hd, s) = (2, 1, 16, 5);
+    let stride = 8 * hd;
+    let q = rnd(n_head * s * hd, 9, 1.0);
+    let k = rnd(n_kv * stride, 10, 1.0);
+    let mut v = rnd(n_kv * stride, 11, 1.0);
+    let sh = AttnShape { n_head, n_kv, head_dim: hd, s, pos: 0, kv_head_stride: stride };
+    let a = attention(&q, &k, &v, sh, 0.25);
+    // Changing the last position's value changes only the last query.
+    for x in &mut v[(s - 1) * hd..s * hd] {
+        *x += 1.0;
+    }
+    let b = attention(&q, &k, &v, sh, 0.25);
+    let row = n_head * hd;
+    assert_eq!(a[..(s - 1) * row], b[..(s - 1) * row]);
+    assert_ne!(a[(s - 1) * row..], b[(s - 1) * row..]);
+}

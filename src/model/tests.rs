@@ -12,6 +12,10 @@ pub(crate) fn tiny_model(arch: &str, seed: u64) -> Transformer {
 /// The same model with its matrices stored as `dtype` (Q5_0 and Q8_0 run on
 /// Errand's own kernels).
 pub(crate) fn tiny_model_in(arch: &str, seed: u64, dtype: GgmlDType) -> Transformer {
+    tiny_model_with(arch, seed, dtype, LoadOptions::default())
+}
+
+fn tiny_model_with(arch: &str, seed: u64, dtype: GgmlDType, opts: LoadOptions) -> Transformer {
     let dev = Device::Cpu;
     let cfg = ModelConfig {
         arch: arch.into(),
@@ -62,7 +66,7 @@ pub(crate) fn tiny_model_in(arch: &str, seed: u64, dtype: GgmlDType) -> Transfor
         t.insert(p("ffn_up.weight"), rnd(&[ff, h], 0.3));
         t.insert(p("ffn_down.weight"), rnd(&[h, ff], 0.3));
     }
-    Transformer::from_tensors(cfg, t, &dev, LoadOptions::default()).unwrap()
+    Transformer::from_tensors(cfg, t, &dev, opts).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -126,6 +130,35 @@ fn prefill_in_chunks_matches_one_pass() {
     m.forward(&toks[..100], &mut c2).unwrap();
     let two = m.forward(&toks[100..], &mut c2).unwrap();
     assert!(max_diff(&chunked, &two) < 1e-4);
+}
+
+/// Fused CPU attention (the default) against candle's tensor ops (the
+/// reference path) on the same f32 weights: a multi-chunk prefill, a
+/// follow-up chunk, decode steps and a batched step give the same logits.
+#[test]
+fn fused_attention_matches_the_tensor_path() {
+    for arch in ["qwen2", "llama"] {
+        let reference = LoadOptions { native_kernels: false, requantize_to_q8_0: false };
+        let fused = tiny_model_with(arch, 5, GgmlDType::F32, LoadOptions::default());
+        let plain = tiny_model_with(arch, 5, GgmlDType::F32, reference);
+        let toks = tokens(PREFILL_CHUNK + 90, 4);
+        let (mut cf, mut cp) = (fused.new_cache(), plain.new_cache());
+        let mut worst = max_diff(&fused.forward(&toks, &mut cf).unwrap(), &plain.forward(&toks, &mut cp).unwrap());
+        let more = tokens(9, 6);
+        worst = worst.max(max_diff(&fused.forward(&more, &mut cf).unwrap(), &plain.forward(&more, &mut cp).unwrap()));
+        for t in [5u32, 17, 60] {
+            worst = worst.max(max_diff(&fused.forward(&[t], &mut cf).unwrap(), &plain.forward(&[t], &mut cp).unwrap()));
+        }
+        let (mut cf2, mut cp2) = (fused.new_cache(), plain.new_cache());
+        fused.forward(&toks[..40], &mut cf2).unwrap();
+        plain.forward(&toks[..40], &mut cp2).unwrap();
+        let a = fused.forward_batch(&[3, 4], &mut [&mut cf, &mut cf2]).unwrap();
+        let b = plain.forward_batch(&[3, 4], &mut [&mut cp, &mut cp2]).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max(max_diff(x, y));
+        }
+        assert!(worst < 1e-3, "{arch}: fused attention differs by {worst}");
+    }
 }
 
 #[test]

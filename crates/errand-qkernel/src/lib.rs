@@ -23,6 +23,8 @@
 
 use candle_core::quantized::GgmlDType;
 
+pub mod attention;
+
 /// Weights (and activations) per block.
 pub const QK: usize = 32;
 
