@@ -16,7 +16,8 @@
 //!                         ╱   │   ╲
 //!                tokenizer  template  model ── Transformer (qwen2, llama) + KvCache
 //!                   └──► prompt ◄── prompts/        │  qkernel: AVX2 Q5_0/Q8_0 products on the
-//!                                 │                 │  file's blocks; forward_batch for decode
+//!                                 │                 │  file's blocks, fused attention;
+//!                                 │                 │  forward_batch for decode
 //!                                 │                 ▼
 //!                                 ▼        engine (one OS thread, bounded queue, rounds:
 //!                                            │  admit, one prefill chunk, one batched decode step)
@@ -78,7 +79,8 @@
 //!   text in user or tool content inert.
 //! - [`model`]: the transformer forward pass with an external KV cache, one
 //!   sequence or a batched decode step over many; `model::qkernel` holds
-//!   Errand's own quantized CPU kernels.
+//!   Errand's own quantized CPU kernels and the fused causal attention
+//!   (`qkernel::attention`) that reads the KV cache in place.
 //! - [`engine`]: the actor that owns the model; continuous batching with a
 //!   KV memory budget, streaming, cancellation, KV reuse per session and
 //!   across sessions, constrained decoding.
