@@ -539,11 +539,10 @@ impl Transformer {
         let cos = self.cos.narrow(0, pos, s)?;
         let sin = self.sin.narrow(0, pos, s)?;
         let n_rep = c.n_head / c.n_kv_head;
-        let mask = if s > 1 && !self.fused_attention {
-            Some(causal_mask(s, pos, &self.device)?)
-        } else {
-            None
-        };
+        // Built on first use: the fused kernel masks by itself, and any layer
+        // it declines (another device, dtype or layout) falls back to the
+        // tensor path, which needs the mask.
+        let mut mask: Option<Tensor> = None;
         let eps = c.rms_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -574,6 +573,9 @@ impl Transformer {
                     let q = q.reshape((1, c.n_kv_head, n_rep * s, c.head_dim))?;
                     let scale = 1.0 / (c.head_dim as f64).sqrt();
                     let att = (q.matmul(&k_all.t()?)? * scale)?;
+                    if s > 1 && mask.is_none() {
+                        mask = Some(causal_mask(s, pos, &self.device)?);
+                    }
                     let att = match &mask {
                         // (1, n_kv, n_rep, s, kv) + (s, kv): one mask for every head.
                         Some(m) => att

@@ -122,8 +122,8 @@ fn fused_attention_matches_the_reference() {
     }
 }
 
-/// The reference itself must notice a wrong mask: a query that could see
-/// one key more than its causal limit gives a different answer.
+/// A wrong mask must show: the last position's value may change only the
+/// last query's output.
 #[test]
 fn fused_attention_is_causal() {
     use super::qkernel::attention::{attention, AttnShape};
@@ -142,4 +142,31 @@ fn fused_attention_is_causal() {
     let row = n_head * hd;
     assert_eq!(a[..(s - 1) * row], b[..(s - 1) * row]);
     assert_ne!(a[(s - 1) * row..], b[(s - 1) * row..]);
+}
+
+/// The polynomial exponential against `f64::exp`, scalar and on AVX2 lanes
+/// (through a softmax whose row is longer than 8 with a remainder).
+#[test]
+fn the_softmax_exponential_is_accurate() {
+    use super::qkernel::attention::{exp_nonpositive, softmax_row};
+    let mut worst = 0f64;
+    let mut x = -87.0f32;
+    while x <= 0.0 {
+        let want = (x as f64).exp();
+        worst = worst.max(((exp_nonpositive(x) as f64 - want) / want).abs());
+        x += 0.000_37;
+    }
+    eprintln!("exp_nonpositive: worst relative error {worst:e}");
+    assert!(worst < 5.0 * f32::EPSILON as f64, "scalar exp off by {worst:e}");
+    for len in [1, 7, 8, 29, 1000] {
+        let row: Vec<f32> = rnd(len, len as u64, 20.0);
+        let mut ours = row.clone();
+        softmax_row(&mut ours);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (o, v) in ours.iter().zip(&row) {
+            let want = (*v as f64 - max).exp() / sum;
+            assert!((*o as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12, "len {len}: {o} vs {want}");
+        }
+    }
 }

@@ -8,17 +8,20 @@
 //! llama.cpp's speed, mostly in page faults, mask adds and memory traffic.
 //! Here each task takes one KV head and a block of queries, computes its
 //! scores into a per-thread scratch buffer of at most
-//! `n_rep * QUERY_BLOCK * (pos + s)` floats (reused across layers, so no
-//! page faults), masks by limiting each row's softmax to its causal
-//! length, and multiplies with V straight into the output rows. Keys of
-//! one KV head are read once for all the query heads that share it
-//! (grouped-query attention). Products use the `gemm` crate that candle
+//! `max(QUERY_BLOCK, n_rep) * (pos + s)` floats (reused across layers, so
+//! no page faults), masks by limiting each row's softmax to its causal
+//! length, and multiplies with V straight into the output rows. A task
+//! handles every query head that shares its KV head (grouped-query
+//! attention), so those keys stay in cache between heads; in decode the
+//! group's heads are one product. Products use the `gemm` crate that candle
 //! itself uses, single-threaded inside a task; tasks are spread over
 //! candle's CPU thread pool.
 //!
-//! The order of operations per row is the tensor path's (scaled dot
-//! products, max-subtracted exponentials normalised by their sum, then the
-//! weighted sum of values), so results agree to rounding.
+//! Per row the steps are the tensor path's (scaled dot products,
+//! max-subtracted exponentials normalised by their sum, then the weighted
+//! sum of values); the sums run in another order and the exponential is a
+//! polynomial ([`exp_nonpositive`]), so results agree to rounding, not bit
+//! for bit.
 
 use std::cell::RefCell;
 
@@ -201,9 +204,11 @@ fn attend(
 }
 
 /// `e^x` for `x <= 0` (scores minus their maximum): Cephes' polynomial
-/// after a power-of-two range reduction, within 2 ulp of `f32::exp`, in
-/// arithmetic the compiler vectorises (libm's `expf` is a call per
-/// element, and a 4k-token prefill takes 700 million of them).
+/// after a power-of-two range reduction, within a few ulp of `f32::exp`
+/// (tested), and written out on 8 AVX2 lanes in `exp8` (libm's `expf` is
+/// a call per element, and a 4k-token prefill takes 700 million of them).
+/// Inputs under -87 give `e^-87`, which weighs nothing next to the row's
+/// maximum (`e^0`).
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -223,8 +228,8 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// In-place softmax of one row of scores, in AVX2 lanes where the CPU has
-/// them.
-fn softmax_row(row: &mut [f32]) {
+/// them (public for tests).
+pub fn softmax_row(row: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA are present (checked just above).
