@@ -166,7 +166,7 @@ impl Default for LoadOptions {
 
 /// A weight matrix used as `x @ Wᵀ`.
 ///
-/// Few rows at a time (decode, short follow-ups) use quantized
+/// Few rows at a time (decode, follow-ups up to [`GEMM_MIN_ROWS`]) use quantized
 /// matrix-vector kernels: Errand's own for Q5_0 and Q8_0, candle's for the
 /// rest. Many rows at once (prefill) dequantize the matrix to f32 for the
 /// duration of the call and use the blocked f32 GEMM, which on CPU is faster
@@ -182,10 +182,18 @@ enum Linear {
     Candle(QMatMul),
 }
 
-/// Rows from which [`Linear`] switches to the dequantized GEMM path.
-/// Measured with the native kernels (pp512, 2 threads): the GEMM path from
-/// 32 rows gives 162 tok/s; the 8-bit kernels for every row count give 90.
-pub const GEMM_MIN_ROWS: usize = 32;
+/// Rows from which [`Linear`] switches Errand's Q5_0/Q8_0 matrices to the
+/// dequantized GEMM path. `examples/kbench.rs` on a 4864x896 matrix, 2
+/// threads, AVX-512 VNNI: 45 rows take 4.2 ms in 8 bits against 7.5 ms
+/// dequantized (Q5_0; AVX2 5.1 ms), 64 rows 5.9 against 8.6, 128 rows 11.6
+/// against 12.5; a 512-token prefill through the 8-bit kernels alone ran at
+/// 90 tok/s against 162 with GEMM. Follow-up turns (a few dozen new
+/// tokens) stay on the 8-bit kernels.
+pub const GEMM_MIN_ROWS: usize = 96;
+
+/// The same switch for matrices multiplied by candle's kernels (Q4_K and
+/// Q6_K `ffn_down`), whose many-row path is slower than ours.
+pub const CANDLE_GEMM_MIN_ROWS: usize = 32;
 
 impl Linear {
     fn new(w: Arc<QTensor>, opts: LoadOptions) -> Result<Self, ModelError> {
@@ -229,7 +237,7 @@ impl Linear {
                 let wf = qkernel::dequantize(*kind, &w.data()?, *n, *k, qkernel::Path::Auto);
                 x.broadcast_matmul(&Tensor::from_vec(wf, (*n, *k), x.device())?.t()?)
             }
-            Linear::Candle(QMatMul::QTensor(t)) if rows >= GEMM_MIN_ROWS => {
+            Linear::Candle(QMatMul::QTensor(t)) if rows >= CANDLE_GEMM_MIN_ROWS => {
                 x.broadcast_matmul(&t.dequantize(x.device())?.t()?)
             }
             Linear::Candle(q) => q.forward(x),

@@ -47,15 +47,19 @@ fn products_match_the_dequantized_reference_on_both_paths() {
         let wf = dequantize(kind, &bytes, n, k, Path::Scalar);
         for m in [1, 2, 3, 4, 5, 8, 9, 17] {
             let x = rnd(m * k, 11 + m as u64, 2.0);
-            let fast = matmul(kind, &bytes, n, k, &x, Path::Auto);
             let slow = matmul(kind, &bytes, n, k, &x, Path::Scalar);
-            for i in 0..m {
-                for r in 0..n {
-                    let exact: f32 = (0..k).map(|j| x[i * k + j] * wf[r * k + j]).sum();
-                    let bound = 0.02 * (0..k).map(|j| (x[i * k + j] * wf[r * k + j]).abs()).sum::<f32>() + 1e-4;
-                    let (f, s) = (fast[i * n + r], slow[i * n + r]);
-                    assert!((f - s).abs() <= 1e-3 * (1.0 + s.abs()), "{kind:?} m={m} ({i},{r}): simd {f} scalar {s}");
-                    assert!((s - exact).abs() <= bound, "{kind:?} m={m} ({i},{r}): {s} vs exact {exact}");
+            for (path, fast) in [Path::Auto, Path::Avx2].map(|p| (p, matmul(kind, &bytes, n, k, &x, p))) {
+                for i in 0..m {
+                    for r in 0..n {
+                        let exact: f32 = (0..k).map(|j| x[i * k + j] * wf[r * k + j]).sum();
+                        let bound = 0.02 * (0..k).map(|j| (x[i * k + j] * wf[r * k + j]).abs()).sum::<f32>() + 1e-4;
+                        let (f, s) = (fast[i * n + r], slow[i * n + r]);
+                        assert!(
+                            (f - s).abs() <= 1e-3 * (1.0 + s.abs()),
+                            "{kind:?} {path:?} m={m} ({i},{r}): simd {f} scalar {s}"
+                        );
+                        assert!((s - exact).abs() <= bound, "{kind:?} m={m} ({i},{r}): {s} vs exact {exact}");
+                    }
                 }
             }
         }
@@ -77,6 +81,50 @@ fn products_match_candles_quantized_matmul() {
             let ours = matmul(kind, &bytes, n, k, &x, Path::Auto);
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{kind:?} m={m} [{i}]: ours {a} candle {b}");
+            }
+        }
+    }
+}
+
+/// The VNNI lanes start from the activations' correction and end holding
+/// the same integers as AVX2's, so the two paths agree to the bit (greedy
+/// outputs cannot drift between CPUs that have VNNI and those without).
+#[test]
+fn vnni_and_avx2_products_are_identical() {
+    if Path::Auto.resolve() != Path::Auto {
+        eprintln!("no AVX-512 VNNI on this CPU; nothing to compare");
+        return;
+    }
+    let (n, k) = (37, 160);
+    for kind in [Kind::Q5_0, Kind::Q8_0] {
+        let (bytes, _) = quantized(kind, n, k, 13);
+        for m in [1, 3, 8, 9, 20] {
+            let x = rnd(m * k, 40 + m as u64, 4.0);
+            let vnni = matmul(kind, &bytes, n, k, &x, Path::Auto);
+            let avx2 = matmul(kind, &bytes, n, k, &x, Path::Avx2);
+            assert_eq!(vnni, avx2, "{kind:?} m={m}");
+        }
+    }
+}
+
+/// Extreme values: Q8_0's -127..127 weights with full-scale activations,
+/// where an 8-bit offset or a saturating 16-bit sum would show.
+#[test]
+fn full_scale_blocks_are_exact_on_every_path() {
+    let k = 64;
+    let w =
+        Tensor::from_vec((0..2 * k).map(|j| if j % 3 == 0 { -1.0f32 } else { 1.0 }).collect::<Vec<_>>(), (2, k), &Device::Cpu)
+            .unwrap();
+    let x: Vec<f32> = (0..k).map(|j| if j % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    for (kind, dt) in [(Kind::Q8_0, GgmlDType::Q8_0), (Kind::Q5_0, GgmlDType::Q5_0)] {
+        let q = QTensor::quantize(&w, dt).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let wf = dequantize(kind, &bytes, 2, k, Path::Scalar);
+        let exact: Vec<f32> = (0..2).map(|r| (0..k).map(|j| wf[r * k + j] * x[j]).sum()).collect();
+        for path in [Path::Auto, Path::Avx2, Path::Scalar] {
+            let got = matmul(kind, &bytes, 2, k, &x, path);
+            for (g, e) in got.iter().zip(&exact) {
+                assert!((g - e).abs() <= 1e-3 * (1.0 + e.abs()), "{kind:?} {path:?}: {g} vs {e}");
             }
         }
     }

@@ -6,8 +6,11 @@
 //! decode on a small CPU is bound by memory bandwidth. Here the activations
 //! are quantized to 8-bit blocks of 32 with an f32 scale (as llama.cpp does
 //! for these types), each weight block is unpacked once and multiplied with
-//! up to [`TILE`] activation rows using AVX2 `maddubs` (a scalar path serves
-//! other CPUs and is the reference in tests), and the weight rows are split
+//! up to [`TILE`] activation rows: with AVX-512 VNNI one `vpdpbusd` per
+//! block and row (the weights enter as unsigned bytes and each lane starts
+//! from a correction, so the lanes hold the same integers as AVX2's), else
+//! AVX2 `maddubs` with the sign trick (a scalar path serves other CPUs and
+//! is the reference in tests); the weight rows are split
 //! across candle's own CPU thread pool, so no second pool competes for the
 //! cores.
 //!
@@ -47,6 +50,14 @@ impl Kind {
         }
     }
 
+    /// What the VNNI path adds to each weight to make it unsigned.
+    pub fn offset(self) -> i32 {
+        match self {
+            Kind::Q5_0 => 16,
+            Kind::Q8_0 => 128,
+        }
+    }
+
     pub fn block_bytes(self) -> usize {
         match self {
             Kind::Q5_0 => 22,
@@ -61,6 +72,9 @@ pub struct QActs {
     pub k: usize,
     pub d: Vec<f32>,
     pub q: Vec<i8>,
+    /// For the VNNI path: per block, 8 lanes of `-offset * (sum of 4
+    /// consecutive q)` (see [`lane_corrections`]); empty otherwise.
+    pub corr: Vec<i32>,
 }
 
 /// Quantizes row-major `x` (`m` rows of `k`, `k` a multiple of 32) per
@@ -82,7 +96,17 @@ pub fn quantize_acts(x: &[f32], k: usize) -> QActs {
         d.push(half::f16::from_f32(scale).to_f32());
         debug_assert_eq!(d.len(), b + 1);
     }
-    QActs { k, d, q }
+    QActs { k, d, q, corr: Vec::new() }
+}
+
+/// VNNI multiplies unsigned bytes with signed ones, so the weights enter it
+/// as `u = w + offset` (Q5_0's raw 5-bit values, offset 16; Q8_0 with its
+/// sign bit flipped, offset 128), and each 32-bit lane, which sums 4
+/// products, starts from `-offset` times the sum of its 4 activations. A
+/// lane then holds exactly the integer that AVX2's `maddubs`/`madd` pair
+/// gives, so both paths produce the same bits.
+pub fn lane_corrections(q: &[i8], offset: i32) -> Vec<i32> {
+    q.chunks_exact(4).map(|c| -offset * c.iter().map(|&v| v as i32).sum::<i32>()).collect()
 }
 
 fn f16_at(b: &[u8]) -> f32 {
@@ -130,7 +154,7 @@ pub fn dequantize(kind: Kind, w: &[u8], n: usize, k: usize, path: Path) -> Vec<f
     let mut out = vec![0f32; n * k];
     let row_bytes = k / QK * kind.block_bytes();
     let out_ptr = out.as_mut_ptr() as usize;
-    let simd = path == Path::Auto && have_avx2();
+    let simd = path.resolve() != Path::Scalar;
     candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS_PER_ITEM), |range| {
         let r0 = range.start * ROWS_PER_ITEM;
         let r1 = n.min(range.end * ROWS_PER_ITEM);
@@ -201,13 +225,13 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn scale(blk: *const u8) -> f32 {
+    pub(super) unsafe fn scale(blk: *const u8) -> f32 {
         let bits = (blk as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -259,6 +283,76 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::avx2::{hsum, scale};
+    use super::{Kind, QActs, QK};
+    use std::arch::x86_64::*;
+
+    /// One weight block as unsigned bytes `w + kind.offset()`.
+    #[inline(always)]
+    unsafe fn unpack_unsigned(kind: Kind, blk: *const u8) -> __m256i {
+        match kind {
+            Kind::Q5_0 => {
+                let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+                let m4 = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, m4);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+                let nib = _mm256_set_m128i(hi, lo);
+                // Bit j of qh is the fifth bit of weight j, which sits in byte j.
+                let qh = (blk.add(2) as *const u32).read_unaligned();
+                _mm256_mask_add_epi8(nib, qh, nib, _mm256_set1_epi8(16))
+            }
+            Kind::Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(blk.add(2) as *const __m256i), _mm256_set1_epi8(0x80_u8 as i8)),
+        }
+    }
+
+    /// As `avx2::row_dots`, one `vpdpbusd` per block and row in place of
+    /// two sign flips, `maddubs` and `madd`; lanes start from `a.corr`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn row_dots<const T: usize>(kind: Kind, row: &[u8], a: &QActs, i0: usize, out: &mut [f32]) {
+        let bb = kind.block_bytes();
+        let nb = a.k / QK;
+        let mut acc = [_mm256_setzero_ps(); T];
+        let w = row.as_ptr();
+        let q = a.q.as_ptr();
+        let d = a.d.as_ptr();
+        let c = a.corr.as_ptr();
+        for b in 0..nb {
+            let blk = w.add(b * bb);
+            let dw = scale(blk);
+            let u = unpack_unsigned(kind, blk);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let i = i0 + t;
+                let y = _mm256_loadu_si256(q.add(i * a.k + b * QK) as *const __m256i);
+                let start = _mm256_loadu_si256(c.add((i * nb + b) * 8) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, u, y));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.add(i * nb + b)), s, *acc);
+            }
+        }
+        for (o, v) in out.iter_mut().zip(acc) {
+            *o = hsum(v);
+        }
+    }
+}
+
+/// AVX-512 VNNI with byte masks and 256-bit forms (Ice Lake, Sapphire
+/// Rapids, Zen 4 and later), on top of AVX2.
+pub fn have_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        have_avx2()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn have_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -270,16 +364,48 @@ fn have_avx2() -> bool {
     }
 }
 
-/// Which code path [`matmul`] takes (tests run both).
+/// Which code path [`matmul`] takes (tests run each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
+    /// The fastest the CPU has: AVX-512 VNNI, else AVX2, else scalar.
     Auto,
+    /// AVX2 (falls back to scalar on CPUs without it).
+    Avx2,
     Scalar,
+}
+
+impl Path {
+    /// The path `matmul` actually takes on this CPU.
+    pub fn resolve(self) -> Path {
+        match self {
+            Path::Auto if have_vnni() => Path::Auto,
+            Path::Auto | Path::Avx2 if have_avx2() => Path::Avx2,
+            _ => Path::Scalar,
+        }
+    }
 }
 
 fn row_dots(kind: Kind, row: &[u8], a: &QActs, i0: usize, t: usize, out: &mut [f32], path: Path) {
     #[cfg(target_arch = "x86_64")]
-    if path == Path::Auto && have_avx2() {
+    if path == Path::Auto && !a.corr.is_empty() {
+        // SAFETY: `resolve` chose this path, so the CPU has AVX-512 VNNI,
+        // BW and VL besides AVX2; `a.corr` holds 8 lanes per block.
+        unsafe {
+            match t {
+                1 => vnni::row_dots::<1>(kind, row, a, i0, out),
+                2 => vnni::row_dots::<2>(kind, row, a, i0, out),
+                3 => vnni::row_dots::<3>(kind, row, a, i0, out),
+                4 => vnni::row_dots::<4>(kind, row, a, i0, out),
+                5 => vnni::row_dots::<5>(kind, row, a, i0, out),
+                6 => vnni::row_dots::<6>(kind, row, a, i0, out),
+                7 => vnni::row_dots::<7>(kind, row, a, i0, out),
+                _ => vnni::row_dots::<8>(kind, row, a, i0, out),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Scalar {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `row`
         // holds k / 32 whole blocks and `a` rows i0 .. i0 + t of k values.
         unsafe {
@@ -310,7 +436,11 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], path: Path) -
     assert_eq!(w.len(), n * row_bytes, "weight bytes do not match {n} rows of {k}");
     assert!(x.len() % k == 0, "activations are not whole rows of {k}");
     let m = x.len() / k;
-    let a = quantize_acts(x, k);
+    let path = path.resolve();
+    let mut a = quantize_acts(x, k);
+    if path == Path::Auto {
+        a.corr = lane_corrections(&a.q, kind.offset());
+    }
     let mut out = vec![0f32; m * n];
     let out_ptr = out.as_mut_ptr() as usize;
     let items = n.div_ceil(ROWS_PER_ITEM);
