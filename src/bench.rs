@@ -76,6 +76,10 @@ pub struct BenchReport {
     pub threads: usize,
     pub depth: usize,
     pub load_ms: f64,
+    /// Prompt length of the prefill figure and tokens of the decode figure
+    /// (llama-bench's `-p` and `-n`).
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
     pub followup_prompt_tokens: usize,
@@ -109,8 +113,10 @@ impl std::fmt::Display for BenchReport {
                 None => writeln!(f, "{name:<34} {ours:>12.1} {:>12} {:>8}", "-", "-"),
             }
         };
-        row(f, "prefill tok/s (pp512)", self.prefill_tok_s, self.llama_cpp.as_ref().map(|a| a.prefill_tok_s))?;
-        row(f, "decode tok/s (tg128)", self.decode_tok_s, self.llama_cpp.as_ref().map(|a| a.decode_tok_s))?;
+        let pp = format!("prefill tok/s (pp{})", self.prompt_tokens);
+        let tg = format!("decode tok/s (tg{})", self.gen_tokens);
+        row(f, &pp, self.prefill_tok_s, self.llama_cpp.as_ref().map(|a| a.prefill_tok_s))?;
+        row(f, &tg, self.decode_tok_s, self.llama_cpp.as_ref().map(|a| a.decode_tok_s))?;
         writeln!(
             f,
             "follow-up TTFT, {} prompt tokens:  {:.0} ms with KV reuse, {:.0} ms recomputed ({:.1}x)",
@@ -230,6 +236,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         threads: opts.threads,
         depth: opts.depth,
         load_ms,
+        prompt_tokens: opts.prompt_tokens,
+        gen_tokens: opts.gen_tokens,
         prefill_tok_s: median(pp),
         decode_tok_s: median(tg),
         followup_prompt_tokens,
