@@ -241,6 +241,12 @@ mod avx2 {
     /// Blocks whose scales [`row_scales`] converts at a time.
     pub(super) const SEG: usize = 64;
 
+    /// Tiles of fewer rows than this convert the scales first; in wider
+    /// tiles each block's rows give the scale's latency enough work to hide
+    /// behind, and the extra pass cost more than it saved (kbench, 16 rows
+    /// on 4864x896: 1.53 ms with it against 1.39 without).
+    pub(super) const SCALES_FIRST_BELOW: usize = 4;
+
     /// The f32 scales of `n <= SEG` consecutive blocks, eight per
     /// conversion, written to `out`. Converting each block's scale inside
     /// the dot-product loop put it on that loop's critical path: the
@@ -297,14 +303,10 @@ mod avx2 {
         let w = row.as_ptr();
         let q = a.q.as_ptr();
         let d = a.d.as_ptr();
-        let mut dws = [0f32; SEG];
-        for b0 in (0..nb).step_by(SEG) {
-            let seg = SEG.min(nb - b0);
-            row_scales(w.add(b0 * bb), bb, seg, &mut dws);
-            for (j, &dw) in dws[..seg].iter().enumerate() {
-                let b = b0 + j;
-                let blk = w.add(b * bb);
-                let x = unpack(kind, blk);
+        macro_rules! block {
+            ($b:expr, $dw:expr) => {{
+                let (b, dw) = ($b, $dw);
+                let x = unpack(kind, w.add(b * bb));
                 let ax = _mm256_sign_epi8(x, x);
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let i = i0 + t;
@@ -313,6 +315,20 @@ mod avx2 {
                     let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
                     *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.add(i * nb + b)), s, *acc);
                 }
+            }};
+        }
+        if T < SCALES_FIRST_BELOW {
+            let mut dws = [0f32; SEG];
+            for b0 in (0..nb).step_by(SEG) {
+                let seg = SEG.min(nb - b0);
+                row_scales(w.add(b0 * bb), bb, seg, &mut dws);
+                for (j, &dw) in dws[..seg].iter().enumerate() {
+                    block!(b0 + j, dw);
+                }
+            }
+        } else {
+            for b in 0..nb {
+                block!(b, scale(w.add(b * bb)));
             }
         }
         for (o, v) in out.iter_mut().zip(acc) {
@@ -323,7 +339,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::avx2::{hsum, row_scales, SEG};
+    use super::avx2::{hsum, row_scales, scale, SCALES_FIRST_BELOW, SEG};
     use super::{Kind, QActs, QK};
     use std::arch::x86_64::*;
 
@@ -356,14 +372,10 @@ mod vnni {
         let q = a.q.as_ptr();
         let d = a.d.as_ptr();
         let c = a.corr.as_ptr();
-        let mut dws = [0f32; SEG];
-        for b0 in (0..nb).step_by(SEG) {
-            let seg = SEG.min(nb - b0);
-            row_scales(w.add(b0 * bb), bb, seg, &mut dws);
-            for (j, &dw) in dws[..seg].iter().enumerate() {
-                let b = b0 + j;
-                let blk = w.add(b * bb);
-                let u = unpack_unsigned(kind, blk);
+        macro_rules! block {
+            ($b:expr, $dw:expr) => {{
+                let (b, dw) = ($b, $dw);
+                let u = unpack_unsigned(kind, w.add(b * bb));
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let i = i0 + t;
                     let y = _mm256_loadu_si256(q.add(i * a.k + b * QK) as *const __m256i);
@@ -371,6 +383,20 @@ mod vnni {
                     let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, u, y));
                     *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.add(i * nb + b)), s, *acc);
                 }
+            }};
+        }
+        if T < SCALES_FIRST_BELOW {
+            let mut dws = [0f32; SEG];
+            for b0 in (0..nb).step_by(SEG) {
+                let seg = SEG.min(nb - b0);
+                row_scales(w.add(b0 * bb), bb, seg, &mut dws);
+                for (j, &dw) in dws[..seg].iter().enumerate() {
+                    block!(b0 + j, dw);
+                }
+            }
+        } else {
+            for b in 0..nb {
+                block!(b, scale(w.add(b * bb)));
             }
         }
         for (o, v) in out.iter_mut().zip(acc) {
