@@ -15,7 +15,7 @@
 //!                          gguf ── GgufFile (header, metadata, lazily read tensors)
 //!                         ╱   │   ╲
 //!                tokenizer  template  model ── Transformer (qwen2, llama) + KvCache
-//!                   └──► prompt ◄── prompts/        │  qkernel: AVX2 Q5_0/Q8_0 products on the
+//!                   └──► prompt ◄── prompts/        │  qkernel: VNNI/AVX2 Q5_0/Q8_0 products on the
 //!                                 │                 │  file's blocks, fused attention;
 //!                                 │                 │  forward_batch for decode
 //!                                 │                 ▼
@@ -79,7 +79,9 @@
 //!   text in user or tool content inert.
 //! - [`model`]: the transformer forward pass with an external KV cache, one
 //!   sequence or a batched decode step over many; `model::qkernel` holds
-//!   Errand's own quantized CPU kernels and the fused causal attention
+//!   Errand's own quantized CPU kernels (AVX-512 VNNI where the CPU has it,
+//!   else AVX2, bit-identical; 8-bit products up to `GEMM_MIN_ROWS` rows,
+//!   dequantized f32 GEMM beyond) and the fused causal attention
 //!   (`qkernel::attention`) that reads the KV cache in place.
 //! - [`engine`]: the actor that owns the model; continuous batching with a
 //!   KV memory budget, streaming, cancellation, KV reuse per session and
