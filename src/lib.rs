@@ -27,8 +27,10 @@
 //!                                            └─ tools::grammar: llguidance mask per request
 //!                                                 ▲ Request / Event stream ▼
 //!  chat REPL ──Input──► agent (dialogue manager, per-session state)
-//!  server::hub ─┘         ├─ ground: arguments must come from the user or tool results;
-//!        ▲                │          ids narrowed in the grammar to returned ids
+//!  server::hub ─┘         ├─ route: the person's words pick the mini-programs whose tools
+//!        ▲                │         the grammar offers (manifest `keywords`)
+//!        │                ├─ ground: arguments must come from the user or tool results;
+//!        │                │          ids narrowed in the grammar to returned ids
 //!        │                ├─ confirmation gate: quote → token → user's Confirm → run → pay
 //!        │                ├─ present: cards, money, the agent's own sentences (en/zh/ko)
 //!        │                └─ audit: every call, confirmation and payment in SQLite
@@ -88,7 +90,8 @@
 //!   across sessions, constrained decoding.
 //! - [`tools`]: mini-program manifests (`tools/*.json`), argument validation,
 //!   the tolerant tool-call parser and the llguidance grammar.
-//! - [`agent`]: the dialogue loop, grounding, the confirmation gate, cards.
+//! - [`agent`]: the dialogue loop, routing to mini-programs, grounding, the
+//!   confirmation gate, cards.
 //! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
 //! - [`audit`]: the append-only audit log.
 //! - [`memory`]: memories per user, "my usual", the Now feed, embeddings and

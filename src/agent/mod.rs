@@ -23,6 +23,7 @@
 pub mod ground;
 mod personal;
 pub mod present;
+pub mod route;
 
 use crate::adapter::{Adapter, AdapterError, CallRequest, ErrorKind};
 use crate::audit::Audit;
@@ -185,6 +186,8 @@ struct Session {
     turn_calls: Vec<String>,
     /// Tools taken out of the grammar for the rest of this input.
     excluded: Vec<String>,
+    /// The mini-programs the conversation is about (`route.rs`); empty: all.
+    focus: Vec<String>,
     /// The wallet this session pays from (the agent's default when unset).
     wallet: Option<String>,
     /// Turns true when the client asks to stop the running input.
@@ -361,6 +364,7 @@ impl Agent {
                     chosen: Vec::new(),
                     turn_calls: Vec::new(),
                     excluded: Vec::new(),
+                    focus: Vec::new(),
                     wallet: None,
                     cancel: tokio::sync::watch::channel(false).1,
                     user: None,
@@ -428,6 +432,7 @@ impl Agent {
             self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), "replaced by a new message")?;
         }
         s.chosen = s.offered.iter().filter(|id| text.contains(id.as_str())).cloned().collect();
+        s.focus = route::next_focus(&self.tools(), &s.focus, &text);
         // A tapped option says which item, nothing more: its label (a
         // restaurant's name and rating) is not the person's words for an
         // address or a note, so only the id counts as said.
@@ -595,7 +600,7 @@ impl Agent {
         let mut out = Vec::new();
         let all = self.tools();
         for t in all.iter() {
-            if s.excluded.contains(&t.def.name) {
+            if s.excluded.contains(&t.def.name) || !route::offered(&s.focus, &t.app, &t.keywords) {
                 continue;
             }
             let path: Vec<String> = t.def.endpoint.as_ref().map(|e| path_params(&e.path).into_iter().map(str::to_owned).collect()).unwrap_or_default();
@@ -622,6 +627,7 @@ impl Agent {
             match Tool::new(&t.app, def) {
                 Ok(mut n) => {
                     n.base_url = t.base_url.clone();
+                    n.keywords = t.keywords.clone();
                     out.push(n);
                 }
                 // Narrowing never makes a valid schema invalid; keep the original if it did.

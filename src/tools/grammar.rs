@@ -158,6 +158,9 @@ fn up_to_max(item: &str) -> String {
     s
 }
 
+/// Plain text that does not start like a call and holds no call anywhere.
+const TEXT_RULE: &str = "TEXT: /[^<{\\[`\\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n";
+
 /// Lark grammar: plain text, or one to [`MAX_CALLS_PER_REPLY`] calls in one
 /// of the accepted shapes (one shape per reply, so the streaming parser
 /// always sees what it expects).
@@ -165,13 +168,20 @@ fn up_to_max(item: &str) -> String {
 /// code fence anywhere, so no call can pass unvalidated as "text". With
 /// `require_call` there is no text alternative: the reply is calls only.
 pub fn lark_for_tools(tools: &ToolSet, require_call: bool) -> String {
+    if tools.is_empty() && !require_call {
+        // Nothing may be called this round (every tool of the conversation's
+        // mini-program has run as often as it may): the reply is prose. No
+        // braces at all, or a small model writes calls as "text" until its
+        // token budget runs out.
+        return "start: PROSE\nPROSE: /[^<{}\\[`\\s][^{}]*/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n".to_owned();
+    }
     let schema = call_schema(tools);
     let (text_alt, text_rule) = if require_call {
         ("", "")
     } else {
         (
             "TEXT | ",
-            "TEXT: /[^<{\\[`\\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n",
+            TEXT_RULE,
         )
     };
     format!(
@@ -294,6 +304,16 @@ mod tests {
         assert_eq!(run(required(), r#"{"name": "get_weather", "arguments": {}}"#), None);
         assert_eq!(run(required(), "<tool_call>\n{\"name\": \"get_weather\""), Some(false));
         assert!(!required().contains("TEXT"));
+    }
+
+    #[test]
+    fn no_tools_means_text_only() {
+        let none = || lark_for_tools(&ToolSet::default(), false);
+        assert_eq!(run(none(), "Sorry, I found nothing."), Some(true));
+        assert_eq!(run(none(), CALL), None);
+        assert_eq!(run(none(), r#"{"name": "get_weather""#), None);
+        assert_eq!(run(none(), "```json\n"), None);
+        assert_eq!(run(none(), "Here it is: {\"name\""), None);
     }
 
     #[test]

@@ -91,7 +91,49 @@ pub struct Manifest {
     pub title: Localized,
     #[serde(default)]
     pub base_url: Option<String>,
+    /// Words that show a message is for this mini-program, per language
+    /// (see [`Keywords`]).
+    #[serde(default)]
+    pub keywords: Option<Keywords>,
     pub tools: Vec<ToolDef>,
+}
+
+/// Words and phrases that show a message is meant for a mini-program
+/// ("taxi", "打车", "택시"). The agent offers the model only the tools of the
+/// mini-programs the conversation names (`src/agent/route.rs`); a small model
+/// otherwise drifts to whichever tool it likes, whatever was asked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keywords {
+    #[serde(default)]
+    pub en: Vec<String>,
+    #[serde(default)]
+    pub zh: Vec<String>,
+    #[serde(default)]
+    pub ko: Vec<String>,
+}
+
+impl Keywords {
+    /// All languages' words, lower-cased, each checked: not blank and at
+    /// most 40 characters.
+    pub fn normalized(&self) -> Result<Vec<String>, String> {
+        let mut out: Vec<String> = Vec::new();
+        for (lang, words) in [("en", &self.en), ("zh", &self.zh), ("ko", &self.ko)] {
+            for w in words {
+                let k = w.trim().to_lowercase();
+                if k.is_empty() {
+                    return Err(format!("keywords.{lang} has a blank entry"));
+                }
+                if k.chars().count() > 40 {
+                    return Err(format!("keywords.{lang}: `{w}` is longer than 40 characters"));
+                }
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A tool with its compiled argument validator.
@@ -100,6 +142,8 @@ pub struct Tool {
     pub app: String,
     /// The manifest's `base_url`, possibly with a `{sandbox}` placeholder.
     pub base_url: Option<String>,
+    /// The app's routing words, normalized (empty: the app is always offered).
+    pub keywords: Arc<Vec<String>>,
     validator: jsonschema::Validator,
     result_validator: Option<jsonschema::Validator>,
 }
@@ -154,6 +198,7 @@ impl Tool {
             def,
             app: app.into(),
             base_url: None,
+            keywords: Arc::default(),
             validator,
             result_validator,
         })
@@ -380,6 +425,7 @@ pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestEr
             )));
         }
     }
+    let keywords = Arc::new(m.keywords.as_ref().map(Keywords::normalized).transpose().map_err(&invalid)?.unwrap_or_default());
     m.tools
         .into_iter()
         .map(|def| {
@@ -388,6 +434,7 @@ pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestEr
                 return Err(invalid(format!("tool `{}` has an endpoint but the manifest has no base_url", t.def.name)));
             }
             t.base_url = m.base_url.clone();
+            t.keywords = keywords.clone();
             Ok(t)
         })
         .collect()
