@@ -599,8 +599,10 @@ impl Agent {
     fn grammar_tools_with(&self, s: &Session, chosen: &[String]) -> ToolSet {
         let mut out = Vec::new();
         let all = self.tools();
+        // Apps unregistered since the person named them no longer narrow anything.
+        let focus: Vec<String> = s.focus.iter().filter(|a| all.iter().any(|t| &t.app == *a)).cloned().collect();
         for t in all.iter() {
-            if s.excluded.contains(&t.def.name) || !route::offered(&s.focus, &t.app, &t.keywords) {
+            if s.excluded.contains(&t.def.name) || !route::offered(&focus, &t.app, &t.keywords) {
                 continue;
             }
             let path: Vec<String> = t.def.endpoint.as_ref().map(|e| path_params(&e.path).into_iter().map(str::to_owned).collect()).unwrap_or_default();

@@ -299,3 +299,26 @@ async fn a_missing_date_is_asked_for_not_invented() {
     assert!(text.contains('?') || text.contains("date"), "the assistant asks{}", show("events", &ev));
     w.sb.stop().await;
 }
+
+/// Requests that the default model used to send to the bike tools (the
+/// first ones it is shown) reach the mini-program they name: every tool
+/// the agent runs or quotes for them belongs to that mini-program.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_reach_the_mini_program_they_name() {
+    let w = World::new().await;
+    let cases = [
+        ("route-food", "Find vegetarian delivery near Jing'an Temple in Shanghai.", "food_"),
+        ("route-ride", "帮我叫辆出租车去浦东机场", "ride_"),
+        ("route-salon", "강남역 근처 미용실 찾아 줘", "salon_"),
+    ];
+    let mut called = 0;
+    for (s, text, prefix) in cases {
+        let ev = w.say(s, text).await;
+        let tools: Vec<String> = w.agent.audit().entries(Some(s)).unwrap().into_iter().filter_map(|e| e.tool).collect();
+        assert!(tools.iter().all(|t| t.starts_with(prefix)), "{text:?} ran {tools:?}{}", show("events", &ev));
+        called += usize::from(!tools.is_empty());
+    }
+    // Asking back is allowed, but not for all three: the model must act.
+    assert!(called >= 2, "only {called} of 3 requests made a call");
+    w.sb.stop().await;
+}
