@@ -158,8 +158,8 @@ fn up_to_max(item: &str) -> String {
     s
 }
 
-/// Plain text that does not start like a call and holds no call anywhere.
-const TEXT_RULE: &str = "TEXT: /[^<{\\[`\\s](?s:.*)/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n";
+/// Text that holds no `<tool_call>` tag and no code fence anywhere.
+const NO_CALL_INSIDE: &str = "~/(?s:.*)(<tool_call>|```)(?s:.*)/";
 
 /// Lark grammar: plain text, or one to [`MAX_CALLS_PER_REPLY`] calls in one
 /// of the accepted shapes (one shape per reply, so the streaming parser
@@ -173,16 +173,14 @@ pub fn lark_for_tools(tools: &ToolSet, require_call: bool) -> String {
         // mini-program has run as often as it may): the reply is prose. No
         // braces at all, or a small model writes calls as "text" until its
         // token budget runs out.
-        return "start: PROSE\nPROSE: /[^<{}\\[`\\s][^{}]*/ & ~/(?s:.*)(<tool_call>|```)(?s:.*)/\n".to_owned();
+        return format!("start: PROSE\nPROSE: /[^<{{}}\\[`\\s][^{{}}]*/ & {NO_CALL_INSIDE}\n");
     }
     let schema = call_schema(tools);
+    // Plain text may not start like a call either.
     let (text_alt, text_rule) = if require_call {
-        ("", "")
+        ("", String::new())
     } else {
-        (
-            "TEXT | ",
-            TEXT_RULE,
-        )
+        ("TEXT | ", format!("TEXT: /[^<{{\\[`\\s](?s:.*)/ & {NO_CALL_INSIDE}\n"))
     };
     format!(
         r#"start: {text_alt}{tagged} WS? | {fenced} WS? | {body} WS?
