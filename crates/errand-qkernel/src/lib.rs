@@ -28,6 +28,13 @@ use candle_core::quantized::GgmlDType;
 
 pub mod attention;
 
+/// How far ahead of the one-row kernels' reads the weights are prefetched.
+/// Decode streams every weight once; on its own the hardware prefetcher
+/// kept the 2-core machine's kernels at about 10 GB/s (Q5_0 `output`-sized
+/// matrix, kbench: 2.1–2.4 ns per block), with this 4–8 KiB ahead at
+/// 0.9–1.4 ns (4 KiB 1.00–1.34, 6 KiB 0.87–1.71, 8 KiB 0.86–1.37; noisy).
+pub const PREFETCH_BYTES: usize = 6 * 1024;
+
 /// Weights (and activations) per block.
 pub const QK: usize = 32;
 
@@ -194,7 +201,7 @@ fn row_dots_scalar(kind: Kind, row: &[u8], a: &QActs, i0: usize, t: usize, out: 
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Kind, QActs, QK};
+    use super::{Kind, QActs, PREFETCH_BYTES, QK};
     use std::arch::x86_64::*;
 
     /// The 32 signed values of one weight block in one register.
@@ -306,6 +313,7 @@ mod avx2 {
         macro_rules! block {
             ($b:expr, $dw:expr) => {{
                 let (b, dw) = ($b, $dw);
+                _mm_prefetch::<_MM_HINT_T0>(w.add(b * bb).wrapping_add(PREFETCH_BYTES) as *const i8);
                 let x = unpack(kind, w.add(b * bb));
                 let ax = _mm256_sign_epi8(x, x);
                 for (t, acc) in acc.iter_mut().enumerate() {
@@ -335,12 +343,52 @@ mod avx2 {
             *o = hsum(v);
         }
     }
+
+    /// As [`super::vnni::rows_dot`] on AVX2: `R` weight rows against
+    /// activation row `i`, each row's lanes computed exactly as
+    /// `row_dots::<1>` computes them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rows_dot<const Q8: bool, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        a: &QActs,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let kind = if Q8 { Kind::Q8_0 } else { Kind::Q5_0 };
+        let bb = if Q8 { 34 } else { 22 };
+        let nb = a.k / QK;
+        let q = a.q.as_ptr().add(i * a.k);
+        let d = a.d.as_ptr().add(i * nb);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut sc = [0f32; 4];
+        for b in 0..nb {
+            let y = _mm256_loadu_si256(q.add(b * QK) as *const __m256i);
+            let da = _mm_set1_ps(*d.add(b));
+            let mut bits = 0u64;
+            for r in 0..R {
+                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
+            }
+            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)), da));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let p = w.add(r * row_bytes + b * bb);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+                let x = unpack(kind, p);
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), ones));
+                *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r]), s, *acc);
+            }
+        }
+        for (o, v) in out.iter_mut().zip(acc) {
+            *o = hsum(v);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::avx2::{hsum, row_scales, scale, SCALES_FIRST_BELOW, SEG};
-    use super::{Kind, QActs, QK};
+    use super::{Kind, QActs, PREFETCH_BYTES, QK};
     use std::arch::x86_64::*;
 
     /// One weight block as unsigned bytes `w + kind.offset()`.
@@ -375,6 +423,7 @@ mod vnni {
         macro_rules! block {
             ($b:expr, $dw:expr) => {{
                 let (b, dw) = ($b, $dw);
+                _mm_prefetch::<_MM_HINT_T0>(w.add(b * bb).wrapping_add(PREFETCH_BYTES) as *const i8);
                 let u = unpack_unsigned(kind, w.add(b * bb));
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let i = i0 + t;
@@ -401,6 +450,114 @@ mod vnni {
         }
         for (o, v) in out.iter_mut().zip(acc) {
             *o = hsum(v);
+        }
+    }
+
+    /// Several weight rows against one activation row at a time (decode).
+    ///
+    /// Each row's lanes see exactly the operations of [`row_dots`] with one
+    /// activation row, in the same order, so the products are the same bits;
+    /// what changes is that the activation block, its correction and its
+    /// scale are loaded once for `R` rows, the `R` accumulators are
+    /// independent chains, and the block type and size are constants.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn rows_dot<const Q8: bool, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        a: &QActs,
+        i: usize,
+        out: &mut [f32],
+    ) {
+        let kind = if Q8 { Kind::Q8_0 } else { Kind::Q5_0 };
+        let bb = if Q8 { 34 } else { 22 };
+        let nb = a.k / QK;
+        let q = a.q.as_ptr().add(i * a.k);
+        let d = a.d.as_ptr().add(i * nb);
+        let c = a.corr.as_ptr().add(i * nb * 8);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut sc = [0f32; 4];
+        for b in 0..nb {
+            let y = _mm256_loadu_si256(q.add(b * QK) as *const __m256i);
+            let start = _mm256_loadu_si256(c.add(b * 8) as *const __m256i);
+            let da = _mm_set1_ps(*d.add(b));
+            // The R scales in one conversion, multiplied by the activation's,
+            // then broadcast from memory (a load, off the arithmetic ports).
+            let mut bits = 0u64;
+            for r in 0..R {
+                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
+            }
+            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)), da));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // Decode streams every weight once, faster than the hardware
+                // prefetcher fetches it on its own: ask for the bytes
+                // PREFETCH_BYTES ahead (never faults, even past the end).
+                let p = w.add(r * row_bytes + b * bb);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+                let u = unpack_unsigned(kind, p);
+                let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, u, y));
+                *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r]), s, *acc);
+            }
+        }
+        for (o, v) in out.iter_mut().zip(acc) {
+            *o = hsum(v);
+        }
+    }
+    /// `RW` weight rows (from `w`, `row_bytes` apart) against `T`
+    /// activation rows `i0 ..` at once (batched decode, short prompts):
+    /// each unpacked weight block meets `T` activation rows and each
+    /// activation block `RW` weight rows, from registers. `dt` holds the
+    /// activation scales block-major (`dt[b * stride + i]`, readable 8
+    /// past `i0`). Every (weight row, activation row) pair sees the
+    /// operations of `row_dots` in the same order, so the bits are the
+    /// same. Results go to `out[r * T + t]`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile<const Q8: bool, const RW: usize, const T: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        a: &QActs,
+        dt: &[f32],
+        stride: usize,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        let kind = if Q8 { Kind::Q8_0 } else { Kind::Q5_0 };
+        let bb = if Q8 { 34 } else { 22 };
+        let nb = a.k / QK;
+        debug_assert!(RW <= 4 && T <= 8 && out.len() >= RW * T);
+        debug_assert!(dt.len() >= (nb - 1) * stride + i0 + 8);
+        let q = a.q.as_ptr();
+        let c = a.corr.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); T]; RW];
+        let mut dws = [0f32; 4];
+        let mut sc = [[0f32; 8]; RW];
+        for b in 0..nb {
+            let mut bits = 0u64;
+            for r in 0..RW {
+                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
+            }
+            _mm_storeu_ps(dws.as_mut_ptr(), _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)));
+            let da = _mm256_loadu_ps(dt.as_ptr().add(b * stride + i0));
+            let mut u = [_mm256_setzero_si256(); RW];
+            for r in 0..RW {
+                _mm256_storeu_ps(sc[r].as_mut_ptr(), _mm256_mul_ps(_mm256_broadcast_ss(&dws[r]), da));
+                let p = w.add(r * row_bytes + b * bb);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
+                u[r] = unpack_unsigned(kind, p);
+            }
+            for t in 0..T {
+                let i = i0 + t;
+                let y = _mm256_loadu_si256(q.add(i * a.k + b * QK) as *const __m256i);
+                let start = _mm256_loadu_si256(c.add((i * nb + b) * 8) as *const __m256i);
+                for r in 0..RW {
+                    let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, u[r], y));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][t]), s, acc[r][t]);
+                }
+            }
+        }
+        for r in 0..RW {
+            for t in 0..T {
+                out[r * T + t] = hsum(acc[r][t]);
+            }
         }
     }
 }
@@ -494,6 +651,92 @@ fn row_dots(kind: Kind, row: &[u8], a: &QActs, i0: usize, t: usize, out: &mut [f
     row_dots_scalar(kind, row, a, i0, t, out)
 }
 
+/// Weight rows one activation row meets at a time (decode): enough
+/// independent accumulators to hide the FMA latency, with the activation
+/// block loaded once for all of them.
+const ROW_GROUP: usize = 4;
+
+/// `g` (1 or [`ROW_GROUP`]) weight rows from `w` against the single
+/// activation row of `a`, on a SIMD `path` (resolved, not scalar).
+///
+/// # Safety
+/// `w` must hold `g` whole rows of `row_bytes`, and the CPU must have the
+/// path's instructions.
+unsafe fn rows_dot(kind: Kind, w: *const u8, row_bytes: usize, a: &QActs, g: usize, out: &mut [f32], path: Path) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vnni = path == Path::Auto && !a.corr.is_empty();
+        match (vnni, kind, g) {
+            (true, Kind::Q5_0, ROW_GROUP) => vnni::rows_dot::<false, ROW_GROUP>(w, row_bytes, a, 0, out),
+            (true, Kind::Q8_0, ROW_GROUP) => vnni::rows_dot::<true, ROW_GROUP>(w, row_bytes, a, 0, out),
+            (true, Kind::Q5_0, _) => vnni::rows_dot::<false, 1>(w, row_bytes, a, 0, out),
+            (true, Kind::Q8_0, _) => vnni::rows_dot::<true, 1>(w, row_bytes, a, 0, out),
+            (false, Kind::Q5_0, ROW_GROUP) => avx2::rows_dot::<false, ROW_GROUP>(w, row_bytes, a, 0, out),
+            (false, Kind::Q8_0, ROW_GROUP) => avx2::rows_dot::<true, ROW_GROUP>(w, row_bytes, a, 0, out),
+            (false, Kind::Q5_0, _) => avx2::rows_dot::<false, 1>(w, row_bytes, a, 0, out),
+            (false, Kind::Q8_0, _) => avx2::rows_dot::<true, 1>(w, row_bytes, a, 0, out),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let row = std::slice::from_raw_parts(w, g * row_bytes);
+        for (j, o) in out[..g].iter_mut().enumerate() {
+            row_dots_scalar(kind, &row[j * row_bytes..(j + 1) * row_bytes], a, 0, 1, std::slice::from_mut(o));
+        }
+    }
+}
+
+/// Weight rows and activation rows in one VNNI tile of a many-row product:
+/// 16 accumulators of the 32 registers. kbench, 4864x896, 16 rows, 2
+/// threads: 8.4–9.3 ns per weight block (Q5_0) and 7.3–7.6 (Q8_0), against
+/// 8.4–8.8 and 8.5 for 2 x 8 and 10.2–11.3 and 10.0–11.4 for one weight row
+/// against 8 activation rows (`row_dots`).
+const TILE_ROWS: usize = 4;
+const TILE_ACTS: usize = 4;
+
+/// [`vnni::tile`] for `g` (1 or [`TILE_ROWS`]) weight rows and `t` (1 to
+/// [`TILE_ACTS`]) activation rows.
+///
+/// # Safety
+/// As `vnni::tile`; the CPU must have AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn vnni_tile(
+    kind: Kind,
+    w: *const u8,
+    row_bytes: usize,
+    a: &QActs,
+    dt: &[f32],
+    stride: usize,
+    i0: usize,
+    g: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    macro_rules! by_t {
+        ($q8:expr, $rw:expr) => {
+            match t {
+                1 => vnni::tile::<$q8, $rw, 1>(w, row_bytes, a, dt, stride, i0, out),
+                2 => vnni::tile::<$q8, $rw, 2>(w, row_bytes, a, dt, stride, i0, out),
+                3 => vnni::tile::<$q8, $rw, 3>(w, row_bytes, a, dt, stride, i0, out),
+                _ => vnni::tile::<$q8, $rw, TILE_ACTS>(w, row_bytes, a, dt, stride, i0, out),
+            }
+        };
+    }
+    match (kind, g) {
+        (Kind::Q5_0, TILE_ROWS) => by_t!(false, TILE_ROWS),
+        (Kind::Q8_0, TILE_ROWS) => by_t!(true, TILE_ROWS),
+        (Kind::Q5_0, _) => by_t!(false, 1),
+        (Kind::Q8_0, _) => by_t!(true, 1),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn vnni_tile(_: Kind, _: *const u8, _: usize, _: &QActs, _: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("VNNI is x86-64 only")
+}
+
 /// Weight rows handed to a worker at a time.
 const ROWS_PER_ITEM: usize = 16;
 
@@ -510,11 +753,62 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], path: Path) -
     if path == Path::Auto {
         a.corr = lane_corrections(&a.q, kind.offset());
     }
+    // The activation scales block-major for the VNNI tiles, padded so that
+    // a tile can always load eight.
+    let dt = if path == Path::Auto && m > 1 {
+        let nb = k / QK;
+        let mut dt = vec![0f32; nb * (m + TILE)];
+        for i in 0..m {
+            for b in 0..nb {
+                dt[b * (m + TILE) + i] = a.d[i * nb + b];
+            }
+        }
+        dt
+    } else {
+        Vec::new()
+    };
     let mut out = vec![0f32; m * n];
     let out_ptr = out.as_mut_ptr() as usize;
     let items = n.div_ceil(ROWS_PER_ITEM);
     let work = |range: std::ops::Range<usize>| {
         let mut dots = [0f32; TILE];
+        if m == 1 && path != Path::Scalar {
+            let r1 = n.min(range.end * ROWS_PER_ITEM);
+            let mut r = range.start * ROWS_PER_ITEM;
+            while r < r1 {
+                let g = if r1 - r >= ROW_GROUP { ROW_GROUP } else { 1 };
+                // SAFETY: rows r .. r + g < n are whole rows of `w`.
+                unsafe { rows_dot(kind, w[r * row_bytes..].as_ptr(), row_bytes, &a, g, &mut dots, path) };
+                for (j, v) in dots[..g].iter().enumerate() {
+                    // SAFETY: as below; this worker owns rows r .. r + g.
+                    unsafe { *(out_ptr as *mut f32).add(r + j) = *v };
+                }
+                r += g;
+            }
+            return;
+        }
+        if path == Path::Auto && !dt.is_empty() {
+            let mut tile_out = [0f32; TILE_ROWS * TILE];
+            let r1 = n.min(range.end * ROWS_PER_ITEM);
+            let mut r = range.start * ROWS_PER_ITEM;
+            while r < r1 {
+                let g = if r1 - r >= TILE_ROWS { TILE_ROWS } else { 1 };
+                for i0 in (0..m).step_by(TILE_ACTS) {
+                    let t = TILE_ACTS.min(m - i0);
+                    // SAFETY: `resolve` chose VNNI; rows r .. r + g < n are
+                    // whole; `dt` is padded by TILE past each block's rows.
+                    unsafe { vnni_tile(kind, w[r * row_bytes..].as_ptr(), row_bytes, &a, &dt, m + TILE, i0, g, t, &mut tile_out) };
+                    for j in 0..g {
+                        for ti in 0..t {
+                            // SAFETY: as below; this worker owns rows r .. r + g.
+                            unsafe { *(out_ptr as *mut f32).add((i0 + ti) * n + r + j) = tile_out[j * t + ti] };
+                        }
+                    }
+                }
+                r += g;
+            }
+            return;
+        }
         for item in range {
             for r in item * ROWS_PER_ITEM..n.min((item + 1) * ROWS_PER_ITEM) {
                 let row = &w[r * row_bytes..(r + 1) * row_bytes];
