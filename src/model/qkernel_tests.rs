@@ -130,6 +130,29 @@ fn full_scale_blocks_are_exact_on_every_path() {
     }
 }
 
+/// The SIMD activation quantizer equals the scalar one to the bit,
+/// including values that land exactly on a half (rounded away from zero),
+/// zero blocks and blocks whose extreme value is negative.
+#[test]
+fn activation_quantization_matches_the_scalar_reference() {
+    let k = 128;
+    let mut x = rnd(4 * k, 99, 3.0);
+    // Block 1: 127 * v / amax hits exact halves for these values.
+    for (j, v) in x[32..64].iter_mut().enumerate() {
+        *v = (j as f32 - 16.0) + 0.5;
+    }
+    x[63] = -127.0; // the block's extreme is negative: scale 1.0, halves stay halves
+    x[64..96].iter_mut().for_each(|v| *v = 0.0);
+    x[100] = -1e30;
+    let fast = quantize_acts(&x, k);
+    let slow = quantize_acts_scalar(&x, k);
+    assert_eq!(fast.q, slow.q);
+    assert_eq!(fast.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), slow.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    // The halves really were rounded away from zero.
+    assert_eq!(slow.q[32], -16, "-15.5 rounds to -16");
+    assert_eq!((slow.q[47], slow.q[48]), (-1, 1), "-0.5 and 0.5 round away from zero");
+}
+
 #[test]
 fn zero_activations_give_zero() {
     let (bytes, _) = quantized(Kind::Q5_0, 4, 32, 1);
