@@ -263,6 +263,17 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The f16 scales of the blocks at byte `at` of `R <= 4` weight rows
+    /// (`row_bytes` apart), converted in one instruction.
+    #[inline(always)]
+    pub(super) unsafe fn group_scales<const R: usize>(w: *const u8, row_bytes: usize, at: usize) -> __m128 {
+        let mut bits = 0u64;
+        for r in 0..R {
+            bits |= ((w.add(r * row_bytes + at) as *const u16).read_unaligned() as u64) << (16 * r);
+        }
+        _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+    }
+
     /// Blocks whose scales [`row_scales`] converts at a time.
     pub(super) const SEG: usize = 64;
 
@@ -421,11 +432,7 @@ mod avx2 {
         for b in 0..nb {
             let y = _mm256_loadu_si256(q.add(b * QK) as *const __m256i);
             let da = _mm_set1_ps(*d.add(b));
-            let mut bits = 0u64;
-            for r in 0..R {
-                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
-            }
-            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)), da));
+            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(group_scales::<R>(w, row_bytes, b * bb), da));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let p = w.add(r * row_bytes + b * bb);
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES) as *const i8);
@@ -442,7 +449,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::avx2::{hsum, row_scales, scale, SCALES_FIRST_BELOW, SEG};
+    use super::avx2::{group_scales, hsum, row_scales, scale, SCALES_FIRST_BELOW, SEG};
     use super::{Kind, QActs, PREFETCH_BYTES, QK};
     use std::arch::x86_64::*;
 
@@ -537,11 +544,7 @@ mod vnni {
             let da = _mm_set1_ps(*d.add(b));
             // The R scales in one conversion, multiplied by the activation's,
             // then broadcast from memory (a load, off the arithmetic ports).
-            let mut bits = 0u64;
-            for r in 0..R {
-                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
-            }
-            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)), da));
+            _mm_storeu_ps(sc.as_mut_ptr(), _mm_mul_ps(group_scales::<R>(w, row_bytes, b * bb), da));
             for (r, acc) in acc.iter_mut().enumerate() {
                 // Decode streams every weight once, faster than the hardware
                 // prefetcher fetches it on its own: ask for the bytes
@@ -586,11 +589,7 @@ mod vnni {
         let mut dws = [0f32; 4];
         let mut sc = [[0f32; 8]; RW];
         for b in 0..nb {
-            let mut bits = 0u64;
-            for r in 0..RW {
-                bits |= ((w.add(r * row_bytes + b * bb) as *const u16).read_unaligned() as u64) << (16 * r);
-            }
-            _mm_storeu_ps(dws.as_mut_ptr(), _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64)));
+            _mm_storeu_ps(dws.as_mut_ptr(), group_scales::<RW>(w, row_bytes, b * bb));
             let da = _mm256_loadu_ps(dt.as_ptr().add(b * stride + i0));
             let mut u = [_mm256_setzero_si256(); RW];
             for r in 0..RW {
