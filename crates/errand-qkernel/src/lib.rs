@@ -12,7 +12,9 @@
 //! AVX2 `maddubs` with the sign trick (a scalar path serves other CPUs and
 //! is the reference in tests). Decode (one activation row) takes four
 //! weight rows at a time and prefetches the weights [`PREFETCH_BYTES`]
-//! ahead; batches multiply four weight rows with four activation rows from
+//! ahead; batches of 8 or more activation rows take two weight rows per
+//! 512-bit register against 8 or 16 activation rows (`pairs`), fewer
+//! rows four weight rows against four activation rows in 256-bit
 //! registers (VNNI). Each (weight row, activation row) pair always sees the
 //! same operations in the same order, so every path and batch size gives
 //! the same bits as AVX2's one row. The weight rows are split
@@ -616,6 +618,181 @@ mod vnni {
     }
 }
 
+/// Batched products with two weight rows per 512-bit register: each
+/// `vpdpbusd`, conversion and fused multiply-add does the work of two in
+/// 256 bits, at the same rate on this machine (a loop of independent
+/// `vpdpbusd` ran 0.17 ns each for ymm and zmm). kbench, 4864x896 Q5_0, one
+/// thread, 16 activation rows: 14.9 ns per weight block with the 4x4 ymm
+/// tiles, 9.8 here (Q8_0 12.5 and 8.8); a 16-sequence decode step of the
+/// default model went from 137 to 104 ms.
+#[cfg(target_arch = "x86_64")]
+mod pairs {
+    use super::avx2::{group_scales, hsum};
+    use super::{PREFETCH_BYTES, QK};
+    use std::arch::x86_64::*;
+
+    /// Most activation rows one pair tile takes: two weight rows against
+    /// up to 16 activation rows are 16 of the 32 vector registers.
+    pub(super) const MAX_T: usize = 16;
+
+    /// Which 4-byte group (32-bit lane of the one-row kernels) of a block
+    /// each 32-bit lane of a pair register holds: the two weight rows'
+    /// lanes alternate (even: the first row), in the order that
+    /// `unpacklo/hi_epi32` and one 256-bit insert leave them.
+    pub(super) const GROUP: [u32; 16] = [0, 0, 1, 1, 4, 4, 5, 5, 2, 2, 3, 3, 6, 6, 7, 7];
+
+    /// Where the first row's lanes 0..8 sit in a pair register (the second
+    /// row's are one further), to gather them back into the one-row order.
+    const FIRST: [u32; 8] = [0, 2, 8, 10, 4, 6, 12, 14];
+
+    /// The activations laid out for [`tile`]: per row and block, 64 bytes
+    /// with each 4-byte group where [`GROUP`] says, as unsigned bytes
+    /// `q + 128` (VNNI multiplies unsigned by signed; here the weights are
+    /// the signed side).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn lay_out(q: &[i8]) -> Vec<u8> {
+        let mut out = vec![0u8; q.len() * 2];
+        let idx = _mm512_loadu_si512(GROUP.as_ptr() as *const _);
+        let flip = _mm512_set1_epi8(0x80_u8 as i8);
+        for (b, o) in q.chunks_exact(QK).zip(out.chunks_exact_mut(2 * QK)) {
+            let y = _mm512_castsi256_si512(_mm256_loadu_si256(b.as_ptr() as *const __m256i));
+            let v = _mm512_xor_si512(_mm512_permutexvar_epi32(idx, y), flip);
+            _mm512_storeu_si512(o.as_mut_ptr() as *mut _, v);
+        }
+        out
+    }
+
+    /// One weight block as signed bytes.
+    #[inline(always)]
+    unsafe fn unpack_signed<const Q8: bool>(blk: *const u8) -> __m256i {
+        if Q8 {
+            return _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        }
+        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+        let m4 = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(qs, m4);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+        let nib = _mm256_set_m128i(hi, lo);
+        // Weight j is its nibble, less 16 unless bit j of qh is set.
+        let qh = (blk.add(2) as *const u32).read_unaligned();
+        _mm256_mask_sub_epi8(nib, !qh, nib, _mm256_set1_epi8(16))
+    }
+
+    /// One activation row's step of [`tile`]: `acc += sc * f32(start +
+    /// dpbusd(y, x))` with the activation block `y` loaded from `y_at` and
+    /// the scale pair `sc` broadcast from `sc_at`, both by loads. Written
+    /// as `asm!`: from intrinsics the compiler hoisted all 16 rows' loads
+    /// to the top of the block and spilled them (16 stores and reloads a
+    /// block), or rebuilt the scale pairs with shuffles, which compete
+    /// with the products for the vector ports.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn pair_step(acc: &mut __m512, y_at: *const u8, sc_at: *const f32, start: __m512i, x: __m512i) {
+        // Named scratch outputs: `out(zmm_reg) _` came out as invalid
+        // register names once inlined (rustc nightly 2026-05).
+        let (_y, _s): (__m512, __m512);
+        std::arch::asm!(
+            "vmovdqu64 {y:z}, zmmword ptr [{ya}]",
+            "vmovdqa64 {s:z}, {start:z}",
+            "vpdpbusd {s:z}, {y:z}, {x:z}",
+            "vcvtdq2ps {s:z}, {s:z}",
+            "vbroadcastsd {y:z}, qword ptr [{sa}]",
+            "vfmadd231ps {acc:z}, {y:z}, {s:z}",
+            acc = inout(zmm_reg) *acc,
+            y = out(zmm_reg) _y,
+            s = out(zmm_reg) _s,
+            ya = in(reg) y_at,
+            sa = in(reg) sc_at,
+            start = in(zmm_reg) start,
+            x = in(zmm_reg) x,
+            options(readonly, nostack, preserves_flags),
+        );
+    }
+
+    /// Offset in the scale-pair buffer of activation row `t`'s pair (see
+    /// `tile`: `unpacklo/hi_ps` of two 16-wide rows of scales).
+    const fn pair_at(t: usize) -> usize {
+        let (l, j) = (t / 4, t % 4);
+        if j < 2 {
+            4 * l + 2 * j
+        } else {
+            16 + 4 * l + 2 * (j - 2)
+        }
+    }
+
+    /// Two weight rows (`w`, `row_bytes` apart) against `T` activation rows
+    /// `i0 ..` (batched decode, short prompts), two products per 512-bit
+    /// instruction: the rows' 32-bit lanes alternate in one register, each
+    /// activation block (laid out by [`lay_out`]) meets both at once, and
+    /// each lane starts from `-128` times the sum of its four weights (the
+    /// activations enter as `q + 128`). A lane ends up holding the same
+    /// integer as in `vnni::row_dots` and goes through the same conversion
+    /// and fused multiply-add with the same scale (`dw * da`, one f32
+    /// product); the first row's eight lanes are gathered back into their
+    /// one-row order for the same final sum. So every (weight row,
+    /// activation row) pair gives the same bits as alone. `dt` holds the
+    /// activation scales block-major (`dt[b * stride + i]`, readable 16
+    /// past `i0`). Results go to `out[r * T + t]`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile<const Q8: bool, const T: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        au: &[u8],
+        nb: usize,
+        dt: &[f32],
+        stride: usize,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        let bb = if Q8 { 34 } else { 22 };
+        debug_assert!(T <= MAX_T && out.len() >= 2 * T);
+        debug_assert!(au.len() >= (i0 + T) * nb * 2 * QK);
+        debug_assert!(dt.len() >= (nb - 1) * stride + i0 + MAX_T);
+        let a = au.as_ptr().add(i0 * nb * 2 * QK);
+        let mut acc = [_mm512_setzero_ps(); T];
+        let mut sp = [0f32; 2 * MAX_T];
+        let k128 = _mm512_set1_epi8(0x80_u8 as i8);
+        let zero = _mm512_setzero_si512();
+        for b in 0..nb {
+            // Scales: dw * da for both rows and every activation row, stored
+            // as (first row, second row) pairs for 64-bit broadcasts.
+            let dws = group_scales::<2>(w, row_bytes, b * bb);
+            let da = _mm512_loadu_ps(dt.as_ptr().add(b * stride + i0));
+            let s0 = _mm512_mul_ps(_mm512_set1_ps(_mm_cvtss_f32(dws)), da);
+            let s1 = _mm512_mul_ps(_mm512_set1_ps(_mm_cvtss_f32(_mm_movehdup_ps(dws))), da);
+            _mm512_storeu_ps(sp.as_mut_ptr(), _mm512_unpacklo_ps(s0, s1));
+            _mm512_storeu_ps(sp.as_mut_ptr().add(16), _mm512_unpackhi_ps(s0, s1));
+            let p0 = w.add(b * bb);
+            let p1 = p0.add(row_bytes);
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(PREFETCH_BYTES) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(PREFETCH_BYTES) as *const i8);
+            let (x0, x1) = (unpack_signed::<Q8>(p0), unpack_signed::<Q8>(p1));
+            let x = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_unpacklo_epi32(x0, x1)),
+                _mm256_unpackhi_epi32(x0, x1),
+            );
+            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, k128, x));
+            // Written out for each t (a loop kept the accumulators in memory).
+            macro_rules! act {
+                ($($t:literal)*) => {$(
+                    if $t < T {
+                        const AT: usize = pair_at($t);
+                        pair_step(&mut acc[$t], a.add(($t * nb + b) * 2 * QK), sp.as_ptr().add(AT), start, x);
+                    }
+                )*};
+            }
+            act!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        }
+        let first = _mm512_castsi256_si512(_mm256_loadu_si256(FIRST.as_ptr() as *const __m256i));
+        let second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
+        for (t, acc) in acc.iter().enumerate() {
+            out[t] = hsum(_mm512_castps512_ps256(_mm512_permutexvar_ps(first, *acc)));
+            out[T + t] = hsum(_mm512_castps512_ps256(_mm512_permutexvar_ps(second, *acc)));
+        }
+    }
+}
+
 /// AVX-512 VNNI with byte masks and 256-bit forms (Ice Lake, Sapphire
 /// Rapids, Zen 4 and later), on top of AVX2.
 pub fn have_vnni() -> bool {
@@ -791,6 +968,67 @@ unsafe fn vnni_tile(_: Kind, _: *const u8, _: usize, _: &QActs, _: &[f32], _: us
     unreachable!("VNNI is x86-64 only")
 }
 
+/// Most activation rows in one pair tile.
+#[cfg(target_arch = "x86_64")]
+const PAIR_T: usize = pairs::MAX_T;
+#[cfg(not(target_arch = "x86_64"))]
+const PAIR_T: usize = 16;
+
+/// Fewest activation rows a pair tile takes; fewer go through the 4x4
+/// tiles, which unpack each weight block for fewer rows (kbench,
+/// 4864x896, one thread: 4 rows Q5_0 3.71 ns per weight block in 4x4
+/// tiles against 4.39 in pairs; 8 rows 7.40 against 6.28; 16 rows 14.9
+/// against 9.9).
+const PAIR_MIN_T: usize = 8;
+
+/// Activation rows the next pair tile takes when `left` (at least
+/// [`PAIR_MIN_T`]) remain.
+fn pair_width(left: usize) -> usize {
+    if left >= 16 {
+        16
+    } else {
+        8
+    }
+}
+
+/// [`pairs::tile`] for `t` (from [`pair_width`]) activation rows.
+///
+/// # Safety
+/// As `pairs::tile`; the CPU must have AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_tile(
+    kind: Kind,
+    w: *const u8,
+    row_bytes: usize,
+    au: &[u8],
+    nb: usize,
+    dt: &[f32],
+    stride: usize,
+    i0: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    macro_rules! by_t {
+        ($q8:expr) => {
+            match t {
+                16 => pairs::tile::<$q8, 16>(w, row_bytes, au, nb, dt, stride, i0, out),
+                _ => pairs::tile::<$q8, 8>(w, row_bytes, au, nb, dt, stride, i0, out),
+            }
+        };
+    }
+    match kind {
+        Kind::Q5_0 => by_t!(false),
+        Kind::Q8_0 => by_t!(true),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_tile(_: Kind, _: *const u8, _: usize, _: &[u8], _: usize, _: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("VNNI is x86-64 only")
+}
+
 /// Weight rows handed to a worker at a time.
 const ROWS_PER_ITEM: usize = 16;
 
@@ -803,18 +1041,30 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], path: Path) -
     assert!(x.len() % k == 0, "activations are not whole rows of {k}");
     let m = x.len() / k;
     let path = path.resolve();
+    let nb = k / QK;
     let mut a = quantize_acts(x, k);
-    if path == Path::Auto {
+    // Many rows on VNNI go through pair tiles (two weight rows a register),
+    // with a single-row tile for an odd last row; one row through `rows_dot`.
+    let tiles = path == Path::Auto && m > 1;
+    // The one-row kernel and the 4x4 tiles (fewer than PAIR_MIN_T rows
+    // left, or weight rows not a multiple of 4) start from corrections.
+    let needs_corr = !tiles || m % PAIR_MIN_T != 0 || n % TILE_ROWS != 0;
+    if path == Path::Auto && needs_corr {
         a.corr = lane_corrections(&a.q, kind.offset());
     }
-    // The activation scales block-major for the VNNI tiles, padded so that
-    // a tile can always load eight.
-    let dt = if path == Path::Auto && m > 1 {
-        let nb = k / QK;
-        let mut dt = vec![0f32; nb * (m + TILE)];
+    // The activations laid out for the pair tiles, and their scales
+    // block-major, padded so that a tile can always load 16.
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `tiles` means `resolve` chose VNNI.
+    let au = if tiles && m >= PAIR_MIN_T { unsafe { pairs::lay_out(&a.q) } } else { Vec::new() };
+    #[cfg(not(target_arch = "x86_64"))]
+    let au: Vec<u8> = Vec::new();
+    let stride = m + PAIR_T;
+    let dt = if tiles {
+        let mut dt = vec![0f32; nb * stride];
         for i in 0..m {
             for b in 0..nb {
-                dt[b * (m + TILE) + i] = a.d[i * nb + b];
+                dt[b * stride + i] = a.d[i * nb + b];
             }
         }
         dt
@@ -841,23 +1091,42 @@ pub fn matmul(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], path: Path) -
             }
             return;
         }
-        if path == Path::Auto && !dt.is_empty() {
-            let mut tile_out = [0f32; TILE_ROWS * TILE];
+        if tiles {
+            let mut tile_out = [0f32; 2 * PAIR_T];
             let r1 = n.min(range.end * ROWS_PER_ITEM);
             let mut r = range.start * ROWS_PER_ITEM;
             while r < r1 {
                 let g = if r1 - r >= TILE_ROWS { TILE_ROWS } else { 1 };
-                for i0 in (0..m).step_by(TILE_ACTS) {
-                    let t = TILE_ACTS.min(m - i0);
-                    // SAFETY: `resolve` chose VNNI; rows r .. r + g < n are
-                    // whole; `dt` is padded by TILE past each block's rows.
-                    unsafe { vnni_tile(kind, w[r * row_bytes..].as_ptr(), row_bytes, &a, &dt, m + TILE, i0, g, t, &mut tile_out) };
+                let wr = w[r * row_bytes..].as_ptr();
+                let put = |i0: usize, j0: usize, g: usize, t: usize, tile_out: &[f32]| {
                     for j in 0..g {
                         for ti in 0..t {
                             // SAFETY: as below; this worker owns rows r .. r + g.
-                            unsafe { *(out_ptr as *mut f32).add((i0 + ti) * n + r + j) = tile_out[j * t + ti] };
+                            unsafe { *(out_ptr as *mut f32).add((i0 + ti) * n + r + j0 + j) = tile_out[j * t + ti] };
                         }
                     }
+                };
+                let mut i0 = 0;
+                if g == TILE_ROWS {
+                    while m - i0 >= PAIR_MIN_T {
+                        let t = pair_width(m - i0);
+                        for j0 in (0..TILE_ROWS).step_by(2) {
+                            // SAFETY: `resolve` chose VNNI; rows r + j0, r +
+                            // j0 + 1 < n are whole; `au` holds the m laid-out
+                            // rows; `dt` is padded by PAIR_T past each block's.
+                            unsafe { pair_tile(kind, wr.add(j0 * row_bytes), row_bytes, &au, nb, &dt, stride, i0, t, &mut tile_out) };
+                            put(i0, j0, 2, t, &tile_out);
+                        }
+                        i0 += t;
+                    }
+                }
+                while i0 < m {
+                    let t = TILE_ACTS.min(m - i0);
+                    // SAFETY: as above, rows r .. r + g; `a.corr` is there
+                    // whenever these tiles run (see `needs_corr`).
+                    unsafe { vnni_tile(kind, wr, row_bytes, &a, &dt, stride, i0, g, t, &mut tile_out) };
+                    put(i0, 0, g, t, &tile_out);
+                    i0 += t;
                 }
                 r += g;
             }
