@@ -83,9 +83,9 @@
 //!   sequence or a batched decode step over many; `model::qkernel` holds
 //!   Errand's own quantized CPU kernels (AVX-512 VNNI where the CPU has it,
 //!   else AVX2, bit-identical; weights prefetched ahead, four weight rows
-//!   per activation row in decode, 4x4 register tiles for batches; 8-bit
-//!   products up to `GEMM_MIN_ROWS` rows, dequantized f32 GEMM beyond) and
-//!   the fused causal attention
+//!   per activation row in decode, two weight rows per 512-bit register
+//!   against 8-16 activation rows for batches and prefill, 4x4 tiles for
+//!   fewer; 8-bit products at every row count) and the fused causal attention
 //!   (`qkernel::attention`) that reads the KV cache in place.
 //! - [`engine`]: the actor that owns the model; continuous batching with a
 //!   KV memory budget, streaming, cancellation, KV reuse per session and

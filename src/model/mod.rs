@@ -166,12 +166,15 @@ impl Default for LoadOptions {
 
 /// A weight matrix used as `x @ Wᵀ`.
 ///
-/// Few rows at a time (decode, follow-ups up to [`GEMM_MIN_ROWS`]) use quantized
-/// matrix-vector kernels: Errand's own for Q5_0 and Q8_0, candle's for the
-/// rest. Many rows at once (prefill) dequantize the matrix to f32 for the
-/// duration of the call and use the blocked f32 GEMM, which on CPU is faster
-/// than quantized dot products once the dequantizing cost is spread over
-/// enough rows. Nothing extra stays in memory.
+/// Every row count goes through quantized products, the activations
+/// quantized to 8 bits per block: Errand's own kernels for Q5_0 and Q8_0
+/// (batches in register tiles), candle's for the rest (Q4_K and Q6_K
+/// `ffn_down`). Prefill used to dequantize each matrix to f32 for a blocked
+/// GEMM from 96 rows (32 for candle's); with the 512-bit pair tiles the
+/// 8-bit products are faster at every size (kbench, 4864x896, 2 threads,
+/// 512 rows: 27 ms against 39 dequantized; `errand bench` pp512 161 -> 206
+/// tok/s, pp48 130 -> 196-229), and nothing is dequantized, so prefill no
+/// longer writes a 17 MB f32 copy of a matrix per chunk.
 enum Linear {
     Native {
         w: Arc<QTensor>,
@@ -181,19 +184,6 @@ enum Linear {
     },
     Candle(QMatMul),
 }
-
-/// Rows from which [`Linear`] switches Errand's Q5_0/Q8_0 matrices to the
-/// dequantized GEMM path. `examples/kbench.rs` on a 4864x896 matrix, 2
-/// threads, AVX-512 VNNI: 45 rows take 4.2 ms in 8 bits against 7.5 ms
-/// dequantized (Q5_0; AVX2 5.1 ms), 64 rows 5.9 against 8.6, 128 rows 11.6
-/// against 12.5; a 512-token prefill through the 8-bit kernels alone ran at
-/// 90 tok/s against 162 with GEMM. Follow-up turns (a few dozen new
-/// tokens) stay on the 8-bit kernels.
-pub const GEMM_MIN_ROWS: usize = 96;
-
-/// The same switch for matrices multiplied by candle's kernels (Q4_K and
-/// Q6_K `ffn_down`), whose many-row path is slower than ours.
-pub const CANDLE_GEMM_MIN_ROWS: usize = 32;
 
 impl Linear {
     fn new(w: Arc<QTensor>, opts: LoadOptions) -> Result<Self, ModelError> {
@@ -221,9 +211,8 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         match self {
-            Linear::Native { w, kind, n, k } if rows < GEMM_MIN_ROWS => {
+            Linear::Native { w, kind, n, k } => {
                 let bytes = w.data()?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let y = qkernel::matmul(*kind, &bytes, *n, *k, &xs, qkernel::Path::Auto);
@@ -232,13 +221,6 @@ impl Linear {
                     *last = *n;
                 }
                 Tensor::from_vec(y, dims, x.device())
-            }
-            Linear::Native { w, kind, n, k } => {
-                let wf = qkernel::dequantize(*kind, &w.data()?, *n, *k, qkernel::Path::Auto);
-                x.broadcast_matmul(&Tensor::from_vec(wf, (*n, *k), x.device())?.t()?)
-            }
-            Linear::Candle(QMatMul::QTensor(t)) if rows >= CANDLE_GEMM_MIN_ROWS => {
-                x.broadcast_matmul(&t.dequantize(x.device())?.t()?)
             }
             Linear::Candle(q) => q.forward(x),
         }
