@@ -4,14 +4,74 @@
 //! A session's cache is checked out for a request and checked back in with
 //! the tokens it now holds; the next request for that session reuses the
 //! longest common prefix of its prompt with those tokens.
+//!
+//! A session seen for the first time starts from another session's cache
+//! where that gives exactly the bits it would compute itself: prompts are
+//! prefilled in canonical chunks ([`next_boundary`]), which end at the end
+//! of the first message (the system prompt with the tool list) and at every
+//! [`PREFILL_CHUNK`] before and after it, and a prefix is shared only up to
+//! such a boundary that both prompts have, computed by the donor in the
+//! same chunks from position 0 ([`Chunking`]). Greedy replies therefore do
+//! not depend on which session came first, while every conversation with
+//! the same system prompt and tools skips computing them.
 
-use crate::model::KvCache;
+use crate::model::{KvCache, PREFILL_CHUNK};
 use std::collections::HashMap;
+
+/// How a cache's positions were computed, for sharing them exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Chunking {
+    /// Where the prompt's first message ends (a chunk boundary), if known.
+    pub segment: Option<usize>,
+    /// Positions below this were prefilled in the canonical chunks of
+    /// `segment` from position 0 (later ones: decode steps, follow-ups).
+    pub exact: usize,
+}
+
+/// The end of the canonical prefill chunk that starts at or covers `pos`:
+/// the next multiple of [`PREFILL_CHUNK`] before `segment`, then `segment`,
+/// then every `PREFILL_CHUNK` after it.
+pub fn next_boundary(segment: Option<usize>, pos: usize) -> usize {
+    let aligned = (pos / PREFILL_CHUNK + 1) * PREFILL_CHUNK;
+    match segment {
+        Some(s) if pos < s => aligned.min(s),
+        Some(s) => s + ((pos - s) / PREFILL_CHUNK + 1) * PREFILL_CHUNK,
+        None => aligned,
+    }
+}
+
+/// The canonical chunk boundaries in `1..=upto`.
+fn boundaries(segment: Option<usize>, upto: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    loop {
+        pos = next_boundary(segment, pos);
+        if pos > upto {
+            return out;
+        }
+        out.push(pos);
+    }
+}
+
+/// Whether the first `len` positions of a cache computed as `donor` are
+/// exactly what a prompt with first-message end `segment` computes itself:
+/// `len` is a boundary of both, and their boundaries below it agree.
+pub fn shares_exactly(donor: Chunking, segment: Option<usize>, len: usize) -> bool {
+    if len == 0 {
+        return true;
+    }
+    if len > donor.exact {
+        return false;
+    }
+    let mine = boundaries(segment, len);
+    mine.last() == Some(&len) && mine == boundaries(donor.segment, len)
+}
 
 pub struct Entry {
     pub cache: KvCache,
     /// The tokens whose keys and values the cache holds, in order.
     pub tokens: Vec<u32>,
+    pub chunking: Chunking,
     last_used: u64,
 }
 
@@ -28,20 +88,20 @@ impl KvPool {
     }
 
     /// Takes the session's cache out of the pool (or `None` if it has none).
-    pub fn checkout(&mut self, session: &str) -> Option<(KvCache, Vec<u32>)> {
-        self.entries.remove(session).map(|e| (e.cache, e.tokens))
+    pub fn checkout(&mut self, session: &str) -> Option<(KvCache, Vec<u32>, Chunking)> {
+        self.entries.remove(session).map(|e| (e.cache, e.tokens, e.chunking))
     }
 
     /// Returns a cache to the pool, then evicts the least recently used
     /// sessions until the pool fits its budget. A single cache larger than
     /// the whole budget is not kept.
-    pub fn checkin(&mut self, session: &str, cache: KvCache, tokens: Vec<u32>) {
+    pub fn checkin(&mut self, session: &str, cache: KvCache, tokens: Vec<u32>, chunking: Chunking) {
         self.clock += 1;
         if cache.bytes() > self.budget_bytes {
             self.evictions += 1;
             return;
         }
-        self.entries.insert(session.to_owned(), Entry { cache, tokens, last_used: self.clock });
+        self.entries.insert(session.to_owned(), Entry { cache, tokens, chunking, last_used: self.clock });
         self.evict_until(self.budget_bytes, Some(session));
     }
 
@@ -70,29 +130,24 @@ impl KvPool {
     }
 
     /// For a session with no cache of its own: a copy of the longest prefix
-    /// of `tokens` that another session's cache holds (the system prompt and
-    /// tool list are the same for every conversation), if it is at least
-    /// `min_len` tokens long.
-    ///
-    /// The prefix is cut to a multiple of `align` (the prefill chunk): those
-    /// positions were computed in the same chunks a fresh prefill would use,
-    /// so the result is bit-for-bit what the session would have computed
-    /// itself, and greedy replies do not depend on which session came first.
-    pub fn shared_prefix(&self, tokens: &[u32], min_len: usize, align: usize) -> Option<(KvCache, Vec<u32>)> {
-        let align = align.max(1);
+    /// of `tokens` (whose first message ends at `segment`) that another
+    /// session's cache holds exactly (see the module docs), if it is at
+    /// least `min_len` tokens long; with the chunking the copy carries.
+    pub fn shared_prefix(&self, tokens: &[u32], min_len: usize, segment: Option<usize>) -> Option<(KvCache, Vec<u32>, Chunking)> {
         let (n, e) = self
             .entries
             .values()
-            .map(|e| {
-                let n = common_prefix(&e.tokens, tokens).min(e.cache.len());
-                (n / align * align, e)
+            .filter_map(|e| {
+                let most = common_prefix(&e.tokens, tokens).min(e.cache.len()).min(e.chunking.exact);
+                let n = boundaries(segment, most).into_iter().rev().find(|&b| shares_exactly(e.chunking, segment, b))?;
+                Some((n, e))
             })
             .max_by_key(|(n, _)| *n)?;
         if n < min_len.max(1) {
             return None;
         }
         let cache = e.cache.copy_prefix(n).ok()?;
-        Some((cache, tokens[..n].to_vec()))
+        Some((cache, tokens[..n].to_vec(), Chunking { segment, exact: n }))
     }
 
     pub fn bytes(&self) -> usize {
@@ -128,12 +183,12 @@ mod tests {
         };
         let one = mk(10).bytes();
         let mut pool = KvPool::new(one * 2 + one / 2);
-        pool.checkin("a", mk(10), vec![1; 10]);
-        pool.checkin("b", mk(10), vec![1; 10]);
+        pool.checkin("a", mk(10), vec![1; 10], Chunking::default());
+        pool.checkin("b", mk(10), vec![1; 10], Chunking::default());
         // Touch "a" so that "b" is the least recently used.
-        let (c, t) = pool.checkout("a").unwrap();
-        pool.checkin("a", c, t);
-        pool.checkin("c", mk(10), vec![1; 10]);
+        let (c, t, ch) = pool.checkout("a").unwrap();
+        pool.checkin("a", c, t, ch);
+        pool.checkin("c", mk(10), vec![1; 10], Chunking::default());
         assert!(pool.contains("a") && pool.contains("c") && !pool.contains("b"));
         assert!(pool.bytes() <= one * 2 + one / 2);
         assert_eq!(pool.evictions, 1);
@@ -150,7 +205,7 @@ mod tests {
         let one = mk().bytes();
         let mut pool = KvPool::new(usize::MAX);
         for s in ["a", "b", "c"] {
-            pool.checkin(s, mk(), vec![1; 10]);
+            pool.checkin(s, mk(), vec![1; 10], Chunking::default());
         }
         pool.shrink_to(one * 2);
         assert!(!pool.contains("a") && pool.contains("b") && pool.contains("c"));
@@ -160,27 +215,57 @@ mod tests {
     }
 
     #[test]
-    fn a_new_session_starts_from_another_sessions_prefix() {
+    fn a_new_session_starts_exactly_from_another_sessions_first_message() {
         let m = tiny_model("llama", 5);
+        // Prefill in the canonical chunks of a first message ending at 30.
+        let canonical = |toks: &[u32], seg: usize| {
+            let mut c = m.new_cache();
+            m.forward(&toks[..seg], &mut c).unwrap();
+            let logits = m.forward(&toks[seg..], &mut c).unwrap();
+            (c, logits)
+        };
         let mut pool = KvPool::new(usize::MAX);
         let a: Vec<u32> = (1..=40).collect();
-        let mut c = m.new_cache();
-        let full = m.forward(&a, &mut c).unwrap();
-        pool.checkin("a", c, a.clone());
-        // Same first 30 tokens, then different.
+        let (c, _) = canonical(&a, 30);
+        pool.checkin("a", c, a.clone(), Chunking { segment: Some(30), exact: 40 });
+        // Same first message (30 tokens), then a different one.
         let mut b: Vec<u32> = (1..=30).collect();
         b.extend([7, 7, 7]);
-        let (mut shared, toks) = pool.shared_prefix(&b, 8, 1).unwrap();
+        let (mut shared, toks, ch) = pool.shared_prefix(&b, 8, Some(30)).unwrap();
         assert_eq!(toks.len(), 30);
-        assert_eq!(pool.shared_prefix(&b, 8, 16).unwrap().1.len(), 16, "cut to whole chunks");
+        assert_eq!(ch, Chunking { segment: Some(30), exact: 30 });
         assert!(pool.contains("a"), "the donor keeps its cache");
         let via_shared = m.forward(&b[30..], &mut shared).unwrap();
-        let mut fresh = m.new_cache();
-        let direct = m.forward(&b, &mut fresh).unwrap();
-        let diff = via_shared.iter().zip(&direct).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "logits differ by {diff}");
-        assert!(pool.shared_prefix(&[9, 9, 9], 8, 1).is_none());
-        let _ = full;
+        let (_, direct) = canonical(&b, 30);
+        assert_eq!(via_shared, direct, "sharing must give the bits of computing alone");
+        // A prompt whose first message ends elsewhere, or is not known, was
+        // never chunked like the donor: nothing is shared.
+        assert!(pool.shared_prefix(&b, 8, Some(20)).is_none());
+        assert!(pool.shared_prefix(&b, 8, None).is_none());
+        // Nor beyond what the donor computed canonically, nor below min_len.
+        pool.checkin("a", canonical(&a, 30).0, a.clone(), Chunking { segment: Some(30), exact: 25 });
+        assert!(pool.shared_prefix(&b, 8, Some(30)).is_none());
+        pool.checkin("a", canonical(&a, 30).0, a.clone(), Chunking { segment: Some(30), exact: 40 });
+        assert!(pool.shared_prefix(&b, 31, Some(30)).is_none());
+        assert!(pool.shared_prefix(&[9, 9, 9], 1, Some(1)).is_none());
+    }
+
+    #[test]
+    fn canonical_chunks_end_at_the_first_message_and_every_chunk() {
+        let c = PREFILL_CHUNK;
+        assert_eq!(next_boundary(None, 0), c);
+        assert_eq!(next_boundary(None, c + 3), 2 * c);
+        assert_eq!(next_boundary(Some(c + 88), 0), c);
+        assert_eq!(next_boundary(Some(c + 88), c), c + 88);
+        assert_eq!(next_boundary(Some(c + 88), c + 88), 2 * c + 88);
+        assert_eq!(next_boundary(Some(30), 31), 30 + c);
+        assert_eq!(boundaries(Some(c + 88), 2 * c + 88), vec![c, c + 88, 2 * c + 88]);
+        // The donor's 512 is a boundary for both, 600 only for one of them.
+        let donor = Chunking { segment: Some(c + 88), exact: 4 * c };
+        assert!(shares_exactly(donor, Some(c + 200), c));
+        assert!(!shares_exactly(donor, Some(c + 200), c + 88));
+        assert!(shares_exactly(donor, Some(c + 88), c + 88));
+        assert!(shares_exactly(donor, None, 0));
     }
 
     #[test]

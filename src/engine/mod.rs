@@ -38,7 +38,7 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::tools::grammar::{ConstraintFactory, GrammarError, ToolConstraint};
 use crate::tools::{CallStream, StreamItem, ToolCall, ToolSet};
 use detok::TextStream;
-use kv_pool::{common_prefix, KvPool};
+use kv_pool::{common_prefix, next_boundary, shares_exactly, Chunking, KvPool};
 use sampler::{Sampler, SamplingParams};
 use serde::Serialize;
 use std::sync::mpsc as std_mpsc;
@@ -78,8 +78,9 @@ pub enum EngineError {
 }
 
 /// Borrow another session's cached prefix only when it saves at least this
-/// many tokens of prefill (a copy costs memory bandwidth too).
-const SHARED_PREFIX_MIN: usize = crate::model::PREFILL_CHUNK;
+/// many tokens of prefill (a copy costs memory bandwidth too, about 24 KB a
+/// position for the default model, far less than computing it).
+const SHARED_PREFIX_MIN: usize = 16;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -374,6 +375,9 @@ struct Worker {
     /// KV memory for running requests and idle sessions together.
     kv_budget: usize,
     kv_bytes_per_position: usize,
+    /// The control token that starts each message of a rendered
+    /// conversation (`<|im_start|>` in ChatML), if the vocabulary has one.
+    turn_start: Option<u32>,
 }
 
 impl Worker {
@@ -414,6 +418,7 @@ impl Worker {
             prompt: prompt.clone(),
             load_ms: t0.elapsed().as_secs_f64() * 1000.0,
         });
+        let turn_start = ["<|im_start|>", "<|start_header_id|>", "<start_of_turn>"].iter().find_map(|t| tok.token_id(t));
         Ok(Self {
             model,
             tok,
@@ -424,6 +429,7 @@ impl Worker {
             max_batch: opts.max_batch.max(1),
             kv_budget: opts.kv_budget_bytes,
             kv_bytes_per_position,
+            turn_start,
         })
     }
 
@@ -544,6 +550,13 @@ impl Worker {
             Prompt::Text(t) => (self.tok.encode(t, true)?, None),
             Prompt::Tokens(t) => (t.clone(), None),
         };
+        // Where the first message (system prompt and tools) ends: the second
+        // turn-start control token of a rendered conversation (control text
+        // inside messages is tokenized as plain text, so it cannot fake one).
+        let segment = match (&req.prompt, self.turn_start) {
+            (Prompt::Chat { .. }, Some(ts)) => tokens.iter().enumerate().filter(|(_, &t)| t == ts).nth(1).map(|(i, _)| i),
+            _ => None,
+        };
         let context = self.model.cfg.context_length;
         if tokens.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
@@ -574,19 +587,27 @@ impl Worker {
 
         // KV reuse: keep the longest common prefix with the session's cache.
         // A session seen for the first time starts from the longest prefix
-        // another session holds (the system prompt and tools are shared).
-        let (mut cache, mut in_cache) = req
+        // another session holds exactly (the system prompt and tools are
+        // shared; see `kv_pool`).
+        let (mut cache, mut in_cache, donor) = req
             .session
             .as_deref()
             .and_then(|s| self.pool.checkout(s))
-            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN, crate::model::PREFILL_CHUNK))
-            .unwrap_or_else(|| (self.model.new_cache(), Vec::new()));
+            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN, segment))
+            .unwrap_or_else(|| (self.model.new_cache(), Vec::new(), Chunking::default()));
         let mut reuse = common_prefix(&in_cache, &tokens).min(cache.len());
         if reuse == tokens.len() {
             reuse -= 1; // the last prompt token must run to give logits
         }
         cache.truncate(reuse);
         in_cache.truncate(reuse);
+        // The rest of the prompt is prefilled in canonical chunks from
+        // `reuse`; the whole prompt is then exact if what it kept was.
+        let chunking = if shares_exactly(donor, segment, reuse) {
+            Chunking { segment, exact: tokens.len() }
+        } else {
+            Chunking { segment: donor.segment, exact: donor.exact.min(reuse) }
+        };
         let Job { req, out, .. } = job;
         Ok(Admit::Run(Box::new(Seq {
             calls: tools.as_ref().map(|_| CallStream::new()),
@@ -597,6 +618,8 @@ impl Worker {
             prompt_tokens: tokens.len(),
             reuse,
             pending: tokens[reuse..].to_vec(),
+            segment,
+            chunking,
             cache,
             in_cache,
             keep_cache: true,
@@ -708,6 +731,10 @@ struct Seq {
     prompt_tokens: usize,
     reuse: usize,
     pending: Vec<u32>,
+    /// Where the prompt's first message ends (prefill chunks stop there).
+    segment: Option<usize>,
+    /// How `cache` was computed, for sharing it with other sessions.
+    chunking: Chunking,
     cache: KvCache,
     /// The tokens whose keys and values `cache` holds.
     in_cache: Vec<u32>,
@@ -728,7 +755,8 @@ struct Seq {
 
 impl Seq {
     fn prefill_chunk(&mut self, model: &Transformer) -> Result<(), EngineError> {
-        let n = self.pending.len().min(crate::model::PREFILL_CHUNK);
+        let pos = self.cache.len();
+        let n = self.pending.len().min(next_boundary(self.segment, pos) - pos);
         let logits = model.forward(&self.pending[..n], &mut self.cache)?;
         self.in_cache.extend(self.pending.drain(..n));
         if self.pending.is_empty() {
@@ -825,7 +853,7 @@ impl Seq {
         let keep = |pool: &mut KvPool, s: &mut Seq| {
             if let (Some(id), true) = (&s.session, s.keep_cache) {
                 let cache = std::mem::replace(&mut s.cache, KvCache::new(0));
-                pool.checkin(id, cache, std::mem::take(&mut s.in_cache));
+                pool.checkin(id, cache, std::mem::take(&mut s.in_cache), s.chunking);
             }
         };
         let finish = match result {

@@ -346,3 +346,25 @@ fn the_kv_budget_holds_requests_back_instead_of_overrunning() {
     }
     assert_eq!(e.stats().peak_batch, 1);
 }
+
+#[test]
+fn a_new_session_starts_from_another_sessions_system_prompt_with_the_same_reply() {
+    let sys = "You are Errand, a helpful assistant for everyday errands. Answer briefly and politely.";
+    let req = |q: &str, session: &str| Request {
+        session: Some(session.into()),
+        max_tokens: 24,
+        ..Request::chat(vec![Message::system(sys), Message::user(q)])
+    };
+    let e = Engine::start(&model(SMOL), EngineOptions::default()).unwrap();
+    let first = e.generate_blocking(req("Name a fruit.", "donor")).unwrap();
+    assert_eq!(first.usage.unwrap().cached_tokens, 0, "nothing to share yet");
+    let shared = e.generate_blocking(req("Name a colour.", "newcomer")).unwrap();
+    let u = shared.usage.unwrap();
+    // The system message (and the next message's start) came from the
+    // donor's cache, the question did not.
+    assert!(u.cached_tokens >= 16 && u.cached_tokens + 4 < u.prompt_tokens, "{}", show("usage", &u));
+    let fresh = Engine::start(&model(SMOL), EngineOptions::default()).unwrap();
+    let alone = fresh.generate_blocking(req("Name a colour.", "alone")).unwrap();
+    assert_eq!(alone.usage.unwrap().cached_tokens, 0);
+    assert_eq!(shared.text, alone.text, "a shared prefix must not change the reply");
+}
