@@ -84,6 +84,10 @@ pub struct BenchReport {
     pub decode_tok_s: f64,
     pub followup_prompt_tokens: usize,
     pub followup_ttft_reuse_ms: f64,
+    /// The same prompt as a new conversation: the system prompt and tools
+    /// come from another session's cache, the turns are computed.
+    pub followup_ttft_shared_ms: f64,
+    /// The same prompt computed whole.
     pub followup_ttft_full_ms: f64,
     pub peak_rss_mib: f64,
     pub llama_cpp: Option<Anchor>,
@@ -124,6 +128,11 @@ impl std::fmt::Display for BenchReport {
             self.followup_ttft_reuse_ms,
             self.followup_ttft_full_ms,
             self.followup_ttft_full_ms / self.followup_ttft_reuse_ms.max(1e-9)
+        )?;
+        writeln!(
+            f,
+            "new conversation, same prompt:      {:.0} ms with the system prompt and tools shared",
+            self.followup_ttft_shared_ms
         )?;
         if let Some(one) = self.concurrency.iter().find(|c| c.sessions == 1) {
             for c in &self.concurrency {
@@ -221,7 +230,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             ..Default::default()
         },
     )?;
-    let (followup_prompt_tokens, reuse_ms, full_ms) = followup_ttft(opts, &engine)?;
+    let (followup_prompt_tokens, reuse_ms, shared_ms, full_ms) = followup_ttft(opts, &engine)?;
     let mut concurrency = Vec::new();
     for &n in &opts.concurrency {
         concurrency.push(concurrent(&engine, n, opts.concurrent_tokens)?);
@@ -242,6 +251,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         decode_tok_s: median(tg),
         followup_prompt_tokens,
         followup_ttft_reuse_ms: reuse_ms,
+        followup_ttft_shared_ms: shared_ms,
         followup_ttft_full_ms: full_ms,
         peak_rss_mib: peak_rss_mib(),
         llama_cpp,
@@ -250,8 +260,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 /// A conversation with the real system prompt and every tool, then a
-/// follow-up turn: first token time with the session cache and without.
-fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f64), BenchError> {
+/// follow-up turn: first token time with the session cache, as a new
+/// conversation (the system prompt and tools shared from the pool), and
+/// computed whole.
+fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f64, f64), BenchError> {
     let tools = ToolSet::load_dir(&opts.tools_dir)
         .map(Arc::new)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -274,6 +286,7 @@ fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f6
     messages.push(Message::assistant(first.text.trim().to_owned()));
     messages.push(Message::user("Thanks. And what is 2 + 3?"));
     let mut reuse = Vec::new();
+    let mut shared = Vec::new();
     let mut full = Vec::new();
     let mut prompt_tokens = 0;
     for i in 0..opts.reps.max(1) {
@@ -288,12 +301,15 @@ fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f6
         let u = r.usage.expect("usage");
         prompt_tokens = u.prompt_tokens;
         reuse.push(u.ttft_ms);
-        let mut cold = req(&messages, None);
-        cold.max_tokens = 1;
-        let r = engine.generate_blocking(cold)?;
+        let mut fresh = req(&messages, None);
+        fresh.max_tokens = 1;
+        let r = engine.generate_blocking(fresh.clone())?;
+        shared.push(r.usage.expect("usage").ttft_ms);
+        fresh.share_prefix = false;
+        let r = engine.generate_blocking(fresh)?;
         full.push(r.usage.expect("usage").ttft_ms);
     }
-    Ok((prompt_tokens, median(reuse), median(full)))
+    Ok((prompt_tokens, median(reuse), median(shared), median(full)))
 }
 
 /// `n` sessions at once, each asked for a long answer (greedy, so every

@@ -111,6 +111,7 @@ pub fn turn<W: Write>(
         constrain_tools: opts.constrain,
         grammar_tools: None,
         require_call: false,
+        share_prefix: true,
     };
     let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {

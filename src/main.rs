@@ -174,7 +174,7 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Session counts for aggregate throughput (comma-separated; empty skips).
+        /// Session counts for aggregate throughput (comma-separated; 0 skips).
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         concurrency: Vec<usize>,
         /// Tokens each concurrent session generates (as many as tg128 by default).

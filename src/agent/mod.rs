@@ -528,6 +528,7 @@ impl Agent {
             constrain_tools: self.opts.constrain,
             grammar_tools: Some(Arc::new(self.grammar_tools(s))),
             require_call: false,
+            share_prefix: true,
         };
         let mut rx = self.engine.submit(req).map_err(|e| e.to_string())?;
         let (mut text, mut calls) = (String::new(), Vec::new());

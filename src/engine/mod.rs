@@ -118,6 +118,11 @@ pub struct Request {
     /// `tool_choice: "required"`, or a named function with `grammar_tools`
     /// holding only that function). Ignored without tools or constraints.
     pub require_call: bool,
+    /// A request without a cache of its own starts from another session's
+    /// cached prefix (the system prompt and tools) where that gives exactly
+    /// the bits it would compute itself. Off, it computes its whole prompt
+    /// (benchmarks measuring a cold prefill).
+    pub share_prefix: bool,
 }
 
 impl Request {
@@ -135,6 +140,7 @@ impl Request {
             constrain_tools: false,
             grammar_tools: None,
             require_call: false,
+            share_prefix: true,
         }
     }
 
@@ -593,7 +599,7 @@ impl Worker {
             .session
             .as_deref()
             .and_then(|s| self.pool.checkout(s))
-            .or_else(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN, segment))
+            .or_else(|| req.share_prefix.then(|| self.pool.shared_prefix(&tokens, SHARED_PREFIX_MIN, segment)).flatten())
             .unwrap_or_else(|| (self.model.new_cache(), Vec::new(), Chunking::default()));
         let mut reuse = common_prefix(&in_cache, &tokens).min(cache.len());
         if reuse == tokens.len() {

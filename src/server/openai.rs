@@ -295,6 +295,7 @@ impl Prepared {
             constrain_tools: self.tools.is_some(),
             grammar_tools: self.grammar_tools.clone(),
             require_call: self.require_call,
+            share_prefix: true,
         }
     }
 }
