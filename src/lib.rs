@@ -89,7 +89,9 @@
 //!   (`qkernel::attention`) that reads the KV cache in place.
 //! - [`engine`]: the actor that owns the model; continuous batching with a
 //!   KV memory budget, streaming, cancellation, KV reuse per session and
-//!   across sessions, constrained decoding.
+//!   across sessions (`engine::kv_pool`: prefill chunks end where the first
+//!   message ends, so a new session borrows the system prompt and tools
+//!   exactly), constrained decoding.
 //! - [`tools`]: mini-program manifests (`tools/*.json`), argument validation,
 //!   the tolerant tool-call parser and the llguidance grammar.
 //! - [`agent`]: the dialogue loop, routing to mini-programs, grounding, the
