@@ -244,3 +244,33 @@ fn the_softmax_exponential_is_accurate() {
         }
     }
 }
+
+/// The model's products for the k-quant types it leaves to candle (Q4_K
+/// and Q6_K `ffn_down`) give each activation row the same bits in a batch
+/// as alone, at decode batch sizes and prompt lengths, which batching
+/// relies on. candle itself multiplies a lone Q6_K row with another kernel
+/// (different bits); `Linear` sends it through the many-row one.
+#[test]
+fn candles_k_quant_rows_do_not_depend_on_the_batch() {
+    use super::{Linear, LoadOptions};
+    use std::sync::Arc;
+    let (n, k) = (96, 512);
+    for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let w = Tensor::from_vec(rnd(n * k, 3, 1.0), (n, k), &Device::Cpu).unwrap();
+        let lin = Linear::new(Arc::new(QTensor::quantize(&w, dt).unwrap()), LoadOptions::default()).unwrap();
+        assert!(matches!(lin, Linear::Candle(_)), "{dt:?} should stay on candle's kernels");
+        let x = rnd(64 * k, 5, 2.0);
+        let run = |rows: &[f32]| -> Vec<f32> {
+            let m = rows.len() / k;
+            let t = Tensor::from_vec(rows.to_vec(), (1, m, k), &Device::Cpu).unwrap();
+            lin.forward(&t).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let alone: Vec<Vec<f32>> = (0..64).map(|i| run(&x[i * k..(i + 1) * k])).collect();
+        for m in [2, 3, 4, 5, 8, 15, 16, 17, 27, 33, 48, 64] {
+            let together = run(&x[..m * k]);
+            for (i, a) in alone.iter().take(m).enumerate() {
+                assert_eq!(&together[i * n..(i + 1) * n], &a[..], "{dt:?}: row {i} of {m} differs from alone");
+            }
+        }
+    }
+}
