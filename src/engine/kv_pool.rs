@@ -138,7 +138,9 @@ impl KvPool {
             .entries
             .values()
             .filter_map(|e| {
-                let most = common_prefix(&e.tokens, tokens).min(e.cache.len()).min(e.chunking.exact);
+                // Never the whole prompt: its last token must run to give
+                // logits, and it has to run in its own canonical chunk.
+                let most = common_prefix(&e.tokens, tokens).min(e.cache.len()).min(e.chunking.exact).min(tokens.len().saturating_sub(1));
                 let n = boundaries(segment, most).into_iter().rev().find(|&b| shares_exactly(e.chunking, segment, b))?;
                 Some((n, e))
             })
@@ -248,6 +250,10 @@ mod tests {
         pool.checkin("a", canonical(&a, 30).0, a.clone(), Chunking { segment: Some(30), exact: 40 });
         assert!(pool.shared_prefix(&b, 31, Some(30)).is_none());
         assert!(pool.shared_prefix(&[9, 9, 9], 1, Some(1)).is_none());
+        // The whole of a donor's prompt again: the last token's chunk
+        // [30, 40) is computed, not just the last token.
+        let (_, toks, _) = pool.shared_prefix(&a, 8, Some(30)).unwrap();
+        assert_eq!(toks.len(), 30);
     }
 
     #[test]

@@ -223,11 +223,15 @@ impl Linear {
                 Tensor::from_vec(y, dims, x.device())
             }
             // candle multiplies one row of a Q6_K matrix with another kernel
-            // than two or more, which sum in another order; a lone row goes
-            // through the many-row kernel (as the first of two), so a
-            // sequence decodes to the same bits alone and in a batch
-            // (`candles_k_quant_rows_do_not_depend_on_the_batch`).
-            Linear::Candle(QMatMul::QTensor(t)) if x.elem_count() == x.dims().last().copied().unwrap_or(0) && x.device().is_cpu() => {
+            // than two or more, which sum in another order (Q2_K to Q5_K do
+            // not); a lone row goes through the many-row kernel (as the
+            // first of two), so a sequence decodes to the same bits alone
+            // and in a batch (`candles_k_quant_rows_do_not_depend_on_the_batch`).
+            Linear::Candle(QMatMul::QTensor(t))
+                if t.dtype() == GgmlDType::Q6K
+                    && x.elem_count() == x.dims().last().copied().unwrap_or(0)
+                    && x.device().is_cpu() =>
+            {
                 let dims = x.dims().to_vec();
                 let row = x.reshape((1, dims[dims.len() - 1]))?;
                 let two = Tensor::cat(&[&row, &row], 0)?;

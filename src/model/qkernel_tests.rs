@@ -246,16 +246,17 @@ fn the_softmax_exponential_is_accurate() {
 }
 
 /// The model's products for the k-quant types it leaves to candle (Q4_K
-/// and Q6_K `ffn_down`) give each activation row the same bits in a batch
-/// as alone, at decode batch sizes and prompt lengths, which batching
-/// relies on. candle itself multiplies a lone Q6_K row with another kernel
-/// (different bits); `Linear` sends it through the many-row one.
+/// and Q6_K `ffn_down` in the default model) give each activation row the
+/// same bits in a batch as alone, at decode batch sizes and prompt
+/// lengths, which batching relies on. candle itself multiplies a lone Q6_K
+/// row with another kernel (different bits; Q2_K to Q5_K agree);
+/// `Linear` sends it through the many-row one.
 #[test]
 fn candles_k_quant_rows_do_not_depend_on_the_batch() {
     use super::{Linear, LoadOptions};
     use std::sync::Arc;
     let (n, k) = (96, 512);
-    for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+    for dt in [GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
         let w = Tensor::from_vec(rnd(n * k, 3, 1.0), (n, k), &Device::Cpu).unwrap();
         let lin = Linear::new(Arc::new(QTensor::quantize(&w, dt).unwrap()), LoadOptions::default()).unwrap();
         assert!(matches!(lin, Linear::Candle(_)), "{dt:?} should stay on candle's kernels");
