@@ -224,16 +224,23 @@ mod avx2 {
     use super::{Kind, QActs, PREFETCH_BYTES, QK};
     use std::arch::x86_64::*;
 
+    /// A Q5_0 block's 32 low nibbles, weight `j` in byte `j` (the fifth
+    /// bits not yet added; each path adds them its own way).
+    #[inline(always)]
+    pub(super) unsafe fn nibbles(blk: *const u8) -> __m256i {
+        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+        let m4 = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(qs, m4);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
+        _mm256_set_m128i(hi, lo)
+    }
+
     /// The 32 signed values of one weight block in one register.
     #[inline(always)]
     unsafe fn unpack(kind: Kind, blk: *const u8) -> __m256i {
         match kind {
             Kind::Q5_0 => {
-                let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
-                let m4 = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
-                let nib = _mm256_set_m128i(hi, lo);
+                let nib = nibbles(blk);
                 // Byte i of `bits` is 0xFF when bit i of qh is set.
                 let qh = (blk.add(2) as *const u32).read_unaligned();
                 let spread = _mm256_shuffle_epi8(
@@ -451,7 +458,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::avx2::{group_scales, hsum, row_scales, scale, SCALES_FIRST_BELOW, SEG};
+    use super::avx2::{group_scales, hsum, nibbles, row_scales, scale, SCALES_FIRST_BELOW, SEG};
     use super::{Kind, QActs, PREFETCH_BYTES, QK};
     use std::arch::x86_64::*;
 
@@ -460,11 +467,7 @@ mod vnni {
     unsafe fn unpack_unsigned(kind: Kind, blk: *const u8) -> __m256i {
         match kind {
             Kind::Q5_0 => {
-                let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
-                let m4 = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, m4);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
-                let nib = _mm256_set_m128i(hi, lo);
+                let nib = nibbles(blk);
                 // Bit j of qh is the fifth bit of weight j, which sits in byte j.
                 let qh = (blk.add(2) as *const u32).read_unaligned();
                 _mm256_mask_add_epi8(nib, qh, nib, _mm256_set1_epi8(16))
@@ -668,11 +671,7 @@ mod pairs {
         if Q8 {
             return _mm256_loadu_si256(blk.add(2) as *const __m256i);
         }
-        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
-        let m4 = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(qs, m4);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), m4);
-        let nib = _mm256_set_m128i(hi, lo);
+        let nib = super::avx2::nibbles(blk);
         // Weight j is its nibble, less 16 unless bit j of qh is set.
         let qh = (blk.add(2) as *const u32).read_unaligned();
         _mm256_mask_sub_epi8(nib, !qh, nib, _mm256_set1_epi8(16))
