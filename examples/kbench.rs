@@ -1,9 +1,10 @@
-//! Times the quantized products on each path, and the dequantize + f32 GEMM
+//! Times the quantized products on each path (the file's layout and
+//! `packed`), and the dequantize + f32 GEMM
 //! path that long prefills take:
 //! `cargo run --release --example kbench -- N K M [REPS]` (run with
 //! `RAYON_NUM_THREADS` set to the threads to use).
 use candle_core::{Device, Tensor};
-use errand::model::qkernel::{dequantize, matmul, Kind, Path};
+use errand::model::qkernel::{dequantize, matmul, packed, Kind, Path};
 use std::time::Instant;
 
 fn main() {
@@ -28,6 +29,13 @@ fn main() {
             let (us, s) = time(&|| matmul(kind, &bytes, n, k, &x, path)[0]);
             let ns_block = us * 1e3 / (n * k / 32) as f64;
             println!("{kind:?} {:>6?} n={n} k={k} m={m}: {us:>8.0} us, {ns_block:.2} ns per weight block [{s:.3}]", path.resolve());
+        }
+        if let Some(p) = packed::Packed::new(kind, &bytes, n, k) {
+            for path in [Path::Avx2, Path::Auto] {
+                let (us, s) = time(&|| packed::matmul(&p, &x, path)[0]);
+                let ns_block = us * 1e3 / (n * k / 32) as f64;
+                println!("{kind:?} {:>6?} packed n={n} k={k} m={m}: {us:>8.0} us, {ns_block:.2} ns per weight block [{s:.3}]", path.resolve());
+            }
         }
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
         let (us, s) = time(&|| {

@@ -182,6 +182,9 @@ enum Linear {
         n: usize,
         k: usize,
     },
+    /// Q5_0/Q8_0 repacked 16 rows to a block (`qkernel::packed`): every
+    /// matrix whose rows are a multiple of 16; the file's bytes are dropped.
+    Packed(qkernel::packed::Packed),
     Candle(QMatMul),
 }
 
@@ -205,6 +208,9 @@ impl Linear {
             opts.native_kernels && dims.len() == 2 && dims[1] % qkernel::QK == 0 && w.device().is_cpu()
         });
         if let Some(kind) = native {
+            if let Some(p) = qkernel::packed::Packed::new(kind, &w.data()?, dims[0], dims[1]) {
+                return Ok(Linear::Packed(p));
+            }
             return Ok(Linear::Native { w, kind, n: dims[0], k: dims[1] });
         }
         Ok(Linear::Candle(QMatMul::from_arc(w)?))
@@ -219,6 +225,15 @@ impl Linear {
                 let mut dims = x.dims().to_vec();
                 if let Some(last) = dims.last_mut() {
                     *last = *n;
+                }
+                Tensor::from_vec(y, dims, x.device())
+            }
+            Linear::Packed(p) => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = qkernel::packed::matmul(p, &xs, qkernel::Path::Auto);
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = p.n();
                 }
                 Tensor::from_vec(y, dims, x.device())
             }

@@ -275,3 +275,68 @@ fn candles_k_quant_rows_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// The repacked layout on every path, against the file's-layout kernels and
+/// f32 products: VNNI, AVX2 and scalar give the same bits, each batch row
+/// equals that row alone, and the products stay as close to the exact ones
+/// as the 8-bit activations allow.
+#[test]
+fn packed_products_are_identical_on_every_path_and_batch() {
+    for (n, k) in [(16, 32), (48, 160), (128, 96)] {
+        for kind in [Kind::Q5_0, Kind::Q8_0] {
+            let (bytes, _) = quantized(kind, n, k, 17);
+            let p = packed::Packed::new(kind, &bytes, n, k).expect("packable");
+            assert_eq!(p.bytes(), n * k / QK * if kind == Kind::Q5_0 { 24 } else { 36 });
+            let wf = dequantize(kind, &bytes, n, k, Path::Scalar);
+            let x = rnd(70 * k, 90, 4.0);
+            let alone: Vec<Vec<f32>> = (0..70).map(|i| packed::matmul(&p, &x[i * k..(i + 1) * k], Path::Scalar)).collect();
+            for m in [1, 2, 3, 7, 8, 15, 16, 17, 33, 64, 70] {
+                let rows = &x[..m * k];
+                let scalar = packed::matmul(&p, rows, Path::Scalar);
+                for path in [Path::Auto, Path::Avx2] {
+                    assert_eq!(packed::matmul(&p, rows, path), scalar, "{kind:?} {n}x{k} m={m} {path:?}");
+                }
+                let file = matmul(kind, &bytes, n, k, rows, Path::Scalar);
+                for i in 0..m {
+                    assert_eq!(&scalar[i * n..(i + 1) * n], &alone[i][..], "{kind:?} {n}x{k}: row {i} of {m} differs from alone");
+                    for r in 0..n {
+                        let (s, f) = (scalar[i * n + r], file[i * n + r]);
+                        assert!((s - f).abs() <= 1e-4 * (1.0 + f.abs()), "{kind:?} ({i},{r}): packed {s}, file layout {f}");
+                        let exact: f32 = (0..k).map(|j| rows[i * k + j] * wf[r * k + j]).sum();
+                        let bound = 0.02 * (0..k).map(|j| (rows[i * k + j] * wf[r * k + j]).abs()).sum::<f32>() + 1e-4;
+                        assert!((s - exact).abs() <= bound, "{kind:?} ({i},{r}): {s} vs exact {exact}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Full-scale weights (Q8_0's -127..127 against full-scale activations,
+/// where a saturating 16-bit sum would show) and a row count the layout
+/// cannot hold.
+#[test]
+fn packed_products_are_exact_at_full_scale_and_refuse_odd_shapes() {
+    let (n, k) = (16, 64);
+    let w = Tensor::from_vec((0..n * k).map(|j| if j % 3 == 0 { -1.0f32 } else { 1.0 }).collect::<Vec<_>>(), (n, k), &Device::Cpu)
+        .unwrap();
+    let x: Vec<f32> = (0..2 * k).map(|j| if j % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    for (kind, dt) in [(Kind::Q8_0, GgmlDType::Q8_0), (Kind::Q5_0, GgmlDType::Q5_0)] {
+        let bytes = QTensor::quantize(&w, dt).unwrap().data().unwrap().into_owned();
+        let wf = dequantize(kind, &bytes, n, k, Path::Scalar);
+        let p = packed::Packed::new(kind, &bytes, n, k).expect("packable");
+        for path in [Path::Auto, Path::Avx2, Path::Scalar] {
+            let got = packed::matmul(&p, &x, path);
+            for i in 0..2 {
+                for r in 0..n {
+                    let e: f32 = (0..k).map(|j| wf[r * k + j] * x[i * k + j]).sum();
+                    let g = got[i * n + r];
+                    assert!((g - e).abs() <= 1e-3 * (1.0 + e.abs()), "{kind:?} {path:?}: {g} vs {e}");
+                }
+            }
+        }
+        let (odd, _) = quantized(kind, 17, k, 3);
+        assert!(packed::Packed::new(kind, &odd, 17, k).is_none(), "17 rows do not fill groups of 16");
+        assert!(packed::Packed::new(kind, &bytes[1..], n, k).is_none(), "short bytes");
+    }
+}

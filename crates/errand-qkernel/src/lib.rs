@@ -34,6 +34,7 @@
 use candle_core::quantized::GgmlDType;
 
 pub mod attention;
+pub mod packed;
 
 /// How far ahead of the one-row kernels' reads the weights are prefetched.
 /// Decode streams every weight once; on its own the hardware prefetcher
