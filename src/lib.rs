@@ -15,8 +15,8 @@
 //!                          gguf ── GgufFile (header, metadata, lazily read tensors)
 //!                         ╱   │   ╲
 //!                tokenizer  template  model ── Transformer (qwen2, llama) + KvCache
-//!                   └──► prompt ◄── prompts/        │  qkernel: VNNI/AVX2 Q5_0/Q8_0 products on the
-//!                                 │                 │  file's blocks, fused attention;
+//!                   └──► prompt ◄── prompts/        │  qkernel: VNNI/AVX2 Q5_0/Q8_0 products on
+//!                                 │                 │  blocks repacked 16 rows wide, fused attention;
 //!                                 │                 │  forward_batch for decode
 //!                                 │                 ▼
 //!                                 ▼        engine (one OS thread, bounded queue, rounds:
@@ -82,10 +82,12 @@
 //! - [`model`]: the transformer forward pass with an external KV cache, one
 //!   sequence or a batched decode step over many; `model::qkernel` holds
 //!   Errand's own quantized CPU kernels (AVX-512 VNNI where the CPU has it,
-//!   else AVX2, bit-identical; weights prefetched ahead, four weight rows
-//!   per activation row in decode, two weight rows per 512-bit register
-//!   against 8-16 activation rows for batches and prefill, 4x4 tiles for
-//!   fewer; 8-bit products at every row count) and the fused causal attention
+//!   else AVX2, else scalar, bit-identical; `qkernel::packed`: Q5_0/Q8_0
+//!   matrices repacked at load so one register holds 4 weights of 16 rows,
+//!   each lane sums one row's whole block and the accumulators are 16
+//!   output columns, for 1 to 16 activation rows a tile; the file-layout
+//!   kernels serve matrices whose rows do not fill groups of 16; 8-bit
+//!   products at every row count) and the fused causal attention
 //!   (`qkernel::attention`) that reads the KV cache in place.
 //! - [`engine`]: the actor that owns the model; continuous batching with a
 //!   KV memory budget, streaming, cancellation, KV reuse per session and

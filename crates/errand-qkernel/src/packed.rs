@@ -15,8 +15,8 @@
 //! scalar code adds in, so a product differs from theirs only where they
 //! round the scale product differently.
 //!
-//! Layout of one block of one group of 16 rows (a multiple of 64 bytes):
-//! - 16 `f32` scales, row by row (64 bytes);
+//! Layout of one block of one group of 16 rows:
+//! - 16 `f16` scales as the file has them, row by row (32 bytes);
 //! - Q8_0: 8 registers' worth (512 bytes); register `j` holds, for row `r`
 //!   at bytes `4r..4r + 4`, weights `4j..4j + 4` of the block plus 128
 //!   (unsigned);
@@ -27,10 +27,13 @@
 //!   fifth bit of weight `4j + e` of row `r`. Values are 0..31, the weight
 //!   plus 16.
 //!
-//! 24 bytes per 32 Q5_0 weights instead of the file's 22, 36 instead of 34
-//! for Q8_0; the file's bytes are dropped once packed.
+//! The same bytes as the file's blocks (22 per 32 Q5_0 weights, 34 for
+//! Q8_0): decode streams every weight once per token, so a bigger layout
+//! would cost one-row speed (with `f32` scales, 24 and 36 bytes, decode ran
+//! 0.89x llama.cpp's on an AVX2 machine). The file's bytes are dropped once
+//! packed.
 
-use super::{f16_at, quantize_acts, Kind, Path, PREFETCH_BYTES, QK};
+use super::{quantize_acts, Kind, Path, PREFETCH_BYTES, QK};
 
 /// Weight rows interleaved in one group.
 pub const ROWS: usize = 16;
@@ -57,10 +60,16 @@ pub struct Packed {
 /// Bytes of one block of one group.
 fn block_bytes(kind: Kind) -> usize {
     match kind {
-        Kind::Q5_0 => 384,
-        Kind::Q8_0 => 576,
+        Kind::Q5_0 => 352,
+        Kind::Q8_0 => 544,
     }
 }
+
+/// Where a packed block's weights start (after 16 f16 scales).
+const W: usize = 32;
+
+/// Where a packed Q5_0 block's masks start.
+const MASKS: usize = W + 256;
 
 impl Packed {
     /// Repacks `n` rows of `k` weights stored as the file has them; `None`
@@ -73,7 +82,7 @@ impl Packed {
         let nb = k / QK;
         let fb = kind.block_bytes();
         let bb = block_bytes(kind);
-        let mut lines = vec![Line([0; 64]); n / ROWS * nb * bb / 64];
+        let mut lines = vec![Line([0; 64]); (n / ROWS * nb * bb).div_ceil(64)];
         // SAFETY: `Line` is 64 plain bytes; the vector is viewed as bytes.
         let out = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) };
         for g in 0..n / ROWS {
@@ -81,23 +90,23 @@ impl Packed {
                 let o = &mut out[(g * nb + b) * bb..][..bb];
                 for r in 0..ROWS {
                     let src = &w[((g * ROWS + r) * nb + b) * fb..][..fb];
-                    o[4 * r..4 * r + 4].copy_from_slice(&f16_at(src).to_le_bytes());
+                    o[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
                     match kind {
                         Kind::Q8_0 => {
                             for j in 0..8 {
                                 for e in 0..4 {
-                                    o[64 + 64 * j + 4 * r + e] = src[2 + 4 * j + e] ^ 0x80;
+                                    o[W + 64 * j + 4 * r + e] = src[2 + 4 * j + e] ^ 0x80;
                                 }
                             }
                         }
                         Kind::Q5_0 => {
                             let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
                             for i in 0..4 {
-                                o[64 + 64 * i + 4 * r..][..4].copy_from_slice(&src[6 + 4 * i..][..4]);
+                                o[W + 64 * i + 4 * r..][..4].copy_from_slice(&src[6 + 4 * i..][..4]);
                             }
                             for j in 0..8 {
                                 let bits = ((qh >> (4 * j)) & 0xF) as u64;
-                                let at = 320 + 8 * j;
+                                let at = MASKS + 8 * j;
                                 let mask = u64::from_le_bytes(o[at..at + 8].try_into().expect("8 bytes")) | bits << (4 * r);
                                 o[at..at + 8].copy_from_slice(&mask.to_le_bytes());
                             }
@@ -125,7 +134,7 @@ impl Packed {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.lines.len() * 64
+        self.n / ROWS * (self.k / QK) * block_bytes(self.kind)
     }
 
     fn group(&self, g: usize) -> *const u8 {
@@ -257,11 +266,11 @@ unsafe fn tile(kind: Kind, w: *const u8, nb: usize, a: &Acts, t0: usize, t: usiz
 /// `blk` must point at a whole packed block of `kind`.
 unsafe fn unsigned_at(kind: Kind, blk: *const u8, r: usize, j: usize, e: usize) -> i32 {
     match kind {
-        Kind::Q8_0 => *blk.add(64 + 64 * j + 4 * r + e) as i32,
+        Kind::Q8_0 => *blk.add(W + 64 * j + 4 * r + e) as i32,
         Kind::Q5_0 => {
-            let byte = *blk.add(64 + 64 * (j % 4) + 4 * r + e);
+            let byte = *blk.add(W + 64 * (j % 4) + 4 * r + e);
             let nib = if j < 4 { byte & 0x0F } else { byte >> 4 };
-            let mask = (blk.add(320 + 8 * j) as *const u64).read_unaligned();
+            let mask = (blk.add(MASKS + 8 * j) as *const u64).read_unaligned();
             (nib as i32) | ((((mask >> (4 * r + e)) & 1) as i32) << 4)
         }
     }
@@ -288,7 +297,7 @@ unsafe fn tile_scalar(kind: Kind, w: *const u8, nb: usize, a: &Acts, t0: usize, 
                         s += (unsigned_at(kind, blk, r, j, e) - off) * q[4 * j + e] as i32;
                     }
                 }
-                let dw = (blk as *const f32).add(r).read_unaligned();
+                let dw = half::f16::from_bits((blk as *const u16).add(r).read_unaligned()).to_f32();
                 acc = (s as f32).mul_add(dw * a.d[idx], acc);
             }
             *out.add(ti * n + r) = acc;
@@ -298,7 +307,7 @@ unsafe fn tile_scalar(kind: Kind, w: *const u8, nb: usize, a: &Acts, t0: usize, 
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{block_bytes, Acts, Kind, PREFETCH_BYTES, QK};
+    use super::{block_bytes, Acts, Kind, MASKS, PREFETCH_BYTES, QK, W};
     use std::arch::x86_64::*;
 
     /// The 8 registers of a block's weights as unsigned bytes.
@@ -307,14 +316,14 @@ mod vnni {
         let mut wv = [_mm512_setzero_si512(); 8];
         if Q8 {
             for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(blk.add(64 + 64 * j) as *const _);
+                *v = _mm512_loadu_si512(blk.add(W + 64 * j) as *const _);
             }
         } else {
             let low = _mm512_set1_epi8(0x0F);
             let sixteen = _mm512_set1_epi8(16);
-            let masks = blk.add(320) as *const u64;
+            let masks = blk.add(MASKS) as *const u64;
             for i in 0..4 {
-                let l = _mm512_loadu_si512(blk.add(64 + 64 * i) as *const _);
+                let l = _mm512_loadu_si512(blk.add(W + 64 * i) as *const _);
                 let lo = _mm512_and_si512(l, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(l), low);
                 wv[i] = _mm512_mask_add_epi8(lo, masks.add(i).read_unaligned(), lo, sixteen);
@@ -335,11 +344,11 @@ mod vnni {
             if T <= 4 {
                 // Few rows: the weights stream from memory; fetch ahead.
                 let ahead = blk.wrapping_add(PREFETCH_BYTES);
-                for l in 0..bb / 64 {
+                for l in 0..bb.div_ceil(64) {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l) as *const i8);
                 }
             }
-            let sw = _mm512_loadu_ps(blk as *const f32);
+            let sw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             let wv = weights::<Q8>(blk);
             for (ti, acc) in acc.iter_mut().enumerate() {
                 let idx = b * a.m + t0 + ti;
@@ -372,7 +381,7 @@ mod vnni {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{block_bytes, Acts, Kind, QK};
+    use super::{block_bytes, Acts, Kind, MASKS, QK, W};
     use std::arch::x86_64::*;
 
     /// Eight rows' worth (`half` 0 or 1 of 16) of register `j`'s weights
@@ -380,14 +389,14 @@ mod avx2 {
     #[inline(always)]
     unsafe fn weights<const Q8: bool>(blk: *const u8, half: usize, j: usize) -> __m256i {
         if Q8 {
-            let u = _mm256_loadu_si256(blk.add(64 + 64 * j + 32 * half) as *const __m256i);
+            let u = _mm256_loadu_si256(blk.add(W + 64 * j + 32 * half) as *const __m256i);
             _mm256_xor_si256(u, _mm256_set1_epi8(0x80_u8 as i8))
         } else {
             let low = _mm256_set1_epi8(0x0F);
-            let l = _mm256_loadu_si256(blk.add(64 + 64 * (j % 4) + 32 * half) as *const __m256i);
+            let l = _mm256_loadu_si256(blk.add(W + 64 * (j % 4) + 32 * half) as *const __m256i);
             let nib = if j < 4 { _mm256_and_si256(l, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(l), low) };
             // The 32 mask bits of these rows, spread one to a byte.
-            let bits = (blk.add(320 + 8 * j + 4 * half) as *const u32).read_unaligned();
+            let bits = (blk.add(MASKS + 8 * j + 4 * half) as *const u32).read_unaligned();
             let spread = _mm256_shuffle_epi8(
                 _mm256_set1_epi32(bits as i32),
                 _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
@@ -408,7 +417,7 @@ mod avx2 {
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..nb {
                 let blk = w.add(b * bb);
-                let sw = _mm256_loadu_ps((blk as *const f32).add(8 * half));
+                let sw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * half) as *const __m128i));
                 let mut wv = [_mm256_setzero_si256(); 8];
                 for (j, v) in wv.iter_mut().enumerate() {
                     *v = weights::<Q8>(blk, half, j);
