@@ -32,7 +32,7 @@ struct ModelArgs {
     /// Catalog name, path to a .gguf, or hf:OWNER/REPO/FILE.gguf.
     #[arg(long, short)]
     model: Option<String>,
-    /// Keep Q5_0/Q5_1/Q4_1 weights as they are instead of re-quantizing them to Q8_0.
+    /// Keep Q5_1/Q4_1 (and Q4_K/Q6_K) weights as they are instead of re-quantizing them to Q8_0.
     #[arg(long)]
     no_requant: bool,
     /// Multiply Q5_0/Q8_0 weights with candle's kernels instead of Errand's own (for comparisons).

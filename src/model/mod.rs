@@ -144,14 +144,22 @@ impl ModelConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// Multiply Q5_0 and Q8_0 matrices with Errand's own kernels
-    /// ([`qkernel`]), reading the file's blocks as they are, and run
+    /// ([`qkernel`]), on the file's blocks repacked 16 rows at a time at
+    /// load ([`qkernel::packed`]; the file's layout where rows do not fill
+    /// groups of 16), and run
     /// attention fused on the CPU ([`qkernel::attention`]). Off, every
     /// product goes through candle's own kernels and tensor ops (the
     /// reference path).
     pub native_kernels: bool,
     /// Re-quantize Q5_1/Q4_1 matrices (and Q5_0 when the native kernels are
     /// off) to Q8_0, which has fast SIMD kernels (Errand's and candle's);
-    /// costs memory, keeps more precision than the source.
+    /// costs memory, keeps more precision than the source. With the native
+    /// kernels, Q4_K and Q6_K (Qwen's `ffn_down`) too: candle multiplies
+    /// them half as fast per weight as the packed kernels do Q8_0 (a
+    /// 16-sequence decode step 108-113 -> 84-86 ms, one sequence 21.2-21.9
+    /// -> 20.5-20.7 ms, for 39 MB more), and a lone Q6_K row no longer
+    /// needs candle's two-row detour. The drift is measured in
+    /// `tests/integration/reference_model.rs` and the README.
     pub requantize_to_q8_0: bool,
 }
 
@@ -168,7 +176,7 @@ impl Default for LoadOptions {
 ///
 /// Every row count goes through quantized products, the activations
 /// quantized to 8 bits per block: Errand's own kernels for Q5_0 and Q8_0
-/// (batches in register tiles), candle's for the rest (Q4_K and Q6_K
+/// (repacked 16 rows to a block, `Packed`), candle's for the rest (Q4_K and Q6_K
 /// `ffn_down`). Prefill used to dequantize each matrix to f32 for a blocked
 /// GEMM from 96 rows (32 for candle's); with the 512-bit pair tiles the
 /// 8-bit products are faster at every size (kbench, 4864x896, 2 threads,
@@ -192,7 +200,8 @@ impl Linear {
     fn new(w: Arc<QTensor>, opts: LoadOptions) -> Result<Self, ModelError> {
         let dims = w.shape().dims().to_vec();
         let w = if opts.requantize_to_q8_0
-            && matches!(w.dtype(), GgmlDType::Q5_1 | GgmlDType::Q4_1)
+            && (matches!(w.dtype(), GgmlDType::Q5_1 | GgmlDType::Q4_1)
+                || (opts.native_kernels && matches!(w.dtype(), GgmlDType::Q4K | GgmlDType::Q6K)))
             || (opts.requantize_to_q8_0 && !opts.native_kernels && w.dtype() == GgmlDType::Q5_0)
         {
             if dims.last().is_some_and(|k| k % 32 == 0) {
