@@ -176,8 +176,8 @@ impl Default for LoadOptions {
 ///
 /// Every row count goes through quantized products, the activations
 /// quantized to 8 bits per block: Errand's own kernels for Q5_0 and Q8_0
-/// (repacked 16 rows to a block, `Packed`), candle's for the rest (Q4_K and Q6_K
-/// `ffn_down`). Prefill used to dequantize each matrix to f32 for a blocked
+/// (repacked 16 rows to a block, `Packed`; Q4_K and Q6_K `ffn_down` are
+/// re-quantized to Q8_0 for them by default), candle's for the rest. Prefill used to dequantize each matrix to f32 for a blocked
 /// GEMM from 96 rows (32 for candle's); with the 512-bit pair tiles the
 /// 8-bit products are faster at every size (kbench, 4864x896, 2 threads,
 /// 512 rows: 27 ms against 39 dequantized; `errand bench` pp512 161 -> 206
@@ -230,21 +230,11 @@ impl Linear {
             Linear::Native { w, kind, n, k } => {
                 let bytes = w.data()?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = qkernel::matmul(*kind, &bytes, *n, *k, &xs, qkernel::Path::Auto);
-                let mut dims = x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = *n;
-                }
-                Tensor::from_vec(y, dims, x.device())
+                rows_like(x, *n, qkernel::matmul(*kind, &bytes, *n, *k, &xs, qkernel::Path::Auto))
             }
             Linear::Packed(p) => {
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = qkernel::packed::matmul(p, &xs, qkernel::Path::Auto);
-                let mut dims = x.dims().to_vec();
-                if let Some(last) = dims.last_mut() {
-                    *last = p.n();
-                }
-                Tensor::from_vec(y, dims, x.device())
+                rows_like(x, p.n(), qkernel::packed::matmul(p, &xs, qkernel::Path::Auto))
             }
             // candle multiplies one row of a Q6_K matrix with another kernel
             // than two or more, which sum in another order (Q2_K to Q5_K do
@@ -269,6 +259,15 @@ impl Linear {
             Linear::Candle(q) => q.forward(x),
         }
     }
+}
+
+/// `y`, rows of `n`, shaped like `x` with its last dimension `n`.
+fn rows_like(x: &Tensor, n: usize, y: Vec<f32>) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, x.device())
 }
 
 struct Layer {

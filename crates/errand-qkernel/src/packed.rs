@@ -270,7 +270,7 @@ unsafe fn unsigned_at(kind: Kind, blk: *const u8, r: usize, j: usize, e: usize) 
         Kind::Q5_0 => {
             let byte = *blk.add(W + 64 * (j % 4) + 4 * r + e);
             let nib = if j < 4 { byte & 0x0F } else { byte >> 4 };
-            let mask = (blk.add(MASKS + 8 * j) as *const u64).read_unaligned();
+            let mask = u64::from_le((blk.add(MASKS + 8 * j) as *const u64).read_unaligned());
             (nib as i32) | ((((mask >> (4 * r + e)) & 1) as i32) << 4)
         }
     }
@@ -297,7 +297,7 @@ unsafe fn tile_scalar(kind: Kind, w: *const u8, nb: usize, a: &Acts, t0: usize, 
                         s += (unsigned_at(kind, blk, r, j, e) - off) * q[4 * j + e] as i32;
                     }
                 }
-                let dw = half::f16::from_bits((blk as *const u16).add(r).read_unaligned()).to_f32();
+                let dw = half::f16::from_bits(u16::from_le((blk as *const u16).add(r).read_unaligned())).to_f32();
                 acc = (s as f32).mul_add(dw * a.d[idx], acc);
             }
             *out.add(ti * n + r) = acc;
