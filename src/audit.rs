@@ -11,6 +11,8 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::world::Clock;
+
 #[derive(Debug, thiserror::Error)]
 #[error("audit log {path}: {source}")]
 pub struct AuditError {
@@ -33,10 +35,12 @@ pub struct Entry {
 #[derive(Clone)]
 pub struct Audit {
     conn: Arc<Mutex<Connection>>,
+    /// Rows are stamped by the world's clock.
+    clock: Clock,
 }
 
 impl Audit {
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    pub fn open(path: &Path, clock: Clock) -> Result<Self, AuditError> {
         let err = |source| AuditError {
             path: path.display().to_string(),
             source,
@@ -44,14 +48,14 @@ impl Audit {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        Self::setup(Connection::open(path).map_err(err)?).map_err(err)
+        Self::setup(Connection::open(path).map_err(err)?, clock).map_err(err)
     }
 
-    pub fn in_memory() -> Self {
-        Self::setup(Connection::open_in_memory().expect("in-memory SQLite opens")).expect("schema applies")
+    pub fn in_memory(clock: Clock) -> Self {
+        Self::setup(Connection::open_in_memory().expect("in-memory SQLite opens"), clock).expect("schema applies")
     }
 
-    fn setup(conn: Connection) -> rusqlite::Result<Self> {
+    fn setup(conn: Connection, clock: Clock) -> rusqlite::Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS audit (
@@ -66,6 +70,7 @@ impl Audit {
         )?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            clock,
         })
     }
 
@@ -80,10 +85,7 @@ impl Audit {
         detail: &Value,
         outcome: &str,
     ) -> rusqlite::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = self.clock.now_ms();
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         conn.execute(
             "INSERT INTO audit (ts_ms, session, actor, kind, tool, detail, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -124,7 +126,7 @@ mod tests {
     #[test]
     fn rows_append_and_filter_by_session() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Audit::open(&dir.path().join("audit.db")).unwrap();
+        let a = Audit::open(&dir.path().join("audit.db"), crate::world::Clock::pinned(0)).unwrap();
         a.record("s1", "model", "tool_call", Some("food_search_restaurants"), &json!({"near": "People's Square"}), "ok").unwrap();
         a.record("s2", "user", "decline", Some("food_order"), &json!({}), "declined").unwrap();
         a.record("s1", "user", "confirm", Some("food_order"), &json!({"amount": 3800}), "confirmed").unwrap();
@@ -134,7 +136,7 @@ mod tests {
         assert_eq!(a.entries(None).unwrap().len(), 3);
         // Survives reopening.
         drop(a);
-        let a = Audit::open(&dir.path().join("audit.db")).unwrap();
+        let a = Audit::open(&dir.path().join("audit.db"), crate::world::Clock::pinned(0)).unwrap();
         assert_eq!(a.entries(None).unwrap().len(), 3);
     }
 }

@@ -259,6 +259,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     })
 }
 
+/// The system prompt's date in the follow-up measurement: 2026-12-08.
+const BENCH_DATE_S: i64 = 1_796_688_000;
+
 /// A conversation with the real system prompt and every tool, then a
 /// follow-up turn: first token time with the session cache, as a new
 /// conversation (the system prompt and tools shared from the pool), and
@@ -267,7 +270,8 @@ fn followup_ttft(opts: &BenchOptions, engine: &Engine) -> Result<(usize, f64, f6
     let tools = ToolSet::load_dir(&opts.tools_dir)
         .map(Arc::new)
         .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let system = engine.info.prompt.prompts.system(crate::prompt::Lang::En, crate::prompt::now_unix());
+    // A fixed date: the prompt (and so every figure) is the same on any day.
+    let system = engine.info.prompt.prompts.system(crate::prompt::Lang::En, BENCH_DATE_S);
     let mut messages = vec![
         Message::system(system),
         Message::user("What can you help me with today? Answer in one sentence."),

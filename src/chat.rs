@@ -14,7 +14,8 @@
 
 use crate::engine::{Engine, EngineError, Event, Prompt, Request, Usage};
 use crate::engine::sampler::SamplingParams;
-use crate::prompt::{now_unix, Lang};
+use crate::prompt::Lang;
+use crate::world::Clock;
 use crate::template::{Message, TemplateFunction, TemplateToolCall};
 use crate::tools::ToolSet;
 use std::io::{BufRead, Write};
@@ -31,6 +32,8 @@ pub struct ChatOptions {
     pub session: String,
     /// Print token counts and speed after each reply.
     pub stats: bool,
+    /// "Today" in the system prompt (`--now` pins it).
+    pub clock: Clock,
 }
 
 impl Default for ChatOptions {
@@ -42,6 +45,7 @@ impl Default for ChatOptions {
             sampling: SamplingParams::greedy(),
             max_tokens: 512,
             session: "cli".into(),
+            clock: Clock::wall(),
             stats: false,
         }
     }
@@ -77,7 +81,7 @@ pub fn turn<W: Write>(
     let lang = *conv.lang.get_or_insert_with(|| opts.lang.unwrap_or_else(|| Lang::detect(user)));
     if conv.messages.is_empty() {
         conv.messages
-            .push(Message::system(engine.info.prompt.prompts.system(lang, now_unix())));
+            .push(Message::system(engine.info.prompt.prompts.system(lang, opts.clock.now_s())));
     }
     // Work on a copy: the conversation changes only when the turn succeeds.
     let mut messages = conv.messages.clone();

@@ -62,7 +62,7 @@
 //!
 //!  eval (errand eval): evals/dialogues/*.yaml ── dialogue (checked, matchers compiled)
 //!    run: per run a fresh world ── server::Server + seeded sandbox on the shared engine
-//!    │    (clocks pinned), or --server; wallets, memories, past orders seeded
+//!    │    (one world::Clock, pinned), or --server; wallets, memories, past orders seeded
 //!    ├─ client: each turn over /v1/ws as a chat client ── TurnRecord (calls, words,
 //!    │          confirmations, payments, TTFT, tokens); sim: the model plays the user
 //!    ├─ state: GET /v1/orders (joined with /catalog), /pay wallet ledger, memories
@@ -111,6 +111,10 @@
 //! - [`bench`]: `errand bench`, speed against llama.cpp's `llama-bench`,
 //!   aggregate throughput at 1/4/16 sessions, callgrind instruction counts.
 //! - [`toolcheck`]: `errand toolcheck`, tool-call validity with and without constraints.
+//! - [`world`]: what the assistant and the mini-programs share: the
+//!   [`Clock`](world::Clock) every part of one world reads (the wall clock,
+//!   or pinned by `--now`/`ERRAND_NOW`, tests and evaluations; the only
+//!   read of the machine's date, which tests deny) and calendar arithmetic.
 //!
 //! The library never prints; `src/main.rs` parses arguments and calls in.
 
@@ -132,6 +136,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod toolcheck;
 pub mod tools;
+pub mod world;
 
 /// The source tree this build came from, for files tests and developer
 /// commands read (`tools/`, `prompts/`, `scripts/`). Cargo sets

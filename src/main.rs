@@ -13,6 +13,7 @@ use errand::agent::{Agent, AgentOptions};
 use errand::audit::Audit;
 use errand::sandbox::{SandboxConfig, Service};
 use errand::tools::ToolSet;
+use errand::world::Clock;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,11 @@ struct Cli {
     /// Worker threads for inference (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Pin the world's clock (the assistant's "today", the mini-programs'
+    /// opening hours and dates) to start at this instant, e.g.
+    /// 2026-12-08T12:00+08:00; the machine's clock when unset.
+    #[arg(long, global = true, env = "ERRAND_NOW", value_name = "INSTANT")]
+    now: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -328,13 +334,14 @@ fn run() -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // candle and gemm size their pools from this before first use.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let clock = Clock::from_option(cli.now.as_deref()).context("--now (or ERRAND_NOW)")?;
     match cli.cmd {
         Cmd::Serve { model, addr, config, tools, sandbox_url, data, max_tokens, qdrant_url, no_memory } => {
             let memory = (!no_memory).then_some(qdrant_url);
-            serve(model, addr, config, tools, sandbox_url, data, max_tokens, memory)?
+            serve(model, addr, config, tools, sandbox_url, data, max_tokens, memory, clock)?
         }
         Cmd::Sandbox { port, data, only, pay_url, seed, latency_ms, error_rate, secret, crash_after_pay, notify_backoff_ms } => {
-            let mut cfg = SandboxConfig::new(data.unwrap_or_else(sandbox_dir));
+            let mut cfg = SandboxConfig::new(data.unwrap_or_else(sandbox_dir), clock);
             cfg.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             cfg.seed = seed;
             if !only.is_empty() {
@@ -394,6 +401,7 @@ fn run() -> Result<()> {
                 sampling,
                 max_tokens,
                 stats,
+                clock: clock.clone(),
                 ..Default::default()
             };
             let mut out = std::io::stdout();
@@ -402,13 +410,13 @@ fn run() -> Result<()> {
                 let (base, _sandbox) = match sandbox_url {
                     Some(u) => (u.trim_end_matches('/').to_owned(), None),
                     None => {
-                        let sb = rt.block_on(errand::sandbox::start(SandboxConfig::new(sandbox_data.unwrap_or_else(sandbox_dir))))?;
+                        let sb = rt.block_on(errand::sandbox::start(SandboxConfig::new(sandbox_data.unwrap_or_else(sandbox_dir), clock.clone())))?;
                         eprintln!("sandbox mini-programs at {}", sb.base_url);
                         (sb.base_url.clone(), Some(sb))
                     }
                 };
                 let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
-                let audit = Audit::open(&errand_home().join("audit.db"))?;
+                let audit = Audit::open(&errand_home().join("audit.db"), clock.clone())?;
                 let agent = Agent::new(
                     Arc::new(engine),
                     tools,
@@ -422,6 +430,7 @@ fn run() -> Result<()> {
                         wallet,
                         pay_method,
                         lang: opts.lang,
+                        clock: clock.clone(),
                         ..Default::default()
                     },
                 );
@@ -536,7 +545,7 @@ fn run() -> Result<()> {
             let resolved = resolve(&model)?;
             let engine = Engine::start(&resolved, engine_options(&model)?)?;
             eprintln!("{} prompts, each with and without constraints …", cases.len());
-            println!("{}", errand::toolcheck::run(&engine, tools, &cases)?);
+            println!("{}", errand::toolcheck::run(&engine, tools, &cases, &clock)?);
         }
         Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, log, min_pass, check } => {
             let min_pass = min_pass.as_deref().map(parse_fraction).transpose()?;
@@ -551,7 +560,7 @@ fn run() -> Result<()> {
                 return Ok(());
             }
             let outputs = EvalOutputs { json, html, log, min_pass };
-            let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, outputs)?;
+            let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, outputs, clock)?;
             if code != 0 {
                 std::process::exit(code);
             }
@@ -594,6 +603,7 @@ fn serve(
     max_tokens: usize,
     // None: no memory; Some(None): embedded qdrant-edge; Some(Some(url)): a Qdrant server.
     memory: Option<Option<String>>,
+    clock: Clock,
 ) -> Result<()> {
     use errand::server::config::ServerConfig;
     use errand::server::{SandboxChoice, ServeOptions, Server};
@@ -620,7 +630,7 @@ fn serve(
     };
     let sandbox = match sandbox_url {
         Some(u) => SandboxChoice::Remote(u),
-        None => SandboxChoice::InProcess(SandboxConfig::new(sandbox_dir())),
+        None => SandboxChoice::InProcess(SandboxConfig::new(sandbox_dir(), clock.clone())),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -636,6 +646,7 @@ fn serve(
             sandbox,
             order_poll: std::time::Duration::from_secs(2),
             memory,
+            clock,
         };
         let server = Server::start(Arc::new(engine), listener, opts).await?;
         if let Some(sb) = server.sandbox_url() {
@@ -693,6 +704,8 @@ fn eval(
     max_tokens: usize,
     tools: PathBuf,
     out: EvalOutputs,
+    // Dialogues without `now` run on forks of it; it stamps the report.
+    clock: Clock,
 ) -> Result<i32> {
     use errand::eval::run::{read_log, run_suite, EvalOptions, Target};
     let EvalOutputs { json, html, log, min_pass } = out;
@@ -734,7 +747,7 @@ fn eval(
             } else {
                 None
             };
-            Target::InProcess { engine: engine.expect("loaded above"), tools: ToolSet::load_dir(&tools)?, embedder, max_tokens }
+            Target::InProcess { engine: engine.expect("loaded above"), tools: ToolSet::load_dir(&tools)?, embedder, max_tokens, clock: clock.clone() }
         }
     };
     let total = dialogues.len() * trials;
@@ -768,6 +781,7 @@ fn eval(
         turn_timeout: std::time::Duration::from_secs(turn_timeout),
         paths: paths.iter().map(|p| p.display().to_string()).collect(),
         model: model_name,
+        clock,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(run_suite(Arc::new(target), dialogues, opts, earlier, progress));

@@ -10,7 +10,8 @@
 //!   injection such as `<|im_start|>system`), that message's content is
 //!   tokenized with control tokens off, so it stays plain text.
 
-use crate::template::{civil_from_days, ChatTemplate, Message, TemplateError};
+use crate::template::{ChatTemplate, Message, TemplateError};
+use crate::world::calendar::civil_from_days;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use serde_json::Value;
 use std::path::Path;
@@ -139,13 +140,6 @@ impl Prompts {
             .map_err(|e| TemplateError::Render(format!("tools_fallback.md: {e:#}")))?;
         Ok(out.trim_end().to_owned())
     }
-}
-
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Renders conversations for one model and turns them into tokens.

@@ -234,12 +234,12 @@ fn raise_exception(msg: String) -> Result<Value, JinjaError> {
 
 fn strftime_now(format: String) -> Result<Value, JinjaError> {
     // Templates use this for "today's date" in system prompts. Only the
-    // common directives are needed; the date comes from the local clock.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (y, m, d) = civil_from_days(now.div_euclid(86_400));
+    // common directives are needed. No catalogued model's template calls
+    // it (Errand puts the world's date in its own system prompt), so it
+    // reads the machine's clock, which tests deny: a template that needs
+    // it in a test must first be handed the world's clock.
+    let now = crate::world::clock::wall_ms().div_euclid(1000);
+    let (y, m, d) = crate::world::calendar::civil_from_days(now.div_euclid(86_400));
     const MONTHS: [&str; 12] = [
         "January", "February", "March", "April", "May", "June", "July", "August", "September",
         "October", "November", "December",
@@ -251,20 +251,6 @@ fn strftime_now(format: String) -> Result<Value, JinjaError> {
         .replace("%B", MONTHS[(m - 1) as usize])
         .replace("%b", &MONTHS[(m - 1) as usize][..3]);
     Ok(Value::from(out))
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
@@ -280,12 +266,6 @@ mod tests {
             r#"{"name": "打车", "n": 1, "f": 0.5, "a": [1, "x"], "o": {}, "q": "a\"b<c>&"}"#
         );
         assert_eq!(py_json_dumps(&json!(2.0)), "2.0");
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_414), (2025, 11, 22));
     }
 
     #[test]

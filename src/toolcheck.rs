@@ -7,7 +7,8 @@
 //! figures are reproducible.
 
 use crate::engine::{Engine, EngineError, Prompt, Request};
-use crate::prompt::{now_unix, Lang};
+use crate::prompt::Lang;
+use crate::world::Clock;
 use crate::template::Message;
 use crate::tools::ToolSet;
 use serde::{Deserialize, Serialize};
@@ -71,14 +72,15 @@ impl std::fmt::Display for ToolcheckReport {
     }
 }
 
-pub fn run(engine: &Engine, tools: Arc<ToolSet>, cases: &[Case]) -> Result<ToolcheckReport, EngineError> {
+/// `clock` gives the prompt's date, which the cases' "tomorrow" resolves against.
+pub fn run(engine: &Engine, tools: Arc<ToolSet>, cases: &[Case], clock: &Clock) -> Result<ToolcheckReport, EngineError> {
     let mut modes = Vec::new();
     for constrain in [false, true] {
         let mut s = ModeScore { prompts: cases.len(), ..Default::default() };
         let mut total_ms = 0.0;
         for case in cases {
             let lang = Lang::parse(&case.lang).unwrap_or(Lang::En);
-            let system = engine.info.prompt.prompts.system(lang, now_unix());
+            let system = engine.info.prompt.prompts.system(lang, clock.now_s());
             let mut req = Request::chat(Vec::new());
             // Every prompt shares the system prompt and tool list, so one
             // session lets each request reuse that prefix's KV cache.

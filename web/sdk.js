@@ -34,6 +34,7 @@
  * client.cancel()                -> id|null  stops the reply being written
  * client.reset()                 starts a new session (forgets the old one)
  * client.close()                 closes for good (no reconnect)
+ * client.serverNow()             -> ms   the server's clock, which expires_ms is on
  * client.on(type, fn)            -> unsubscribe function
  *     type: any server frame type ("delta", "card", "confirmation",
  *     "payment", "order", "done", "error", ...), or "*" for every frame, or
@@ -537,7 +538,14 @@
     if (client._opts.bridge !== false) postToHost(kind, frame);
   }
 
+  // The server's clock, which times in frames (expires_ms) are on: it can
+  // be pinned (tests, evaluations) or just differ from this machine's.
+  Client.prototype.serverNow = function () {
+    return Date.now() + (this._clockSkew || 0);
+  };
+
   Client.prototype._onWelcome = function (f) {
+    if (typeof f.now_ms === "number") this._clockSkew = f.now_ms - Date.now();
     var resumed = !!f.resumed;
     var latest = typeof f.seq === "number" ? f.seq : 0;
     if (!resumed || f.session !== this.session) {
@@ -588,7 +596,7 @@
     clearTimeout(this._welcomeTimer);
     this._welcomePending = null;
     if (!p || !this._welcomed || this._seenTokens[p.token] || this._handledTokens[p.token]) return;
-    if (p.expires_ms && p.expires_ms < Date.now()) return;
+    if (p.expires_ms && p.expires_ms < this.serverNow()) return;
     var req = {};
     for (var k in p) req[k] = p[k];
     req.type = "confirmation";

@@ -21,6 +21,7 @@
 //! ask the user instead of calling.
 
 use crate::sandbox::cities::{self, fold};
+use crate::world::calendar::{civil_from_days, days_from_civil};
 use serde_json::{Map, Value};
 
 /// Keys whose values must be copied from a tool result (or the user's own
@@ -342,7 +343,7 @@ impl Evidence {
         // Weekdays give two candidates (this week's and next); only a single
         // unambiguous day is used.
         let [day] = days.as_slice() else { return None };
-        let (y, m, d) = crate::template::civil_from_days(*day);
+        let (y, m, d) = civil_from_days(*day);
         Some(Value::String(format!("{y:04}-{m:02}-{d:02}")))
     }
 
@@ -382,7 +383,7 @@ impl Evidence {
             }
         }
         // Explicit month/day in the user's words, this year or next.
-        let (y, _, _) = crate::template::civil_from_days(today);
+        let (y, _, _) = civil_from_days(today);
         for (m, d) in month_days(&text) {
             for year in [y, y + 1] {
                 if let Some(day) = days_from_civil(year, m, d) {
@@ -558,21 +559,6 @@ fn month_days(text: &str) -> Vec<(u32, u32)> {
     out
 }
 
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    // Reject dates like Feb 31 by a round trip.
-    let (_, m2, d2) = crate::template::civil_from_days(days);
-    (m2 == m && d2 == d).then_some(days)
-}
 
 /// Tool results are JSON text; names inside may be \u-escaped.
 fn unescape_json(s: &str) -> String {

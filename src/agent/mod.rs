@@ -29,7 +29,8 @@ use crate::adapter::{Adapter, AdapterError, CallRequest, ErrorKind};
 use crate::audit::Audit;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, Event, Prompt, Request};
-use crate::prompt::{now_unix, Lang};
+use crate::prompt::Lang;
+use crate::world::Clock;
 use crate::template::{Message, TemplateFunction, TemplateToolCall};
 use crate::tools::{path_params, Tool, ToolCall, ToolSet};
 use ground::Evidence;
@@ -65,9 +66,10 @@ pub struct AgentOptions {
     /// Ask the model, after a message about oneself that the rules did not
     /// read, for preferences to remember (one extra short model call).
     pub extract_memories: bool,
-    /// Seconds added to the wall clock for "today" in the prompt and the
-    /// date checks (an evaluation pins the date; 0 otherwise).
-    pub clock_offset_s: i64,
+    /// The world's clock: "today" in the prompt and the date checks, and
+    /// confirmations' expiry times. Tests and evaluations pin it; a server
+    /// hands the agent its own.
+    pub clock: Clock,
 }
 
 impl Default for AgentOptions {
@@ -83,7 +85,7 @@ impl Default for AgentOptions {
             pay_method: "alipay".into(),
             lang: None,
             extract_memories: false,
-            clock_offset_s: 0,
+            clock: Clock::wall(),
         }
     }
 }
@@ -423,9 +425,9 @@ impl Agent {
     async fn on_text(&self, sid: &str, s: &mut Session, text: String, tx: &Tx) -> Result<(), String> {
         let lang = *s.lang.get_or_insert_with(|| Lang::detect(&text));
         if s.messages.is_empty() {
-            s.messages.push(Message::system(self.engine.info.prompt.prompts.system(lang, now_unix() + self.opts.clock_offset_s)));
+            s.messages.push(Message::system(self.engine.info.prompt.prompts.system(lang, self.opts.clock.now_s())));
         }
-        s.evidence.today = (now_unix() + self.opts.clock_offset_s).div_euclid(86_400);
+        s.evidence.today = self.opts.clock.now_s().div_euclid(86_400);
         if let Some(p) = s.pending.take() {
             // "Change it": the open confirmation is void; the model sees the
             // person's new words after the quote.
@@ -847,7 +849,7 @@ impl Agent {
             currency: currency.to_owned(),
             amount_display: money(amount, currency),
             payment_method: format!("{} (wallet {})", self.opts.pay_method, s.wallet.as_deref().unwrap_or(&self.opts.wallet)),
-            expires_ms: now_unix() * 1000 + ttl.as_millis() as i64,
+            expires_ms: self.opts.clock.now_ms() + ttl.as_millis() as i64,
         };
         self.audit_row(
             sid,
@@ -1013,7 +1015,7 @@ impl Agent {
                     // confirming again retries the payment only, with the same key.
                     let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
-                    p.req.expires_ms = now_unix() * 1000 + self.opts.confirmation_ttl.as_millis() as i64;
+                    p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
                     s.pending = Some(p);
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());

@@ -389,7 +389,7 @@ fn compile(r: RawDialogue, path: &Path) -> Result<Dialogue> {
         (Some(s), true) if s.max_turns == 0 || s.max_turns > 20 => bail!("simulated.max_turns must be 1 to 20"),
         _ => {}
     }
-    let now_ms = r.now.as_deref().map(parse_instant).transpose().context("now")?;
+    let now_ms = r.now.as_deref().map(crate::world::clock::parse_instant).transpose().context("now")?;
     let wallet = balances(r.state.wallet.as_ref(), "state.wallet")?;
     let mut friends = Vec::new();
     for (id, v) in &r.state.friends {
@@ -449,35 +449,6 @@ fn compile(r: RawDialogue, path: &Path) -> Result<Dialogue> {
         end,
         file: path.to_path_buf(),
     })
-}
-
-/// `YYYY-MM-DDTHH:MM[:SS](Z|±HH:MM)` → Unix milliseconds.
-pub fn parse_instant(s: &str) -> Result<i64> {
-    let bad = || anyhow::anyhow!("`{s}` is not an instant like 2026-11-22T10:00+08:00");
-    let (date, rest) = s.trim().split_once('T').ok_or_else(bad)?;
-    let d: Vec<&str> = date.split('-').collect();
-    let [y, m, dd] = d.as_slice() else { return Err(bad()) };
-    let (y, m, dd): (i64, u32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?, dd.parse().map_err(|_| bad())?);
-    let days = crate::agent::ground::days_from_civil(y, m, dd).ok_or_else(bad)?;
-    let (time, offset_s) = if let Some(t) = rest.strip_suffix('Z') {
-        (t, 0)
-    } else {
-        let i = rest.rfind(['+', '-']).ok_or_else(bad)?;
-        let (t, off) = rest.split_at(i);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (oh, om) = off[1..].split_once(':').ok_or_else(bad)?;
-        (t, sign * (oh.parse::<i64>().map_err(|_| bad())? * 3600 + om.parse::<i64>().map_err(|_| bad())? * 60))
-    };
-    let parts: Vec<i64> = time.split(':').map(|x| x.parse::<i64>().map_err(|_| bad())).collect::<Result<_>>()?;
-    let (h, mi, se) = match parts.as_slice() {
-        [h, m] => (*h, *m, 0),
-        [h, m, s] => (*h, *m, *s),
-        _ => return Err(bad()),
-    };
-    if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..60).contains(&se) {
-        return Err(bad());
-    }
-    Ok((days * 86_400 + h * 3600 + mi * 60 + se - offset_s) * 1000)
 }
 
 fn balances(m: Option<&Map<String, Value>>, at: &str) -> Result<Vec<(String, i64)>> {
@@ -669,16 +640,6 @@ end:
         assert_eq!(d.end.len(), 2);
     }
 
-    #[test]
-    fn instants_are_read_with_their_offset() {
-        // 2026-11-22T02:00Z is 1_795_312_800 s after the epoch.
-        assert_eq!(parse_instant("2026-11-22T10:00+08:00").unwrap(), 1_795_312_800_000);
-        assert_eq!(parse_instant("2026-11-22T02:00:00Z").unwrap(), 1_795_312_800_000);
-        assert_eq!(parse_instant("2026-11-21T21:00-05:00").unwrap(), 1_795_312_800_000);
-        for bad in ["2026-11-22", "2026-13-01T10:00Z", "2026-11-22T25:00Z", "2026-11-22T10:00"] {
-            assert!(parse_instant(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn mistakes_are_named() {

@@ -11,6 +11,7 @@ use crate::engine::sampler::SamplingParams;
 use crate::engine::Engine;
 use crate::memory::embed::Embedder;
 use crate::tools::ToolSet;
+use crate::world::Clock;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -28,6 +29,9 @@ pub enum Target {
         embedder: Option<Arc<dyn Embedder>>,
         /// Reply budget per model round.
         max_tokens: usize,
+        /// The time of worlds whose dialogue sets no `now` (each world
+        /// gets a fork, so one world moving its clock moves no other).
+        clock: Clock,
     },
     /// A running `errand serve`. State is not reset between runs.
     Remote {
@@ -53,6 +57,8 @@ pub struct EvalOptions {
     pub turn_timeout: Duration,
     pub paths: Vec<String>,
     pub model: String,
+    /// Stamps the report's start.
+    pub clock: Clock,
 }
 
 /// A progress line per finished run.
@@ -63,7 +69,7 @@ pub type Progress = Arc<dyn Fn(usize, usize, &TrialResult) + Send + Sync>;
 /// again; they count in the summary like new ones.
 pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: EvalOptions, earlier: Vec<TrialResult>, progress: Progress) -> Report {
     let started = Instant::now();
-    let started_at = crate::server::now_ms();
+    let started_at = opts.clock.now_ms();
     let ids: std::collections::HashSet<&str> = dialogues.iter().map(|d| d.id.as_str()).collect();
     let earlier: Vec<TrialResult> = earlier.into_iter().filter(|r| ids.contains(r.id.as_str()) && (1..=opts.trials).contains(&r.trial)).collect();
     let have: std::collections::HashSet<(String, usize)> = earlier.iter().map(|r| (r.id.clone(), r.trial)).collect();
@@ -129,7 +135,7 @@ pub async fn run_suite(target: Arc<Target>, dialogues: Vec<Dialogue>, opts: Eval
         server,
         started: {
             let secs = started_at.div_euclid(1000);
-            let (y, m, d) = crate::template::civil_from_days(secs.div_euclid(86_400));
+            let (y, m, d) = crate::world::calendar::civil_from_days(secs.div_euclid(86_400));
             let t = secs.rem_euclid(86_400);
             format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", t / 3600, t % 3600 / 60)
         },
@@ -296,6 +302,14 @@ fn skipped(action: &str, why: &str) -> TurnRecord {
     TurnRecord { action: action.into(), errors: vec![format!("not_possible: {why}")], ..Default::default() }
 }
 
+/// The remote mini-programs' "now" (`GET /_admin/clock`): a running
+/// server's clock is its own, and may be pinned.
+async fn remote_now_ms(http: &reqwest::Client, sandbox_url: &str) -> Result<i64> {
+    let url = format!("{}/_admin/clock", sandbox_url.trim_end_matches('/'));
+    let v: Value = http.get(&url).send().await.and_then(|r| r.error_for_status()).with_context(|| format!("reading the sandbox clock at {url}"))?.json().await?;
+    v["now_ms"].as_i64().with_context(|| format!("{url} answered without now_ms: {v}"))
+}
+
 /// The server, sandbox and user one run talks to.
 struct World {
     ws_url: String,
@@ -323,6 +337,7 @@ impl World {
                     bail!("state.past_orders can only be seeded in an in-process run (no --server)");
                 }
                 let url = url.trim_end_matches('/').to_owned();
+                let since_ms = remote_now_ms(&http, sandbox_url).await? - 1000;
                 let ws_url = format!("{}/v1/ws", url.replacen("http", "ws", 1));
                 World {
                     ws_url,
@@ -334,10 +349,10 @@ impl World {
                     settle: Duration::from_secs(3),
                     server: None,
                     _dir: None,
-                    since_ms: Some(crate::server::now_ms() - 1000),
+                    since_ms: Some(since_ms),
                 }
             }
-            Target::InProcess { engine, tools, embedder, max_tokens } => {
+            Target::InProcess { engine, tools, embedder, max_tokens, clock } => {
                 use crate::sandbox::SandboxConfig;
                 use crate::server::config::{ServerConfig, UserEntry};
                 use crate::server::{MemoryOptions, SandboxChoice, ServeOptions, Server};
@@ -348,11 +363,10 @@ impl World {
                 config.server.queue_limit = 1024;
                 config.server.requests_per_minute = 10_000;
                 config.server.drain_seconds = 5;
-                let mut sb = SandboxConfig::new(dir.path().join("sandbox"));
-                sb.seed = d.seed;
                 // Pinned "now": the same dates, open hours and prices every run.
-                let offset_ms = d.now_ms.map(|t| t - crate::server::now_ms()).unwrap_or(0);
-                sb.clock_offset_ms = offset_ms;
+                let clock = d.now_ms.map(Clock::pinned).unwrap_or_else(|| clock.fork());
+                let mut sb = SandboxConfig::new(dir.path().join("sandbox"), clock.clone());
+                sb.seed = d.seed;
                 for (cur, bal) in &d.wallet {
                     sb.pay.wallets.push((d.user.clone(), cur.clone(), *bal));
                 }
@@ -374,12 +388,12 @@ impl World {
                         max_tokens: *max_tokens,
                         sampling,
                         extract_memories: memory.is_some(),
-                        clock_offset_s: offset_ms.div_euclid(1000),
                         ..Default::default()
                     },
                     sandbox: SandboxChoice::InProcess(sb),
                     order_poll: Duration::from_millis(300),
                     memory,
+                    clock,
                 };
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let server = Server::start(engine.clone(), listener, opts).await?;

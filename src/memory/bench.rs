@@ -61,7 +61,7 @@ fn normalise(v: &mut [f32]) {
 pub async fn run(embedder: Arc<dyn Embedder>, items: usize, queries: usize, writes: usize) -> Result<MemoryBench> {
     let dir = tempfile_dir()?;
     let store = Arc::new(Store::Edge(EdgeStore::open(dir.join("vectors"))?));
-    let memory = Memory::open(store, embedder.clone()).await?;
+    let memory = Memory::open(store, embedder.clone(), crate::world::Clock::wall()).await?;
     let feed = Feed::open(memory.clone()).await?;
     let real = catalog::items(42, &Service::ALL);
     let vectors = memory.embed(real.iter().map(|i| i.text.clone()).collect()).await?;

@@ -304,7 +304,7 @@ impl Feed {
             _ => None,
         };
         let minute = q.minute.unwrap_or_else(|| {
-            let now = crate::server::now_ms();
+            let now = self.memory.clock().now_ms();
             crate::sandbox::food::local_minute(now, city.unwrap_or_else(|| cities::city_by_id("shanghai").expect("a known city")))
         });
         let meal = meal_at(minute);

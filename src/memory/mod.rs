@@ -125,7 +125,7 @@ pub struct Profile {
     pub version: u64,
 }
 
-use crate::server::now_ms;
+use crate::world::Clock;
 
 fn new_id() -> u64 {
     rand::random::<u64>() >> 11
@@ -145,16 +145,22 @@ pub struct Memory {
     embedder: Arc<dyn Embedder>,
     /// Bumped on every write of a user's memories (profile caches).
     versions: Mutex<HashMap<String, u64>>,
+    /// Stamps memories; the feed's time of day when none is asked for.
+    clock: Clock,
 }
 
 impl Memory {
     /// Opens (or creates) the `memories` collection.
-    pub async fn open(store: Arc<Store>, embedder: Arc<dyn Embedder>) -> Result<Arc<Self>> {
+    pub async fn open(store: Arc<Store>, embedder: Arc<dyn Embedder>, clock: Clock) -> Result<Arc<Self>> {
         store
             .ensure_collection(MEMORIES, embedder.dim(), &[("user", FieldKind::Keyword), ("kind", FieldKind::Keyword), ("tags", FieldKind::Keyword), ("created_ms", FieldKind::Integer)])
             .await
             .context("opening the memories collection")?;
-        Ok(Arc::new(Self { store, embedder, versions: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(Self { store, embedder, versions: Mutex::new(HashMap::new()), clock }))
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -222,7 +228,7 @@ impl Memory {
             .filter(|m| m.text.eq_ignore_ascii_case(text) || (opposite(m.kind) && m.tags.iter().any(|t| tags.contains(t))))
             .map(|m| m.id)
             .collect();
-        let item = MemoryItem { id: new_id(), user: user.into(), kind: k, text: text.into(), tags, source: source.into(), created_ms: now_ms(), order: None };
+        let item = MemoryItem { id: new_id(), user: user.into(), kind: k, text: text.into(), tags, source: source.into(), created_ms: self.clock.now_ms(), order: None };
         self.write(item.clone()).await?;
         if !gone.is_empty() {
             self.store.delete(MEMORIES, gone).await?;
@@ -236,7 +242,7 @@ impl Memory {
     pub async fn remember_order(&self, user: &str, order: OrderMemory, tags: Vec<String>) -> Result<MemoryItem> {
         check_user(user)?;
         let text = order.summary.clone();
-        let item = MemoryItem { id: new_id(), user: user.into(), kind: Kind::Order, text, tags, source: "order".into(), created_ms: now_ms(), order: Some(order) };
+        let item = MemoryItem { id: new_id(), user: user.into(), kind: Kind::Order, text, tags, source: "order".into(), created_ms: self.clock.now_ms(), order: Some(order) };
         self.write(item.clone()).await?;
         self.bump(user);
         Ok(item)

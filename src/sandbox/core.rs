@@ -1,5 +1,6 @@
 //! What every sandbox service shares: its SQLite handle, the API error type,
-//! the adjustable clock, fault injection and idempotency keys.
+//! fault injection and idempotency keys. (Time comes from the world's
+//! [`Clock`](crate::world::Clock), which tests pin and `/_admin/clock` moves.)
 //!
 //! The database handle is a std mutex around one connection: every query is
 //! short and never held across an `.await`, which is cheaper and simpler than
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use crate::world::Clock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,29 +123,6 @@ impl Db {
     }
 }
 
-/// The sandbox's notion of now: wall-clock time plus an offset that tests
-/// (and `POST /_admin/clock`) move forward, so order statuses that advance
-/// over time can be checked without sleeping.
-#[derive(Clone, Default)]
-pub struct Clock(Arc<AtomicI64>);
-
-impl Clock {
-    pub fn now_ms(&self) -> i64 {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        wall + self.0.load(Ordering::Relaxed)
-    }
-    pub fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_millis() as i64, Ordering::Relaxed);
-    }
-    /// Moves the clock either way (only set up before serving).
-    pub fn shift_ms(&self, by: i64) {
-        self.0.fetch_add(by, Ordering::Relaxed);
-    }
-}
-
 /// Fault-injection knobs of one service, adjustable while it runs through
 /// `POST /{service}/_admin/faults`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -205,15 +183,17 @@ pub async fn fault_layer(State(faults): State<Faults>, req: Request, next: Next)
 #[derive(Clone)]
 pub struct Idempotency {
     db: Db,
+    clock: Clock,
     /// One lock per key in flight: a retry racing the original waits for its
     /// stored answer instead of running twice; other keys run in parallel.
     locks: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Idempotency {
-    pub fn new(db: Db) -> Self {
+    pub fn new(db: Db, clock: Clock) -> Self {
         Self {
             db,
+            clock,
             locks: Arc::new(Mutex::new(std::collections::HashMap::new())),
         }
     }
@@ -290,7 +270,7 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
     // The handler runs in its own task, holding the key's lock, so a client
     // that gives up (a timeout) does not cancel it half-way: it finishes and
     // its answer is stored for the retry.
-    let db = idem.db.clone();
+    let (db, clock) = (idem.db.clone(), idem.clock.clone());
     let task = tokio::spawn(async move {
         let _guard = guard;
         let resp = next.run(req).await;
@@ -301,7 +281,7 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
         let Ok(bytes) = to_bytes(body, 8 << 20).await else {
             return ApiError::internal("response body unreadable").into_response();
         };
-        let now = Clock::default().now_ms();
+        let now = clock.now_ms();
         let saved = db.with(|c| {
             c.execute(
                 "INSERT OR REPLACE INTO idempotency (key, request_hash, status, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",

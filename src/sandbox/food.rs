@@ -1638,7 +1638,7 @@ async fn cancel(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Api
 mod tests {
     use super::*;
     use crate::sandbox::testkit::{get, pay, post, post_confirmed, rows, sandbox, tool};
-    use crate::sandbox::{Sandbox, SandboxConfig, Service};
+    use crate::sandbox::{Sandbox, Service};
     use std::time::Duration;
 
     fn kung_pao_order(address: &str) -> Value {
@@ -1835,7 +1835,7 @@ mod tests {
     async fn closed_restaurants_refuse_orders() {
         let (_dir, sb) = sandbox().await;
         let food = sb.url(Service::Food);
-        let catalog = Catalog::build(SandboxConfig::new("unused").seed);
+        let catalog = Catalog::build(crate::sandbox::testkit::config(std::path::Path::new("unused")).seed);
         let r = catalog
             .restaurants
             .iter()

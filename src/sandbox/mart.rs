@@ -666,7 +666,7 @@ async fn get_order(State(s): St, Path(id): Path<String>) -> ApiResult<Json<Value
 mod tests {
     use super::*;
     use crate::sandbox::testkit::{get, pay, post, post_confirmed, rows, sandbox, tool};
-    use crate::sandbox::{Sandbox, SandboxConfig, Service};
+    use crate::sandbox::{Sandbox, Service};
     use std::time::Duration;
 
     async fn stock_of(mart: &str, city: &str, q: &str, id: &str) -> i64 {
@@ -753,7 +753,7 @@ mod tests {
     async fn out_of_stock_is_refused() {
         let (dir, sb) = sandbox().await;
         let mart = sb.url(Service::Mart);
-        let products = catalog(SandboxConfig::new("unused").seed);
+        let products = catalog(crate::sandbox::testkit::config(std::path::Path::new("unused")).seed);
         let sold_out = products.iter().find(|p| p.city.id == "shanghai" && p.initial_stock == 0).unwrap();
         let plenty = products.iter().find(|p| p.city.id == "shanghai" && p.initial_stock >= 8).unwrap();
         let order = |id: &str, n: i64| json!({"city": "Shanghai", "items": [{"product_id": id, "quantity": n}], "address": "1 Test Road"});

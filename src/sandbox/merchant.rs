@@ -7,7 +7,8 @@
 //! payment state is read from there, so the service never trusts anything
 //! but a verified notification or its own query to the payment service.
 
-use super::core::{new_id, ApiError, ApiResult, Clock, Db};
+use super::core::{new_id, ApiError, ApiResult, Db};
+use crate::world::Clock;
 use super::sign;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -10,7 +10,7 @@
 //!   ├─ /salon/…    stylists and time slots
 //!   ├─ /bike/…     scan → unlock → ride → lock → fee
 //!   ├─ /mart/…     grocery delivery
-//!   └─ /_admin/clock   move the shared clock forward (statuses advance with time)
+//!   └─ /_admin/clock   read the shared clock (GET) or move it forward (POST; statuses advance with time)
 //! ```
 //!
 //! Each service has its own database file under the data folder, its own
@@ -37,10 +37,11 @@ pub mod terms;
 pub mod tickets;
 #[cfg(test)] pub(crate) mod testkit;
 
-use self::core::{fault_layer, idempotency_layer, ApiError, Clock, Db, FaultConfig, Faults, Idempotency};
+use self::core::{fault_layer, idempotency_layer, ApiError, Db, FaultConfig, Faults, Idempotency};
+use crate::world::Clock;
 use axum::extract::State;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use merchant::Merchant;
 use serde::Deserialize;
@@ -151,13 +152,13 @@ pub struct SandboxConfig {
     pub secret: Option<Vec<u8>>,
     pub faults: FaultConfig,
     pub pay: PayOptions,
-    /// Added to the wall clock from the start (an evaluation pins "now"
-    /// to a fixed instant so that dates and prices stay reproducible).
-    pub clock_offset_ms: i64,
+    /// The world's clock: the wall clock by default; tests and evaluations
+    /// pin it so that dates, opening hours and prices stay reproducible.
+    pub clock: Clock,
 }
 
 impl SandboxConfig {
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(data_dir: impl Into<PathBuf>, clock: Clock) -> Self {
         Self {
             data_dir: data_dir.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -167,7 +168,7 @@ impl SandboxConfig {
             secret: None,
             faults: FaultConfig::default(),
             pay: PayOptions::default(),
-            clock_offset_ms: 0,
+            clock,
         }
     }
 }
@@ -263,15 +264,14 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
     let addr = listener.local_addr().map_err(|source| SandboxError::Bind { addr: cfg.addr, source })?;
     let base_url = format!("http://{addr}");
     let pay_url = cfg.pay_url.clone().unwrap_or_else(|| format!("{base_url}/pay"));
-    let clock = Clock::default();
-    clock.shift_ms(cfg.clock_offset_ms);
+    let clock = cfg.clock.clone();
 
     // Built once: the recommendation feed reads it at start.
     let items = Arc::new(json!({"seed": cfg.seed, "items": catalog::items(cfg.seed, &cfg.services)}));
     let mut app = Router::new()
         .route("/health", get(|| async { Json(json!({"ok": true})) }))
         .route("/catalog", get(move || async move { Json(items.as_ref().clone()) }))
-        .route("/_admin/clock", post(advance_clock).with_state(clock.clone()));
+        .route("/_admin/clock", get(read_clock).post(advance_clock).with_state(clock.clone()));
     let mut faults = HashMap::new();
     let mut merchants = HashMap::new();
     for (i, &svc) in cfg.services.iter().enumerate() {
@@ -314,7 +314,7 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let f = Faults::new(cfg.faults, cfg.seed.wrapping_add(i as u64));
         let router = router
             .route("/_admin/faults", get(get_faults).post(set_faults).with_state(f.clone()))
-            .layer(from_fn_with_state(Idempotency::new(db), idempotency_layer))
+            .layer(from_fn_with_state(Idempotency::new(db, clock.clone()), idempotency_layer))
             .layer(from_fn_with_state(f.clone(), fault_layer));
         faults.insert(svc, f);
         app = app.nest(&format!("/{name}"), router);
@@ -349,6 +349,10 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
 #[derive(Deserialize)]
 struct Advance {
     seconds: u64,
+}
+
+async fn read_clock(State(clock): State<Clock>) -> Json<Value> {
+    Json(json!({"now_ms": clock.now_ms(), "pinned": clock.is_pinned()}))
 }
 
 async fn advance_clock(State(clock): State<Clock>, Json(a): Json<Advance>) -> Json<Value> {

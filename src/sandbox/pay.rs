@@ -14,7 +14,8 @@
 //! notification (and merchants reconcile by querying the trade anyway).
 
 use super::common::parse_body;
-use super::core::{new_id, ApiError, ApiResult, Clock, Db};
+use super::core::{new_id, ApiError, ApiResult, Db};
+use crate::world::Clock;
 use super::{sign, PayOptions, ServiceCtx};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     last_attempt_ms INTEGER,
-    next_ms INTEGER,                 -- wall-clock ms of the next try; NULL once delivered or given up
+    next_ms INTEGER,                 -- clock ms of the next try; NULL once delivered or given up
     created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (delivered, next_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,13 +156,6 @@ pub fn router(ctx: ServiceCtx, secret: &[u8], opts: PayOptions) -> ApiResult<Rou
 }
 
 // ---------------------------------------------------------------- helpers
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 fn derive_key(secret: &[u8], label: &[u8]) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
@@ -483,7 +477,7 @@ impl Pay {
             .to_string();
             tx.execute(
                 "INSERT INTO notifications (out_trade_no, body, next_ms, created_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![out_trade_no, body, wall_ms(), now],
+                params![out_trade_no, body, now, now],
             )?;
             let t = load_trade(tx, &self.qr_key, out_trade_no)?.ok_or_else(|| ApiError::internal("trade vanished"))?;
             Ok((t, true))
@@ -957,7 +951,7 @@ impl Notifier {
                  ORDER BY n.next_ms LIMIT ?2",
             )?;
             let rows = st
-                .query_map(params![wall_ms(), BATCH as i64], |r| {
+                .query_map(params![self.clock.now_ms(), BATCH as i64], |r| {
                     Ok(Due {
                         id: r.get(0)?,
                         body: r.get(1)?,
@@ -985,7 +979,7 @@ impl Notifier {
             })
             .unwrap_or(None);
         let poll = POLL.as_millis() as i64;
-        let ms = next.map_or(poll, |n| (n - wall_ms()).clamp(10, poll));
+        let ms = next.map_or(poll, |n| (n - self.clock.now_ms()).clamp(10, poll));
         Duration::from_millis(ms as u64)
     }
 
@@ -1024,7 +1018,7 @@ impl Notifier {
     }
 
     fn record(&self, d: &Due, result: Result<(), String>) {
-        let now = wall_ms();
+        let now = self.clock.now_ms();
         let attempts = d.attempts + 1;
         let _ = self.db.with(|c| {
             match result {
@@ -1058,14 +1052,14 @@ fn retry_delay_ms(backoff_ms: u64, attempts: i64) -> i64 {
 mod tests {
     use super::*;
     use crate::sandbox::testkit::{get, post};
-    use crate::sandbox::{start, Sandbox, SandboxConfig, Service};
+    use crate::sandbox::{start, Sandbox, Service};
     use std::time::Instant;
 
     const SECRET: &[u8] = b"pay-test-secret";
 
     async fn sandbox(pay: PayOptions) -> (tempfile::TempDir, Sandbox) {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = SandboxConfig::new(dir.path());
+        let mut cfg = crate::sandbox::testkit::config(dir.path());
         cfg.secret = Some(SECRET.to_vec());
         cfg.services = vec![Service::Pay, Service::Food];
         cfg.pay = pay;
@@ -1704,7 +1698,7 @@ mod tests {
     #[tokio::test]
     async fn pending_notifications_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = SandboxConfig::new(dir.path());
+        let mut cfg = crate::sandbox::testkit::config(dir.path());
         cfg.secret = Some(SECRET.to_vec());
         cfg.services = vec![Service::Pay, Service::Food];
         let sb = start(cfg.clone()).await.unwrap();
@@ -1717,7 +1711,7 @@ mod tests {
         let c = Sandbox::open_db(dir.path(), Service::Pay).unwrap();
         let pay_state = Pay {
             db: Db::open(&dir.path().join("pay.db")).unwrap(),
-            clock: Clock::default(),
+            clock: cfg.clock.clone(),
             qr_key: derive_key(SECRET, b"errand-qr-key"),
             opts: PayOptions::default(),
             wake: Arc::new(Notify::new()),

@@ -6,20 +6,36 @@
 //! service as the demo wallet, and a manifest's tools.
 
 use super::{start, Sandbox, SandboxConfig, Service};
+use crate::world::Clock;
 use serde_json::{json, Value};
 use std::path::Path;
+
+/// The instant the services' unit tests start at: a Tuesday, noon in
+/// Shanghai, so results never depend on the day the tests run.
+pub(crate) const NOW: &str = "2026-12-08T12:00:00+08:00";
+
+/// A clock pinned at [`NOW`].
+pub(crate) fn clock() -> Clock {
+    Clock::pinned(crate::world::clock::parse_instant(NOW).unwrap())
+}
+
+/// A configuration of every service (seed 42) with data in `dir` and the
+/// clock pinned at [`NOW`].
+pub(crate) fn config(dir: &Path) -> SandboxConfig {
+    SandboxConfig::new(dir, clock())
+}
 
 /// A sandbox of every service (seed 42) in a fresh temporary folder; keep
 /// the folder alive as long as the sandbox.
 pub(crate) async fn sandbox() -> (tempfile::TempDir, Sandbox) {
     let dir = tempfile::tempdir().unwrap();
-    let sb = start(SandboxConfig::new(dir.path())).await.unwrap();
+    let sb = start(config(dir.path())).await.unwrap();
     (dir, sb)
 }
 
 /// A sandbox of every service with its data in `dir`, seeded with `seed`.
 pub(crate) async fn sandbox_in(dir: &Path, seed: u64) -> Sandbox {
-    let mut cfg = SandboxConfig::new(dir);
+    let mut cfg = config(dir);
     cfg.seed = seed;
     start(cfg).await.unwrap()
 }

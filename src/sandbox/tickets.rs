@@ -23,7 +23,8 @@
 
 use super::cities::{self, City, Names};
 use super::common::{civil_from_days, date_text as fmt_date, days_from_civil};
-use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult, Clock, Db};
+use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult, Db};
+use crate::world::Clock;
 use super::merchant::{Merchant, Payment};
 use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;

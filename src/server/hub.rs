@@ -16,6 +16,7 @@ use super::orders::{OrderRow, Orders};
 use crate::agent::present::Card;
 use crate::agent::{Agent, AgentEvent, Input, SessionOptions};
 use crate::prompt::Lang;
+use crate::world::Clock;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +62,7 @@ pub struct ChatSession {
     pub id: String,
     pub user: String,
     pub created_ms: i64,
+    clock: Clock,
     inner: Mutex<Inner>,
     jobs: mpsc::Sender<Job>,
     /// Set when the session is deleted: no input is taken any more, and
@@ -77,16 +79,16 @@ pub enum Refused {
     NotFound,
 }
 
-use super::now_ms;
-
 impl ChatSession {
     /// A fresh session and the receiving end of its input queue.
-    fn new(id: String, user: &str) -> (Self, mpsc::Receiver<Job>) {
+    fn new(id: String, user: &str, clock: Clock) -> (Self, mpsc::Receiver<Job>) {
         let (jobs, rx) = mpsc::channel(QUEUE);
+        let now = clock.now_ms();
         let s = ChatSession {
             id,
             user: user.to_owned(),
-            created_ms: now_ms(),
+            created_ms: now,
+            clock,
             inner: Mutex::new(Inner {
                 seq: 0,
                 log: VecDeque::new(),
@@ -95,7 +97,7 @@ impl ChatSession {
                 cards: HashMap::new(),
                 busy: false,
                 turns: 0,
-                last_active_ms: now_ms(),
+                last_active_ms: now,
                 last_confirmation: None,
                 closed: false,
             }),
@@ -111,10 +113,10 @@ impl ChatSession {
 
     /// Appends a frame to the log and hands it to every watcher.
     pub fn publish(&self, reply_to: Option<&str>, body: Map<String, Value>, metrics: &Metrics) -> u64 {
-        Self::publish_locked(&mut self.lock(), reply_to, body, metrics)
+        self.publish_locked(&mut self.lock(), reply_to, body, metrics)
     }
 
-    fn publish_locked(inner: &mut Inner, reply_to: Option<&str>, mut body: Map<String, Value>, metrics: &Metrics) -> u64 {
+    fn publish_locked(&self, inner: &mut Inner, reply_to: Option<&str>, mut body: Map<String, Value>, metrics: &Metrics) -> u64 {
         inner.seq += 1;
         let seq = inner.seq;
         body.insert("seq".into(), json!(seq));
@@ -127,7 +129,7 @@ impl ChatSession {
         if inner.log.len() > LOG_CAP {
             inner.log.pop_front();
         }
-        inner.last_active_ms = now_ms();
+        inner.last_active_ms = self.clock.now_ms();
         inner.subscribers.retain(|s| match s.tx.try_send(text.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -265,12 +267,12 @@ impl ChatSession {
         ack.insert("type".into(), json!("ack"));
         ack.insert("id".into(), json!(id));
         ack.insert("duplicate".into(), json!(false));
-        Self::publish_locked(&mut inner, Some(id), ack, metrics);
+        self.publish_locked(&mut inner, Some(id), ack, metrics);
         if let Some(t) = user_text {
             let mut f = Map::new();
             f.insert("type".into(), json!("user"));
             f.insert("text".into(), json!(t));
-            Self::publish_locked(&mut inner, Some(id), f, metrics);
+            self.publish_locked(&mut inner, Some(id), f, metrics);
         }
         Ok(())
     }
@@ -352,11 +354,13 @@ pub struct Hub {
     pub(super) tasks: Arc<()>,
     order_poll: Duration,
     next_conn: AtomicU64,
+    clock: Clock,
 }
 
 impl Hub {
-    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, order_poll: Duration) -> Self {
+    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, order_poll: Duration, clock: Clock) -> Self {
         Self {
+            clock,
             sessions: Mutex::new(HashMap::new()),
             agent,
             orders,
@@ -394,7 +398,7 @@ impl Hub {
     /// Opens a new session for `user`, or `None` when they have `limit` already.
     pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize) -> Option<Arc<ChatSession>> {
         let id = format!("s-{}", hex::encode(rand::random::<[u8; 16]>()));
-        let (session, rx) = ChatSession::new(id.clone(), user);
+        let (session, rx) = ChatSession::new(id.clone(), user, self.clock.clone());
         let session = Arc::new(session);
         {
             let mut map = self.map();
@@ -572,7 +576,7 @@ mod tests {
     use super::*;
 
     fn session() -> (ChatSession, mpsc::Receiver<Job>) {
-        ChatSession::new("s-test".into(), "alice")
+        ChatSession::new("s-test".into(), "alice", crate::world::Clock::pinned(0))
     }
 
     fn delta(t: &str) -> Map<String, Value> {

@@ -31,6 +31,7 @@ use crate::audit::Audit;
 use crate::engine::Engine;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::tools::ToolSet;
+use crate::world::Clock;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -59,7 +60,8 @@ pub enum ServerError {
 
 /// Where the mini-programs live.
 pub enum SandboxChoice {
-    /// Start the sandbox services in this process (the default).
+    /// Start the sandbox services in this process (the default), on the
+    /// server's clock (the configuration's own clock is replaced).
     InProcess(SandboxConfig),
     /// Mini-programs already running at this base URL.
     Remote(String),
@@ -76,6 +78,10 @@ pub struct ServeOptions {
     pub order_poll: Duration,
     /// Personal memory and the feed; `None` turns them off.
     pub memory: Option<MemoryOptions>,
+    /// The world's clock, shared with the in-process sandbox and the agent
+    /// (its own `clock` is replaced): sessions, orders, memories, the
+    /// prompt's date. Pinned by tests, evaluations and `--now`.
+    pub clock: Clock,
 }
 
 /// Where memories and the catalog index live, and what embeds them.
@@ -109,6 +115,9 @@ pub struct AppState {
     pub conns: Arc<Semaphore>,
     /// Memory and the feed (`None` with `--no-memory`).
     pub feed: Option<Arc<crate::memory::feed::Feed>>,
+    pub clock: Clock,
+    /// When the server came up, by `clock`.
+    pub started_ms: i64,
 }
 
 impl AppState {
@@ -137,14 +146,6 @@ impl AppState {
         }
         Ok(())
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Resolves once shutdown has begun (holds no borrow across awaits).
@@ -210,6 +211,7 @@ impl Server {
         let (base, sandbox) = match opts.sandbox {
             SandboxChoice::Remote(u) => (u.trim_end_matches('/').to_owned(), None),
             SandboxChoice::InProcess(mut cfg) => {
+                cfg.clock = opts.clock.clone();
                 // Every configured user gets a wallet to pay from.
                 for u in &opts.config.users {
                     let w = u.wallet.clone().unwrap_or_else(|| u.id.clone());
@@ -237,10 +239,12 @@ impl Server {
                 tools = tools.with_app(&app, loaded).map_err(|message| ServerError::App { path: p.clone(), message })?;
             }
         }
-        let audit = Audit::open(&data.join("audit.db")).map_err(|e| data_err("the audit log", &e))?;
-        let orders = Arc::new(orders::Orders::open(&data.join("orders.db")).map_err(|e| data_err("the order book", &e))?);
+        let clock = opts.clock;
+        let audit = Audit::open(&data.join("audit.db"), clock.clone()).map_err(|e| data_err("the audit log", &e))?;
+        let orders = Arc::new(orders::Orders::open(&data.join("orders.db"), clock.clone()).map_err(|e| data_err("the order book", &e))?);
         let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
         let mut agent_opts = opts.agent;
+        agent_opts.clock = clock.clone();
         if agent_opts.pay_url.is_none() {
             agent_opts.pay_url = Some(format!("{base}/pay"));
         }
@@ -253,7 +257,7 @@ impl Server {
                     None => crate::memory::store::Store::Edge(crate::memory::store::EdgeStore::open(data.join("vectors")).map_err(|e| data_err("the vector store", &format!("{e:#}")))?),
                     Some(url) => crate::memory::store::Store::Qdrant(crate::memory::store::QdrantStore::connect(url, "errand_").map_err(|e| data_err("the Qdrant server", &format!("{e:#}")))?),
                 };
-                let memory = crate::memory::Memory::open(Arc::new(store), m.embedder).await.map_err(|e| data_err("the memory store", &format!("{e:#}")))?;
+                let memory = crate::memory::Memory::open(Arc::new(store), m.embedder, clock.clone()).await.map_err(|e| data_err("the memory store", &format!("{e:#}")))?;
                 let feed = crate::memory::feed::Feed::open(memory).await.map_err(|e| data_err("the catalog index", &format!("{e:#}")))?;
                 agent.set_personal(Some(feed.clone()));
                 // Indexing embeds only what changed since the last start;
@@ -285,7 +289,7 @@ impl Server {
         // The listener stays open while draining, so /readyz can say 503.
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let metrics = Arc::new(metrics::Metrics::default());
-        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll));
+        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll, clock.clone()));
         let limits = opts.config.server.clone();
         let state = Arc::new(AppState {
             auth: auth::Auth::from_config(&opts.config),
@@ -304,6 +308,8 @@ impl Server {
             conns: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             feed,
+            started_ms: clock.now_ms(),
+            clock,
         });
         let addr = listener.local_addr()?;
         let router = app(state.clone());

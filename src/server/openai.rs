@@ -39,7 +39,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
@@ -56,7 +56,6 @@ const MAX_STOP: usize = 16;
 const APP: &str = "openai";
 
 pub fn routes() -> Router<Arc<AppState>> {
-    started();
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
@@ -683,19 +682,6 @@ fn body_error(r: BytesRejection) -> ApiError {
 // ---------------------------------------------------------------------------
 // Replies.
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// When the API came up (the models' `created`).
-fn started() -> u64 {
-    static STARTED: OnceLock<u64> = OnceLock::new();
-    *STARTED.get_or_init(now_secs)
-}
-
 fn random_id(prefix: &str, n: usize) -> String {
     use rand::Rng;
     let s: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(n).map(char::from).collect();
@@ -756,10 +742,11 @@ pub enum Step {
 }
 
 impl ReplyBuilder {
-    pub fn new(model: &str, p: &Prepared) -> Self {
+    /// `created`: the reply's Unix time in seconds, by the server's clock.
+    pub fn new(model: &str, p: &Prepared, created: u64) -> Self {
         Self {
             id: random_id("chatcmpl-", 29),
-            created: now_secs(),
+            created,
             model: model.to_owned(),
             include_usage: p.include_usage,
             names: p.names.clone(),
@@ -1006,7 +993,7 @@ async fn chat_completions(
     let req = parse_body(&body)?;
     state.admit(&user.id)?;
     let mut p = prepare(req, &state.model_id)?;
-    let mut reply = ReplyBuilder::new(&state.model_id, &p);
+    let mut reply = ReplyBuilder::new(&state.model_id, &p, state.clock.now_s().max(0) as u64);
     let mut rx = state
         .engine
         .submit(p.engine_request(Some(format!("openai:{}", user.id))))
@@ -1047,12 +1034,13 @@ async fn chat_completions(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
-fn model_object(id: &str) -> Value {
-    json!({"id": id, "object": "model", "created": started(), "owned_by": "errand"})
+/// `created` is when the server came up, by its clock.
+fn model_object(state: &AppState, id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": state.started_ms.div_euclid(1000), "owned_by": "errand"})
 }
 
 async fn list_models(State(state): State<Arc<AppState>>, _user: UserAuth) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&state.model_id)]}))
+    Json(json!({"object": "list", "data": [model_object(&state, &state.model_id)]}))
 }
 
 async fn get_model(
@@ -1061,7 +1049,7 @@ async fn get_model(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if serves(&state.model_id, &id) {
-        Ok(Json(model_object(&state.model_id)))
+        Ok(Json(model_object(&state, &state.model_id)))
     } else {
         Err(model_not_found(&id, &state.model_id))
     }
@@ -1275,7 +1263,7 @@ mod tests {
         assert!(p.tools.as_ref().unwrap().get("get_weather").is_some());
         assert_eq!(p.messages[1].tool_calls.as_ref().unwrap()[0].function.name, "get_weather");
         assert_eq!(p.messages[2].name.as_deref(), Some("get_weather"));
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let (body, _) = r.collect(vec![call("get_weather", json!({})), Event::Done(usage(FinishReason::Stop))]).unwrap();
         assert_eq!(body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "getWeather");
     }
@@ -1283,7 +1271,7 @@ mod tests {
     #[test]
     fn a_plain_reply_and_a_tool_call_reply() {
         let p = prep(with_tools(json!({}))).unwrap();
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let (body, u) = r
             .collect(vec![Event::Delta("Hel".into()), Event::Delta("lo".into()), Event::Done(usage(FinishReason::Length))])
             .unwrap();
@@ -1297,7 +1285,7 @@ mod tests {
         assert_eq!(c["finish_reason"], "length");
         assert_eq!(body["usage"], json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13, "prompt_tokens_details": {"cached_tokens": 4}}));
 
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let (body, _) = r
             .collect(vec![call("get_weather", json!({"city": "Paris"})), Event::Delta("\n".into()), Event::Done(usage(FinishReason::Stop))])
             .unwrap();
@@ -1312,7 +1300,7 @@ mod tests {
 
         // parallel_tool_calls: false keeps the first call only.
         let p = prep(with_tools(json!({"parallel_tool_calls": false}))).unwrap();
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let (body, _) = r
             .collect(vec![call("get_weather", json!({"city": "A"})), call("get_time", json!({})), Event::Done(usage(FinishReason::Stop))])
             .unwrap();
@@ -1335,7 +1323,7 @@ mod tests {
         assert_eq!(engine_error(&g).status, StatusCode::BAD_REQUEST);
         assert_eq!(submit_error(EngineError::Busy(3)).status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(engine_error("internal error in the engine: boom").status, StatusCode::INTERNAL_SERVER_ERROR);
-        let mut r = ReplyBuilder::new(MODEL, &prep(with_tools(json!({}))).unwrap());
+        let mut r = ReplyBuilder::new(MODEL, &prep(with_tools(json!({}))).unwrap(), 0);
         assert_eq!(r.collect(vec![Event::Error(too_long)]).unwrap_err().code, "context_length_exceeded");
     }
 
@@ -1346,7 +1334,7 @@ mod tests {
     #[test]
     fn stream_chunks_in_order_with_usage_and_done() {
         let p = prep(json!({"messages": [{"role": "user", "content": "x"}], "stream": true, "stream_options": {"include_usage": true}})).unwrap();
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let mut data = vec![r.first_chunk()];
         for ev in [Event::Delta("Hi".into()), Event::Delta("\n\n".into()), Event::Delta("there".into()), Event::Delta(" ".into())] {
             let (d, step, _) = r.stream_event(Some(ev));
@@ -1374,7 +1362,7 @@ mod tests {
     #[test]
     fn stream_tool_calls_and_errors() {
         let p = prep(with_tools(json!({"stream": true}))).unwrap();
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let mut data = vec![r.first_chunk()];
         for ev in [call("get_weather", json!({"city": "Paris"})), Event::Delta("\n".into()), call("get_time", json!({}))] {
             data.extend(r.stream_event(Some(ev)).0);
@@ -1390,7 +1378,7 @@ mod tests {
         assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
         assert!(chunks.iter().all(|c| c.get("usage").is_none()), "no usage unless asked");
 
-        let mut r = ReplyBuilder::new(MODEL, &p);
+        let mut r = ReplyBuilder::new(MODEL, &p, 0);
         let (d, step, _) = r.stream_event(Some(Event::Error("internal error in the engine: boom".into())));
         assert_eq!(step, Step::Failed);
         let v: Value = serde_json::from_str(&d[0]).unwrap();

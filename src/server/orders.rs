@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Mutex;
+use crate::world::Clock;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct OrderRow {
@@ -39,23 +40,22 @@ pub struct OrderView {
 /// lock is ever held across an `.await`).
 pub struct Orders {
     conn: Mutex<Connection>,
+    clock: Clock,
 }
 
-use super::now_ms;
-
 impl Orders {
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+    pub fn open(path: &Path, clock: Clock) -> rusqlite::Result<Self> {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        Self::setup(Connection::open(path)?)
+        Self::setup(Connection::open(path)?, clock)
     }
 
-    pub fn in_memory() -> rusqlite::Result<Self> {
-        Self::setup(Connection::open_in_memory()?)
+    pub fn in_memory(clock: Clock) -> rusqlite::Result<Self> {
+        Self::setup(Connection::open_in_memory()?, clock)
     }
 
-    fn setup(conn: Connection) -> rusqlite::Result<Self> {
+    fn setup(conn: Connection, clock: Clock) -> rusqlite::Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS orders (
@@ -75,7 +75,7 @@ impl Orders {
                 PRIMARY KEY (app, order_id));
              CREATE INDEX IF NOT EXISTS orders_user ON orders (user, created_ms);",
         )?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self { conn: Mutex::new(conn), clock })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -83,7 +83,7 @@ impl Orders {
     }
 
     pub fn upsert(&self, r: &OrderRow) -> rusqlite::Result<()> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.conn().execute(
             "INSERT INTO orders (app, order_id, user, session, tool, status, amount, currency, summary, payment_status, data, created_ms, updated_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
@@ -100,7 +100,7 @@ impl Orders {
         self.conn().execute(
             "UPDATE orders SET status = ?3, payment_status = COALESCE(?4, payment_status), data = ?5, updated_ms = ?6
              WHERE app = ?1 AND order_id = ?2 AND user = ?7",
-            params![app, order_id, status, payment_status, data.to_string(), now_ms(), user],
+            params![app, order_id, status, payment_status, data.to_string(), self.clock.now_ms(), user],
         )?;
         Ok(())
     }
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn orders_are_per_user_and_another_user_cannot_overwrite_one() {
-        let o = Orders::in_memory().unwrap();
+        let o = Orders::in_memory(crate::world::Clock::pinned(0)).unwrap();
         o.upsert(&row("alice", "o1")).unwrap();
         o.upsert(&row("bob", "o2")).unwrap();
         // Same (app, order id) claimed by another user: ignored.

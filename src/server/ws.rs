@@ -165,6 +165,9 @@ impl Conn {
         let welcome = json!({
             "type": "welcome", "v": PROTOCOL_VERSION, "session": s.id, "user": user,
             "resumed": resumed, "model": st.model_id, "pending": pending, "busy": s.busy(),
+            // Times in frames (`expires_ms`) are on the server's clock, which
+            // may be pinned or differ from the client's: this lets it compare.
+            "now_ms": st.clock.now_ms(),
         });
         let Value::Object(welcome) = welcome else { unreachable!("a json object") };
         if !s.subscribe(self.subscriber(), welcome, last_seq) {

@@ -2,7 +2,7 @@
 //! the real sandbox services: bookings are paid only after the person's
 //! confirmation, checked in the services' own databases.
 
-use crate::util::{qwen_arc, repo, show};
+use crate::util::{clock, qwen_arc, repo, show};
 use errand::adapter::{HttpAdapter, HttpOptions};
 use errand::agent::{Agent, AgentEvent, AgentOptions, ConfirmationRequest, Input};
 use errand::audit::Audit;
@@ -22,14 +22,15 @@ pub struct World {
 impl World {
     pub async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let sb = sandbox::start(SandboxConfig::new(dir.path())).await.unwrap();
+        let clock = clock();
+        let sb = sandbox::start(SandboxConfig::new(dir.path(), clock.clone())).await.unwrap();
         let tools = Arc::new(ToolSet::load_dir(&repo().join("tools")).unwrap());
         let adapter = HttpAdapter::new(HttpOptions {
             sandbox_url: Some(sb.base_url.clone()),
             timeout: Duration::from_secs(3),
             ..Default::default()
         });
-        let audit = Audit::open(&dir.path().join("audit.db")).unwrap();
+        let audit = Audit::open(&dir.path().join("audit.db"), clock.clone()).unwrap();
         let agent = Agent::new(
             qwen_arc(),
             tools,
@@ -37,6 +38,7 @@ impl World {
             audit,
             AgentOptions {
                 pay_url: Some(sb.url(Service::Pay)),
+                clock,
                 ..Default::default()
             },
         );

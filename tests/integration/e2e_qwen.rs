@@ -1,9 +1,9 @@
 //! Tool calling and multilingual answers on the default model,
 //! Qwen2.5-Coder-0.5B-Instruct, with greedy decoding.
 
-use crate::util::{qwen, repo, show};
+use crate::util::{clock, qwen, repo, show};
 use errand::engine::{Prompt, Request};
-use errand::prompt::{now_unix, Lang};
+use errand::prompt::Lang;
 use errand::template::Message;
 use errand::tools::ToolSet;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ fn request(lang: Lang, user: &str, tools: Option<Arc<ToolSet>>, constrain: bool)
     let mut r = Request::chat(Vec::new());
     r.prompt = Prompt::Chat {
         messages: vec![
-            Message::system(e.info.prompt.prompts.system(lang, now_unix())),
+            Message::system(e.info.prompt.prompts.system(lang, clock().now_s())),
             Message::user(user),
         ],
         tools,

@@ -6,6 +6,8 @@
 
 mod util;
 
+mod clock;
+
 mod memory;
 
 mod agent_qwen;

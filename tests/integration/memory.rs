@@ -20,7 +20,7 @@ fn dinner_at_the_square() -> FeedQuery {
 
 async fn open(dir: &Path) -> Arc<Feed> {
     let store = Arc::new(Store::Edge(EdgeStore::open(dir.join("vectors")).unwrap()));
-    let memory = Memory::open(store, minilm()).await.unwrap();
+    let memory = Memory::open(store, minilm(), crate::util::clock()).await.unwrap();
     Feed::open(memory).await.unwrap()
 }
 

@@ -3,7 +3,9 @@
 //! a restart the books agree and the wallet was charged exactly once, even
 //! with retried creates, repeated pays and duplicate notifications.
 
+use crate::util;
 use errand::sandbox::sign;
+use errand::world::clock;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -22,10 +24,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn spawn(data: &Path, port: u16, crash_after_pay: bool) -> Proc {
+/// Starts `errand sandbox` with its clock pinned at `now_ms` (the food
+/// order needs an open restaurant, whatever the hour the test runs at).
+async fn spawn(data: &Path, port: u16, crash_after_pay: bool, now_ms: i64) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_errand"));
     cmd.args(["sandbox", "--port", &port.to_string(), "--only", "pay,food", "--notify-backoff-ms", "50", "--data"])
         .arg(data)
+        .env("ERRAND_NOW", clock::format_instant(now_ms))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if crash_after_pay {
@@ -66,7 +71,10 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let mut p = spawn(data, port, true).await;
+    // The sandbox's clock starts at the tests' instant, and a restart
+    // starts it where the first process's had got to.
+    let (start_ms, started) = (util::now_ms(), std::time::Instant::now());
+    let mut p = spawn(data, port, true, start_ms).await;
 
     let order_req = json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": "88 Nanjing Road"});
     let order: Value = http
@@ -95,7 +103,7 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
     assert_eq!(merchant_status(data, &otn).0, "awaiting_payment", "the merchant never heard of it");
 
     // Restart: the merchant reconciles (query at start-up, the outbox's notification).
-    let _p = spawn(data, port, false).await;
+    let _p = spawn(data, port, false, start_ms + started.elapsed().as_millis() as i64).await;
     let mut seen = Value::Null;
     for _ in 0..50 {
         seen = http.get(format!("{base}/food/v1/orders/{}", order["order_id"].as_str().unwrap())).send().await.unwrap().json().await.unwrap();
@@ -146,7 +154,10 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
         .unwrap();
     let before = merchant_status(data, &otn).1;
     for nonce in ["dup-1", "dup-2"] {
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        // Signed at the sandbox's time, which is pinned, not the machine's.
+        let now: Value = http.get(format!("{base}/_admin/clock")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(now["pinned"], true, "ERRAND_NOW pins the sandbox's clock: {now}");
+        let ts = now["now_ms"].as_i64().unwrap_or_else(|| panic!("{now}"));
         let r = http
             .post(format!("{base}/food/pay/notify"))
             .header(sign::TIMESTAMP, ts.to_string())

@@ -75,9 +75,10 @@ pub async fn serve_in(
         data_dir: dir.path().join("server"),
         tools,
         agent,
-        sandbox: SandboxChoice::InProcess(SandboxConfig::new(dir.path().join("sandbox"))),
+        sandbox: SandboxChoice::InProcess(SandboxConfig::new(dir.path().join("sandbox"), crate::util::clock())),
         order_poll: Duration::from_millis(200),
         memory,
+        clock: crate::util::clock(),
     };
     let server = Server::start(engine, listener, opts).await.unwrap();
     TestServer { server: Some(server), dir }

@@ -1,7 +1,9 @@
-//! Shared helpers: models, engines loaded once per test binary, fixtures.
+//! Shared helpers: models, engines loaded once per test binary, fixtures,
+//! and the pinned clock every world in these tests runs on.
 
 use errand::catalog::{self, ResolvedModel};
 use errand::engine::{Engine, EngineOptions};
+use errand::world::clock::{self, Clock};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -16,7 +18,29 @@ pub fn model(name: &str) -> ResolvedModel {
     catalog::resolve(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The instant every test world starts at: a Tuesday, noon in Shanghai
+/// (04:00 UTC, the same date in both), when the restaurants are open.
+/// Results must not depend on the day the tests run (issue 21: a train
+/// test passed one day and failed the next).
+pub const NOW: &str = "2026-12-08T12:00:00+08:00";
+
+/// The tests' instant: [`NOW`], or `ERRAND_TEST_NOW` to try the same
+/// tests at another instant on purpose (never the machine's date).
+pub fn now_ms() -> i64 {
+    let s = std::env::var("ERRAND_TEST_NOW").unwrap_or_else(|_| NOW.to_owned());
+    clock::parse_instant(&s).unwrap_or_else(|e| panic!("ERRAND_TEST_NOW: {e}"))
+}
+
+/// A fresh clock pinned at [`now_ms`]. From the first call on, reading the
+/// machine's clock anywhere in the library panics in this test binary.
+pub fn clock() -> Clock {
+    clock::deny_wall_clock();
+    Clock::pinned(now_ms())
+}
+
 fn start(name: &str) -> Engine {
+    // Anything that runs a model must not see the machine's date.
+    clock::deny_wall_clock();
     Engine::start(&model(name), EngineOptions::default())
         .unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
