@@ -289,7 +289,8 @@ impl AgentView {
 
     /// Prints one event and updates what the next line can refer to.
     pub fn show<W: Write>(&mut self, ev: &crate::agent::AgentEvent, out: &mut W) {
-        use crate::agent::present::{item_label, money};
+        use crate::agent::present::item_label;
+        use crate::world::money::display as money;
         use crate::agent::AgentEvent as E;
         match ev {
             E::Token { text } => {

@@ -490,6 +490,8 @@ fn numbers_in(text: &str) -> Vec<i64> {
     out
 }
 
+/// `YYYY-M-D` with any month and day width: the model's dates, read
+/// leniently so that a sloppy one is still checked against what was said.
 fn parse_ymd(s: &str) -> Option<i64> {
     let p: Vec<&str> = s.trim().split('-').collect();
     if p.len() != 3 || p[0].len() != 4 {

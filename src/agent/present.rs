@@ -2,6 +2,7 @@
 //! short sentences in English, Chinese and Korean, and the compact form of a
 //! result that goes back into the model's context.
 
+use crate::world::money::display as money;
 use crate::prompt::Lang;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -96,30 +97,6 @@ pub fn item_label(it: &Value, lang: Lang) -> String {
         parts.push(it["id"].as_str().unwrap_or("?").to_string());
     }
     parts.join(" · ")
-}
-
-/// `¥38.00`, `₩12,000`.
-pub fn money(amount: i64, currency: &str) -> String {
-    let group = |n: i64| {
-        let s = n.abs().to_string();
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        if n < 0 {
-            format!("-{out}")
-        } else {
-            out
-        }
-    };
-    match currency {
-        "CNY" => format!("¥{}.{:02}", group(amount / 100), (amount % 100).abs()),
-        "KRW" => format!("₩{}", group(amount)),
-        other => format!("{} {other}", amount),
-    }
 }
 
 /// A tool result shortened for the model's small context: long strings cut,
@@ -219,10 +196,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn money_and_cards() {
-        assert_eq!(money(3800, "CNY"), "¥38.00");
-        assert_eq!(money(123456, "CNY"), "¥1,234.56");
-        assert_eq!(money(12000, "KRW"), "₩12,000");
+    fn cards() {
         let data = json!({"items": [
             {"id": "q_1", "vehicle_class": "economy", "price": 8650, "currency": "CNY", "eta_pickup_minutes": 4},
             {"id": "r_2", "name": {"en": "Spicy House", "zh": "辣府", "ko": "매운집"}, "rating": 4.7},

@@ -12,7 +12,8 @@ use super::cities::{self, City};
 use super::common::{city_param, limit_param, param};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
-use super::ride::{body, city_loc, default_loc, money, resolve_place};
+use super::ride::{body, city_loc, default_loc, resolve_place};
+use crate::world::money::display as money;
 use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
 use axum::body::Bytes;
@@ -258,7 +259,7 @@ async fn unlock(State(ctx): State<ServiceCtx>, headers: HeaderMap, bytes: Bytes)
             return Err(in_use(&code));
         }
         // The quote's amount is the rate per 15 minutes started.
-        check_terms(confirmed, "the fee per 15 minutes", unit_fee(city.currency), city.currency, money)?;
+        check_terms(confirmed, "the fee per 15 minutes", unit_fee(city.currency), city.currency)?;
         tx.execute(
             "INSERT INTO bike_rides (id, bike_code, city, currency, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             rusqlite::params![id, code, city.id, city.currency, now],
@@ -390,10 +391,10 @@ async fn lock(State(ctx): State<ServiceCtx>, Path(id): Path<String>, headers: He
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
         match (ended, fee) {
-            (Some(_), Some(fee)) => check_terms(confirmed, "the ride's fee", fee, &currency, money),
+            (Some(_), Some(fee)) => check_terms(confirmed, "the ride's fee", fee, &currency),
             _ => {
                 let (_, fee) = fee_for(now - started, &currency);
-                check_terms(confirmed, "the ride's fee", fee, &currency, money)?;
+                check_terms(confirmed, "the ride's fee", fee, &currency)?;
                 tx.execute(
                     "UPDATE bike_rides SET ended_ms = ?2, fee = ?3 WHERE id = ?1 AND ended_ms IS NULL",
                     rusqlite::params![id, now, fee],

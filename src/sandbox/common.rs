@@ -1,8 +1,7 @@
 //! Small helpers more than one sandbox service needs, kept in one place so
 //! that the services answer alike: JSON request bodies with a 400 that shows
-//! the expected shape, trimmed query parameters (`city`, `limit`) with errors
-//! the model can act on, and civil-calendar arithmetic for `YYYY-MM-DD`
-//! dates (days since 1970-01-01, no time-zone data needed).
+//! the expected shape, and trimmed query parameters (`city`, `limit`) with
+//! errors the model can act on. (Dates: [`crate::world::calendar`].)
 
 use super::cities::{self, City};
 use super::core::{json_or_empty, ApiError, ApiResult};
@@ -44,33 +43,3 @@ pub fn limit_param(q: &HashMap<String, String>) -> ApiResult<usize> {
     }
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (the usual
-/// era/day-of-era arithmetic).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The (year, month, day) of a day number from [`days_from_civil`].
-pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// A day number as `YYYY-MM-DD`.
-pub fn date_text(day: i64) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02}")
-}

@@ -13,6 +13,7 @@
 //! A few helpers ([`Params`], [`parse_body`], [`money`], [`local_minute`])
 //! are shared with the grocery mart.
 
+use crate::world::money::display as money;
 use super::cities::{self, City, Names, Place};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::{Merchant, Payment};
@@ -798,25 +799,6 @@ pub(crate) fn clip(s: &str) -> String {
 /// A JSON body into `T`, or a 400 that shows the expected shape.
 pub(crate) use super::common::parse_body;
 
-/// "¥38.00" or "₩7,500", for summaries people read.
-pub(crate) fn money(amount: i64, currency: &str) -> String {
-    match currency {
-        "CNY" => format!("¥{}.{:02}", amount / 100, amount % 100),
-        "KRW" => {
-            let digits = amount.abs().to_string();
-            let mut out = String::new();
-            for (i, ch) in digits.chars().enumerate() {
-                if i > 0 && (digits.len() - i).is_multiple_of(3) {
-                    out.push(',');
-                }
-                out.push(ch);
-            }
-            format!("{}₩{out}", if amount < 0 { "-" } else { "" })
-        }
-        _ => format!("{amount} {currency}"),
-    }
-}
-
 /// The delivery address: required, at most 200 characters.
 pub(crate) fn check_address(a: &str) -> ApiResult<String> {
     let a = a.trim();
@@ -1459,7 +1441,7 @@ async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> ApiResul
     let r = cart.restaurant;
     let now = s.ctx.clock.now_ms();
     r.ensure_open(now)?;
-    check_terms(confirmed, "the total", cart.total, r.currency(), money)?;
+    check_terms(confirmed, "the total", cart.total, r.currency())?;
     let order_id = new_id("fo");
     let items = serde_json::to_string(&cart.lines).map_err(|e| ApiError::internal(format!("items: {e}")))?;
     s.ctx.db.with(|c| {
@@ -1610,7 +1592,7 @@ async fn cancel(State(s): St, Path(id): Path<String>, headers: HeaderMap) -> Api
     let confirmed = confirmed_terms(&headers)?;
     let plan = s.plan_cancel(&id).await?;
     // Before the refund or the close: a refused cancel changes nothing.
-    check_terms(confirmed, "the cancellation fee", plan.fee, &plan.row.currency, money)?;
+    check_terms(confirmed, "the cancellation fee", plan.fee, &plan.row.currency)?;
     let m = s.ctx.merchant();
     let order_id = plan.row.order_id.clone();
     if plan.phase == Phase::AwaitingPayment {

@@ -7,7 +7,8 @@
 
 use super::cities::{self, City, Names};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
-use super::food::{check_address, clip, money, parse_body, payment_of, Params};
+use super::food::{check_address, clip, parse_body, payment_of, Params};
+use crate::world::money::display as money;
 use super::merchant::Payment;
 use super::terms::{check_terms, confirmed_terms};
 use super::ServiceCtx;
@@ -577,7 +578,7 @@ async fn create_order(State(s): St, headers: HeaderMap, body: Bytes) -> ApiResul
     let eta = eta_minutes(b.lines.len());
     // Stock is checked again inside the transaction: another order may have taken it meanwhile.
     s.ctx.db.tx(|tx| {
-        check_terms(confirmed, "the total", b.total, b.city.currency, money)?;
+        check_terms(confirmed, "the total", b.total, b.city.currency)?;
         for l in &b.lines {
             let n = tx.execute(
                 "UPDATE mart_stock SET stock = stock - ?2 WHERE product_id = ?1 AND stock >= ?2",

@@ -13,6 +13,7 @@
 //! in the database, so a crash between paying and notifying only delays the
 //! notification (and merchants reconcile by querying the trade anyway).
 
+use crate::world::money::display as money;
 use super::common::parse_body;
 use super::core::{new_id, ApiError, ApiResult, Db};
 use crate::world::Clock;
@@ -191,15 +192,6 @@ fn param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
-}
-
-/// "¥38.00" or "₩5000", for messages people read.
-fn money(amount: i64, currency: &str) -> String {
-    match currency {
-        "CNY" => format!("¥{}.{:02} ({amount} fen)", amount / 100, amount % 100),
-        "KRW" => format!("₩{amount}"),
-        _ => format!("{amount} {currency}"),
-    }
 }
 
 fn check_id(what: &str, v: &str) -> ApiResult<()> {

@@ -14,6 +14,7 @@
 //! The place helpers here ([`resolve_place`], [`Loc`], [`money`], [`body`])
 //! are shared with the bike and salon mini-programs.
 
+use crate::world::money::display as money;
 use super::cities::{self, City, Names};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
@@ -192,27 +193,6 @@ pub fn resolve_place(query: &str, near_city: Option<&str>) -> ApiResult<Loc> {
         c.name.en,
         known.join(", ")
     )))
-}
-
-/// An amount for people: `¥45.30`, `₩12,000`.
-pub fn money(amount: i64, currency: &str) -> String {
-    let sign = if amount < 0 { "-" } else { "" };
-    let a = amount.unsigned_abs();
-    match currency {
-        "KRW" => {
-            let digits = a.to_string();
-            let mut out = String::new();
-            for (i, ch) in digits.chars().enumerate() {
-                if i > 0 && (digits.len() - i).is_multiple_of(3) {
-                    out.push(',');
-                }
-                out.push(ch);
-            }
-            format!("{sign}₩{out}")
-        }
-        "CNY" => format!("{sign}¥{}.{:02}", a / 100, a % 100),
-        other => format!("{sign}{} {other}", a),
-    }
 }
 
 /// Parses a JSON request body (empty means `{}`) into `T`, with a 400 the
@@ -866,12 +846,12 @@ async fn request(State(ctx): State<ServiceCtx>, headers: HeaderMap, bytes: Bytes
     let ride_id = match existing {
         Some(r) => {
             let q = load_ride(&ctx, &r)?.quote;
-            check_terms(confirmed, "the fare", q.price, &q.currency, money)?;
+            check_terms(confirmed, "the fare", q.price, &q.currency)?;
             r
         }
         None => {
             let q = live_quote(&ctx, &id)?;
-            check_terms(confirmed, "the fare", q.price, &q.currency, money)?;
+            check_terms(confirmed, "the fare", q.price, &q.currency)?;
             let ride_id = new_id("ride");
             let now = ctx.clock.now_ms();
             let inserted = ctx.db.with(|c| {
@@ -941,7 +921,7 @@ async fn cancel(
     let payment = payment_of(&ctx, &ride_id).await?;
     let (fee, refund) = cancel_terms(&ride, payment.as_ref(), ctx.clock.now_ms())?;
     // Before the refund or the close: a refused cancel changes nothing.
-    check_terms(confirmed, "the cancellation fee", fee, &ride.quote.currency, money)?;
+    check_terms(confirmed, "the cancellation fee", fee, &ride.quote.currency)?;
     let m = ctx.merchant();
     let paid = paid_at(payment.as_ref(), ride.created_ms).is_some();
     if paid && refund > 0 {
@@ -983,14 +963,6 @@ mod tests {
                 )
             })
             .collect()
-    }
-
-    #[test]
-    fn money_formats_both_currencies() {
-        assert_eq!(money(4530, "CNY"), "¥45.30");
-        assert_eq!(money(12000, "KRW"), "₩12,000");
-        assert_eq!(money(1234567, "KRW"), "₩1,234,567");
-        assert_eq!(money(500, "KRW"), "₩500");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! `terms_changed` telling the caller to quote again. Callers that send no
 //! such headers (curl, other clients) are served as before.
 
+use crate::world::money;
 use super::core::{ApiError, ApiResult};
 use axum::http::HeaderMap;
 
@@ -62,14 +63,12 @@ pub fn confirmed_terms(headers: &HeaderMap) -> ApiResult<Option<(i64, String)>> 
 
 /// Refuses with 409 `terms_changed` when the confirmed terms differ from the
 /// `amount`/`currency` about to be charged. `what` names the money in the
-/// message ("the cancellation fee", "the total"); `fmt_money` formats amounts
-/// the way the service's summaries do. No confirmed terms: always fine.
+/// message ("the cancellation fee", "the total"). No confirmed terms: always fine.
 pub fn check_terms(
     confirmed: Option<(i64, String)>,
     what: &str,
     amount: i64,
     currency: &str,
-    fmt_money: fn(i64, &str) -> String,
 ) -> ApiResult<()> {
     let Some((c_amount, c_currency)) = confirmed else {
         return Ok(());
@@ -81,8 +80,8 @@ pub fn check_terms(
         "terms_changed",
         format!(
             "{what} is now {}, not the {} you confirmed; nothing was changed; ask for a new quote and confirm again",
-            fmt_money(amount, currency),
-            fmt_money(c_amount, &c_currency)
+            money::display(amount, currency),
+            money::display(c_amount, &c_currency)
         ),
     ))
 }
@@ -91,10 +90,6 @@ pub fn check_terms(
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
-
-    fn fmt(a: i64, c: &str) -> String {
-        format!("{a} {c}")
-    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -122,12 +117,12 @@ mod tests {
 
     #[test]
     fn differences_are_terms_changed() {
-        assert!(check_terms(None, "the total", 5, "CNY", fmt).is_ok());
-        assert!(check_terms(Some((5, "CNY".into())), "the total", 5, "CNY", fmt).is_ok());
-        let e = check_terms(Some((0, "CNY".into())), "the cancellation fee", 2150, "CNY", fmt).unwrap_err();
+        assert!(check_terms(None, "the total", 5, "CNY").is_ok());
+        assert!(check_terms(Some((5, "CNY".into())), "the total", 5, "CNY").is_ok());
+        let e = check_terms(Some((0, "CNY".into())), "the cancellation fee", 2150, "CNY").unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (409, "terms_changed"));
-        assert!(e.message.starts_with("the cancellation fee is now 2150 CNY, not the 0 CNY you confirmed"), "{}", e.message);
-        let e = check_terms(Some((5, "KRW".into())), "the total", 5, "CNY", fmt).unwrap_err();
+        assert!(e.message.starts_with("the cancellation fee is now ¥21.50, not the ¥0.00 you confirmed"), "{}", e.message);
+        let e = check_terms(Some((5, "KRW".into())), "the total", 5, "CNY").unwrap_err();
         assert_eq!(e.code, "terms_changed");
     }
 }

@@ -1,6 +1,8 @@
 //! Calendar arithmetic on day numbers (days since 1970-01-01), proleptic
 //! Gregorian, without a date library: the prompt's date, "tomorrow" and
-//! weekdays, and instants on the command line.
+//! weekdays, instants on the command line, and the mini-programs' dates.
+//! The one copy: the agent, the prompt, the template, eval and the
+//! sandbox services all use it.
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -16,6 +18,8 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The day number of a date; `None` for a date that does not exist
+/// (month 13, February 30).
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
@@ -32,9 +36,51 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> Option<i64> {
     (m2 == m && d2 == d).then_some(days)
 }
 
+/// A day number as `YYYY-MM-DD`.
+pub fn date_text(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Why a `YYYY-MM-DD` text is not a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateError {
+    /// Not of the form `YYYY-MM-DD`.
+    Malformed,
+    /// Well formed, but no such day (2026-02-30).
+    NoSuchDay,
+}
+
+/// A strict `YYYY-MM-DD` date (four, two and two digits) as a day number.
+pub fn parse_date(s: &str) -> Result<i64, DateError> {
+    let parts: Vec<&str> = s.trim().split('-').collect();
+    let [y, m, d] = parts[..] else { return Err(DateError::Malformed) };
+    let digits = |x: &str, n: usize| x.len() == n && x.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(y, 4) && digits(m, 2) && digits(d, 2)) {
+        return Err(DateError::Malformed);
+    }
+    let (y, m, d) = (y.parse().map_err(|_| DateError::Malformed)?, m.parse().map_err(|_| DateError::Malformed)?, d.parse().map_err(|_| DateError::Malformed)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(DateError::Malformed);
+    }
+    days_from_civil(y, m, d).ok_or(DateError::NoSuchDay)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_are_read_strictly_and_written_back() {
+        assert_eq!(parse_date("2024-02-29"), days_from_civil(2024, 2, 29).ok_or(DateError::NoSuchDay));
+        assert_eq!(parse_date(" 2026-12-08 ").map(date_text), Ok("2026-12-08".to_string()));
+        assert_eq!(date_text(0), "1970-01-01");
+        assert_eq!(parse_date("2026-02-29"), Err(DateError::NoSuchDay));
+        assert_eq!(parse_date("2026-04-31"), Err(DateError::NoSuchDay));
+        for bad in ["2026-13-01", "2026-00-10", "2026-1-05", "26-01-05", "2026-01-05x", "2026/01/05", "tomorrow", "", "+026-01-05"] {
+            assert_eq!(parse_date(bad), Err(DateError::Malformed), "{bad:?}");
+        }
+    }
 
     #[test]
     fn days_and_dates_round_trip_and_impossible_dates_are_refused() {

@@ -5,5 +5,6 @@
 
 pub mod calendar;
 pub mod clock;
+pub mod money;
 
 pub use clock::Clock;
