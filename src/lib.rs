@@ -114,7 +114,9 @@
 //! - [`world`]: what the assistant and the mini-programs share: the
 //!   [`Clock`](world::Clock) every part of one world reads (the wall clock,
 //!   or pinned by `--now`/`ERRAND_NOW`, tests and evaluations; the only
-//!   read of the machine's date, which tests deny) and calendar arithmetic.
+//!   read of the machine's date, which tests deny), calendar arithmetic,
+//!   cities and places in three languages, and money formatting.
+//!   `scripts/modgraph.py` prints the modules' graph and fails on a cycle.
 //!
 //! The library never prints; `src/main.rs` parses arguments and calls in.
 

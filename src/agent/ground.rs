@@ -20,7 +20,7 @@
 //! Optional arguments that fail are dropped; required ones make the agent
 //! ask the user instead of calling.
 
-use crate::sandbox::cities::{self, fold};
+use crate::world::cities::{self, fold};
 use crate::world::calendar::{civil_from_days, days_from_civil};
 use serde_json::{Map, Value};
 

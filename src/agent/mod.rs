@@ -757,7 +757,8 @@ impl Agent {
             s.messages.push(Message::tool(json!({"error": msg}).to_string()));
             return Ok(Flow::Continue);
         };
-        let key = (endpoint.method != "GET").then(|| crate::sandbox::core::new_id("call"));
+        // Writes carry a fresh key, so the adapter's retries run them once.
+        let key = (endpoint.method != "GET").then(|| format!("call_{:016x}", rand::random::<u64>()));
         let r = self
             .adapter
             .call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: key, check_result: true, confirmed: None })

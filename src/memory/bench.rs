@@ -101,7 +101,7 @@ pub async fn run(embedder: Arc<dyn Embedder>, items: usize, queries: usize, writ
             memory.remember_order(&user, OrderMemory::new("food", "food_order", args, rid, 3000, "CNY"), tags).await?;
         }
     }
-    let places: Vec<(f64, f64)> = crate::sandbox::cities::CITIES.iter().flat_map(|c| c.places.iter().map(|p| (p.lat, p.lon))).collect();
+    let places: Vec<(f64, f64)> = crate::world::cities::CITIES.iter().flat_map(|c| c.places.iter().map(|p| (p.lat, p.lon))).collect();
     // Warm each profile once (its vector is cached until the user's memories change).
     for u in 0..20 {
         feed.feed(&format!("u{u}"), &FeedQuery::default()).await?;

@@ -19,7 +19,7 @@ use super::store::{Cond, FieldKind, Filter, Point, Store, VectorStore};
 use super::{Memory, Profile};
 use crate::prompt::Lang;
 use crate::sandbox::catalog::CatalogItem;
-use crate::sandbox::cities;
+use crate::world::cities;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -305,7 +305,7 @@ impl Feed {
         };
         let minute = q.minute.unwrap_or_else(|| {
             let now = self.memory.clock().now_ms();
-            crate::sandbox::food::local_minute(now, city.unwrap_or_else(|| cities::city_by_id("shanghai").expect("a known city")))
+            cities::local_minute(now, city.unwrap_or_else(|| cities::city_by_id("shanghai").expect("a known city")))
         });
         let meal = meal_at(minute);
         let kinds: Vec<String> = if q.kinds.is_empty() { ["restaurant", "show", "concert", "movie"].map(String::from).to_vec() } else { q.kinds.clone() };
@@ -558,7 +558,7 @@ pub fn parse_time(s: &str, lat: Option<f64>, lon: Option<f64>) -> Result<u32, St
         (Some(a), Some(b)) => cities::nearest_city(a, b),
         _ => cities::city_by_id("shanghai").expect("a known city"),
     };
-    Ok(crate::sandbox::food::local_minute(ms, city))
+    Ok(cities::local_minute(ms, city))
 }
 
 /// What a person's memory says, in a line for the model's prompt.

@@ -8,7 +8,7 @@
 //! started (¥1.50, or ₩1,000 in Korea), opening the payment through the
 //! merchant. A bike in use cannot be unlocked again (409 `bike_in_use`).
 
-use super::cities::{self, City};
+use crate::world::cities::{self, City};
 use super::common::{city_param, limit_param, param};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;

@@ -6,7 +6,7 @@
 //! same items. `GET /catalog` on the sandbox serves them, so a server reads
 //! a remote sandbox the same way as its own.
 
-use super::cities::{Names, CITIES};
+use crate::world::cities::{Names, CITIES};
 use super::Service;
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 //! the expected shape, and trimmed query parameters (`city`, `limit`) with
 //! errors the model can act on. (Dates: [`crate::world::calendar`].)
 
-use super::cities::{self, City};
+use crate::world::cities::{self, City};
 use super::core::{json_or_empty, ApiError, ApiResult};
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;

@@ -10,11 +10,11 @@
 //! chicken there, and `sh02`, a malicious merchant whose description tells
 //! the model to pay it 999 yuan, ranks right behind it.
 //!
-//! A few helpers ([`Params`], [`parse_body`], [`money`], [`local_minute`])
-//! are shared with the grocery mart.
+//! A few helpers ([`Params`], [`parse_body`], [`check_address`]) are shared
+//! with the grocery mart.
 
 use crate::world::money::display as money;
-use super::cities::{self, City, Names, Place};
+use crate::world::cities::{self, local_minute, City, Names, Place};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::{Merchant, Payment};
 use super::terms::{check_terms, confirmed_terms};
@@ -445,12 +445,6 @@ pub(crate) struct Restaurant {
     pub prep_minutes: i64,
     pub travel_minutes: i64,
     pub dishes: Vec<Dish>,
-}
-
-/// Minutes after local midnight at `now_ms` in `city` (UTC+8 in China, UTC+9 in Korea).
-pub fn local_minute(now_ms: i64, city: &City) -> u32 {
-    let offset = if city.country == "KR" { 9 * 60 } else { 8 * 60 };
-    (now_ms.div_euclid(60_000) + offset).rem_euclid(1440) as u32
 }
 
 fn hhmm(m: u32) -> String {

@@ -5,7 +5,7 @@
 //! not enough), is paid through the merchant account, and once paid moves
 //! from packing to delivering to delivered within 30–45 minutes.
 
-use super::cities::{self, City, Names};
+use crate::world::cities::{self, City, Names};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::food::{check_address, clip, parse_body, payment_of, Params};
 use crate::world::money::display as money;

@@ -23,7 +23,6 @@
 
 pub mod bike;
 pub mod catalog;
-pub mod cities;
 pub mod common;
 pub mod core;
 pub mod food;

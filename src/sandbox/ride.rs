@@ -15,7 +15,7 @@
 //! are shared with the bike and salon mini-programs.
 
 use crate::world::money::display as money;
-use super::cities::{self, City, Names};
+use crate::world::cities::{self, City, Names};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
 use super::terms::{check_terms, confirmed_terms};

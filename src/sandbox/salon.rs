@@ -10,7 +10,7 @@
 //! booking is paid in full upfront; cancelling is free more than 24 hours
 //! before the appointment and costs half the price after that.
 
-use super::cities::{self, City, Names};
+use crate::world::cities::{self, City, Names};
 use super::common::{city_param, limit_param, param};
 use crate::world::calendar::{date_text, parse_date as parse_ymd};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};

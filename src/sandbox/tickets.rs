@@ -22,7 +22,7 @@
 //! | `POST /v1/orders/{id}/cancel` (`/quote`) | cancel, refunding by the time left |
 
 use crate::world::money::display as fmt_money;
-use super::cities::{self, City, Names};
+use crate::world::cities::{self, City, Names};
 use crate::world::calendar::{civil_from_days, date_text as fmt_date, parse_date as parse_ymd, DateError};
 use super::core::{json_or_empty, new_id, seeded_rng, ApiError, ApiResult, Db};
 use crate::world::Clock;

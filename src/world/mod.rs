@@ -1,9 +1,11 @@
 //! The world the assistant and its mini-programs share, independent of
-//! either: its clock and calendar arithmetic. (Places and money formatting
-//! belong here too; today they still live in `sandbox::cities` and in the
-//! services, and the sandbox keeps a calendar of its own in `common`.)
+//! either: its clock, calendar arithmetic, cities and places in three
+//! languages with their local time, and how amounts of money read. The
+//! agent, memory, the server and the sandbox all use it; it uses nothing
+//! of theirs.
 
 pub mod calendar;
+pub mod cities;
 pub mod clock;
 pub mod money;
 

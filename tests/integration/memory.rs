@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 /// People's Square, Shanghai, at 19:00.
 fn dinner_at_the_square() -> FeedQuery {
-    let (_, p) = errand::sandbox::cities::place("People's Square", Some("shanghai")).unwrap();
+    let (_, p) = errand::world::cities::place("People's Square", Some("shanghai")).unwrap();
     FeedQuery { lat: Some(p.lat), lon: Some(p.lon), minute: Some(19 * 60), kinds: vec!["restaurant".into()], limit: 5, ..FeedQuery::default() }
 }
 

@@ -1,5 +1,5 @@
-//! Cities and named places the sandbox services know, in English, Chinese
-//! and Korean, with coordinates. Lookups accept any of the three names,
+//! Cities and named places the assistant and the mini-programs know, in
+//! English, Chinese and Korean, with coordinates and local time. Lookups accept any of the three names,
 //! ignore case, spaces and punctuation, and also match a known alias
 //! (`PVG`, `浦东机场`), so a place typed the way a person says it resolves.
 
@@ -220,6 +220,13 @@ pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
 }
 
 /// The city whose centre is nearest to a coordinate.
+/// Minutes after local midnight at `now_ms` in `city` (UTC+8 in China,
+/// UTC+9 in Korea; neither has daylight saving time).
+pub fn local_minute(now_ms: i64, city: &City) -> u32 {
+    let offset = if city.country == "KR" { 9 * 60 } else { 8 * 60 };
+    (now_ms.div_euclid(60_000) + offset).rem_euclid(1440) as u32
+}
+
 pub fn nearest_city(lat: f64, lon: f64) -> &'static City {
     CITIES
         .iter()
