@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 python3 models/fetch.py smollm2-135m-instruct qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
+# The top-level modules must not import each other in a cycle.
+python3 scripts/modgraph.py
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Unit and integration tests (the crate has no doc tests).
