@@ -3,6 +3,7 @@
 //! network, so it works offline). Every piece of text taken from the data —
 //! dialogue text, model output, tool arguments — is HTML-escaped.
 
+use crate::world::money::grouped as digits;
 use super::report::{Report, Row, TrialResult};
 use super::score::{Code, Failure, Payment, TurnRecord};
 use std::collections::HashMap;
@@ -160,19 +161,6 @@ fn secs(ms: Option<f64>) -> String {
 /// Like [`secs`], with the unit.
 fn secs_unit(ms: Option<f64>) -> String {
     ms.map_or_else(|| "-".to_string(), |v| format!("{:.1} s", v / 1000.0))
-}
-
-/// 1234567 → `1,234,567`.
-fn digits(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
 }
 
 fn plural(n: usize) -> &'static str {

@@ -16,8 +16,9 @@ pub fn display(amount: i64, currency: &str) -> String {
     }
 }
 
-/// `1234567` → `1,234,567`.
-fn grouped(n: u64) -> String {
+/// `1234567` → `1,234,567`: thousands grouped the way amounts are (and
+/// the evaluator's counts).
+pub fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
