@@ -234,16 +234,20 @@ async fn train_tickets_are_searched_booked_and_paid() {
     book_two_train_tickets(TRAIN_DAY).await;
 }
 
-/// Known failure, kept so it cannot be forgotten (issue 24, the dialogue
-/// manager): with "today" 2026-12-08 (and 2026-12-07, when issue 21 found
-/// it) greedy Qwen invents an 08:00–09:00 window, shows the one train it
-/// finds, and after the person picks it searches trains again, then shows,
-/// then fails to book. It passes at 2026-12-05 and 2026-12-06. The model
-/// picks every step among 25 tools; the flows of issue 24 take that away.
-/// When this test starts failing with "did not panic", the agent books at
-/// this instant too: remove `should_panic` and this note.
+/// Known failure (issue 24, the dialogue manager), kept so it cannot be
+/// forgotten: `cargo test -- --ignored known_failure` runs it. With
+/// "today" 2026-12-08 (and 2026-12-07, when issue 21 found it) greedy Qwen
+/// invents an 08:00–09:00 window, shows the one train it finds, and after
+/// the person picks it searches trains again, then shows, then fails to
+/// book ("no confirmation"). It passes at 2026-12-05, 06, 09, 10, 11 and
+/// 12. It is ignored rather than expected to fail because it is not even
+/// stable at one instant: it failed in three runs and booked in a fourth,
+/// with the same code and date. What else varies from run to run is not
+/// known yet (candidates: random ids in tool results, and KV-cache reuse
+/// or eviction under the other tests' load). The model picks every step
+/// among 25 tools; the flows of issue 24 take that away.
 #[tokio::test(flavor = "multi_thread")]
-#[should_panic(expected = "no confirmation")]
+#[ignore = "known failure, issue 24: the agent often fails to book this train at this instant"]
 async fn known_failure_train_booking_on_2026_12_08() {
     book_two_train_tickets("2026-12-08T12:00:00+08:00").await;
 }
