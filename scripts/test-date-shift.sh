@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Shows that no test depends on the machine's date: builds the tests, then
+# runs every test binary as it is and again under libfaketime with the
+# machine's clock moved by each offset given (default: a day and a month),
+# and compares test by test. Exits non-zero if any outcome differs.
+#
+#   scripts/test-date-shift.sh            # +1d and +31d
+#   scripts/test-date-shift.sh +7d -365d
+#
+# cargo and rustc hang under libfaketime, so only the built test binaries
+# run under it (with everything they start: errand sandbox, Python, Chromium).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+[ $# -gt 0 ] || set -- +1d +31d
+if ! command -v faketime >/dev/null; then
+  apt-get install -y faketime >/dev/null 2>&1 || { echo "error: faketime is missing; install Debian's faketime package" >&2; exit 1; }
+fi
+python3 models/fetch.py smollm2-135m-instruct qwen2.5-coder-0.5b-instruct all-minilm-l6-v2 >/dev/null
+mapfile -t bins < <(cargo test --locked --all-targets --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
+[ ${#bins[@]} -gt 0 ] || { echo "error: found no test binaries" >&2; exit 1; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+run() { # label, then the command prefix
+  local label=$1; shift
+  local status=0
+  for b in "${bins[@]}"; do
+    "$@" "$b" 2>&1 | tee -a "$out/$label.log" >/dev/null || status=1
+  done
+  grep -E '^test .* \.\.\. (ok|FAILED|ignored)$' "$out/$label.log" | sed 's/^test //' | sort >"$out/$label.results"
+  echo "$label: $(grep -c ' ok$' "$out/$label.results") passed, $(grep -c ' FAILED$' "$out/$label.results") failed"
+  return 0
+}
+run now env
+differs=0
+for off in "$@"; do
+  run "$off" env FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -f "$off"
+  if ! diff -u "$out/now.results" "$out/$off.results"; then
+    differs=1
+  fi
+done
+if [ $differs -ne 0 ]; then
+  echo "outcomes differ with the machine's date moved" >&2
+  exit 1
+fi
+echo "same outcome for every test with the machine's date moved by: $*"
