@@ -8,6 +8,9 @@ source scripts/env.sh
 python3 models/fetch.py smollm2-135m-instruct qwen2.5-coder-0.5b-instruct all-minilm-l6-v2
 # The top-level modules must not import each other in a cycle.
 python3 scripts/modgraph.py
+# No test may depend on the day it runs: errand panics on any read of the
+# machine's clock in this process tree (tests pin a world::Clock instead).
+export ERRAND_DENY_WALL_CLOCK=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Unit and integration tests (the crate has no doc tests).

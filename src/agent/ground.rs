@@ -490,14 +490,10 @@ fn numbers_in(text: &str) -> Vec<i64> {
     out
 }
 
-/// `YYYY-M-D` with any month and day width: the model's dates, read
-/// leniently so that a sloppy one is still checked against what was said.
+/// The model's dates, read loosely (`2026-12-9`) so that a sloppy one is
+/// still checked against what was said.
 fn parse_ymd(s: &str) -> Option<i64> {
-    let p: Vec<&str> = s.trim().split('-').collect();
-    if p.len() != 3 || p[0].len() != 4 {
-        return None;
-    }
-    days_from_civil(p[0].parse().ok()?, p[1].parse().ok()?, p[2].parse().ok()?)
+    crate::world::calendar::parse_date_loose(s).ok()
 }
 
 fn parse_hm(s: &str) -> Option<(u32, u32)> {

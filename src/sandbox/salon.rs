@@ -12,7 +12,7 @@
 
 use crate::world::cities::{self, City, Names};
 use super::common::{city_param, limit_param, param};
-use crate::world::calendar::{date_text, parse_date as parse_ymd};
+use crate::world::calendar::{date_text, parse_date_loose as parse_ymd, DateError};
 use super::core::{new_id, seeded_rng, ApiError, ApiResult};
 use super::merchant::Payment;
 use super::terms::{check_terms, confirmed_terms};
@@ -288,7 +288,10 @@ fn parse_date(s: &str, now_ms: i64) -> ApiResult<i64> {
             date_text(today)
         ))
     };
-    let day = parse_ymd(s).map_err(|_| bad())?;
+    let day = parse_ymd(s).map_err(|e| match e {
+        DateError::Malformed => bad(),
+        DateError::NoSuchDay => ApiError::bad_request(format!("date '{s}' does not exist; check the day of the month")),
+    })?;
     if day < today {
         return Err(ApiError::bad_request(format!(
             "{s} is in the past; today is {}",
@@ -840,8 +843,9 @@ mod tests {
     fn dates_round_trip_and_the_catalog_is_seeded() {
         let day = parse_ymd("2025-03-10").unwrap();
         let now = day * DAY_MS + 3_600_000;
-        assert!(parse_date("2025-02-30", now).is_err());
-        assert!(parse_date("2025-3-10", now).is_err());
+        assert!(parse_date("2025-02-30", now).unwrap_err().message.contains("does not exist"));
+        assert_eq!(parse_date("2025-3-10", now).unwrap(), day);
+        assert!(parse_date("25-03-10", now).unwrap_err().message.contains("YYYY-MM-DD"));
         assert!(parse_date("2025-03-09", now).unwrap_err().message.contains("past"));
         assert_eq!(parse_date("2025-03-10", now).unwrap(), day);
         assert_eq!(parse_time("10:00").unwrap(), 0);

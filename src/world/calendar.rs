@@ -66,6 +66,22 @@ pub fn parse_date(s: &str) -> Result<i64, DateError> {
     days_from_civil(y, m, d).ok_or(DateError::NoSuchDay)
 }
 
+/// `YYYY-M-D`: a four-digit year, and a month and day of one or two
+/// digits (`2026-12-9`), as people and small models write dates.
+pub fn parse_date_loose(s: &str) -> Result<i64, DateError> {
+    let parts: Vec<&str> = s.trim().split('-').collect();
+    let [y, m, d] = parts[..] else { return Err(DateError::Malformed) };
+    let digits = |x: &str, n: std::ops::RangeInclusive<usize>| n.contains(&x.len()) && x.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(y, 4..=4) && digits(m, 1..=2) && digits(d, 1..=2)) {
+        return Err(DateError::Malformed);
+    }
+    let (y, m, d) = (y.parse().map_err(|_| DateError::Malformed)?, m.parse().map_err(|_| DateError::Malformed)?, d.parse().map_err(|_| DateError::Malformed)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(DateError::Malformed);
+    }
+    days_from_civil(y, m, d).ok_or(DateError::NoSuchDay)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +95,11 @@ mod tests {
         assert_eq!(parse_date("2026-04-31"), Err(DateError::NoSuchDay));
         for bad in ["2026-13-01", "2026-00-10", "2026-1-05", "26-01-05", "2026-01-05x", "2026/01/05", "tomorrow", "", "+026-01-05"] {
             assert_eq!(parse_date(bad), Err(DateError::Malformed), "{bad:?}");
+        }
+        assert_eq!(parse_date_loose("2026-12-9"), parse_date("2026-12-09"));
+        assert_eq!(parse_date_loose("2026-2-30"), Err(DateError::NoSuchDay));
+        for bad in ["2026-123-1", "26-1-5", "2026-1-+5", "2026-1", "tomorrow"] {
+            assert_eq!(parse_date_loose(bad), Err(DateError::Malformed), "{bad:?}");
         }
     }
 
