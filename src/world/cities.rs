@@ -219,7 +219,6 @@ pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
     6371.0 * 2.0 * h.sqrt().asin()
 }
 
-/// The city whose centre is nearest to a coordinate.
 /// Minutes after local midnight at `now_ms` in `city` (UTC+8 in China,
 /// UTC+9 in Korea; neither has daylight saving time).
 pub fn local_minute(now_ms: i64, city: &City) -> u32 {
@@ -227,6 +226,7 @@ pub fn local_minute(now_ms: i64, city: &City) -> u32 {
     (now_ms.div_euclid(60_000) + offset).rem_euclid(1440) as u32
 }
 
+/// The city whose centre is nearest to a coordinate.
 pub fn nearest_city(lat: f64, lon: f64) -> &'static City {
     CITIES
         .iter()
