@@ -116,6 +116,7 @@ pub fn turn<W: Write>(
         grammar_tools: None,
         require_call: false,
         share_prefix: true,
+        grammar: None,
     };
     let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {

@@ -122,6 +122,7 @@
 
 pub mod adapter;
 pub mod agent;
+pub mod dialogue;
 pub mod audit;
 pub mod bench;
 pub mod catalog;

@@ -415,7 +415,7 @@ impl Evidence {
     }
 }
 
-const DAY_PARTS: &[(&[&str], u32, u32)] = &[
+pub(crate) const DAY_PARTS: &[(&[&str], u32, u32)] = &[
     (&["morning", "上午", "早上", "早晨", "明早", "오전", "아침"], 5, 12),
     (&["noon", "中午", "점심"], 11, 14),
     (&["afternoon", "下午", "오후"], 12, 18),
@@ -432,7 +432,7 @@ const WEEKDAYS: [(&[&str], i64); 7] = [
     (&["sunday", "周日", "周天", "星期日", "星期天", "礼拜天", "일요일"], 6),
 ];
 
-const NUMBER_WORDS: &[(&str, i64)] = &[
+pub(crate) const NUMBER_WORDS: &[(&str, i64)] = &[
     ("one", 1), ("two", 2), ("three", 3), ("four", 4), ("five", 5), ("six", 6), ("seven", 7), ("eight", 8), ("nine", 9), ("ten", 10),
     ("a couple", 2), ("pair", 2), ("both", 2), ("twice", 2),
     ("一", 1), ("两", 2), ("二", 2), ("三", 3), ("四", 4), ("五", 5), ("六", 6), ("七", 7), ("八", 8), ("九", 9), ("十", 10),
@@ -462,7 +462,7 @@ pub fn tidy(s: &str) -> String {
     }
 }
 
-fn contains_word(text: &str, w: &str) -> bool {
+pub(crate) fn contains_word(text: &str, w: &str) -> bool {
     if !w.is_ascii() {
         return text.contains(w);
     }
@@ -474,7 +474,7 @@ fn contains_word(text: &str, w: &str) -> bool {
 }
 
 /// Runs of ASCII digits in `text`.
-fn numbers_in(text: &str) -> Vec<i64> {
+pub(crate) fn numbers_in(text: &str) -> Vec<i64> {
     let mut out = Vec::new();
     let mut cur = String::new();
     for c in text.chars().chain(std::iter::once(' ')) {

@@ -20,6 +20,9 @@
 //! message while a confirmation is open replaces it ("change it"). Every
 //! step is written to the [`Audit`] log.
 
+mod flows;
+#[cfg(test)]
+mod flow_tests;
 pub mod ground;
 mod personal;
 pub mod present;
@@ -201,6 +204,8 @@ struct Session {
     last_memory: Option<u64>,
     /// A message for the model to read for preferences after the turn.
     to_extract: Option<String>,
+    /// The flows in progress (`flows.rs`).
+    dialogue: crate::dialogue::State,
 }
 
 /// Resolves when the switch turns on; never, when its sender is gone.
@@ -220,7 +225,11 @@ pub struct SessionOptions {
 }
 
 pub struct Agent {
-    engine: Arc<Engine>,
+    /// The engine, for the generic tool-calling path (apps without flows);
+    /// `None` for an agent on a scripted generator (tests).
+    engine: Option<Arc<Engine>>,
+    /// Commands and chat replies (the engine, or a script in tests).
+    generator: Arc<dyn crate::dialogue::generate::Generator>,
     /// Swapped whole when a mini-program registers at run time; the next
     /// model round sees the new set.
     tools: std::sync::RwLock<Arc<ToolSet>>,
@@ -252,8 +261,20 @@ async fn emit(tx: &Tx, ev: AgentEvent) {
 
 impl Agent {
     pub fn new(engine: Arc<Engine>, tools: Arc<ToolSet>, adapter: Arc<dyn Adapter>, audit: Audit, opts: AgentOptions) -> Arc<Self> {
+        let generator = Arc::new(crate::dialogue::generate::EngineGenerator(engine.clone()));
+        Self::build(Some(engine), generator, tools, adapter, audit, opts)
+    }
+
+    /// An agent whose model is `generator` alone (a script in unit tests):
+    /// flows, the gate and payments work; apps without flows are not served.
+    pub fn with_generator(generator: Arc<dyn crate::dialogue::generate::Generator>, tools: Arc<ToolSet>, adapter: Arc<dyn Adapter>, audit: Audit, opts: AgentOptions) -> Arc<Self> {
+        Self::build(None, generator, tools, adapter, audit, opts)
+    }
+
+    fn build(engine: Option<Arc<Engine>>, generator: Arc<dyn crate::dialogue::generate::Generator>, tools: Arc<ToolSet>, adapter: Arc<dyn Adapter>, audit: Audit, opts: AgentOptions) -> Arc<Self> {
         Arc::new(Self {
             engine,
+            generator,
             tools: std::sync::RwLock::new(tools),
             cancels: Mutex::new(HashMap::new()),
             adapter,
@@ -373,6 +394,7 @@ impl Agent {
                     user: None,
                     last_memory: None,
                     to_extract: None,
+                    dialogue: Default::default(),
                 }))
             })
             .clone()
@@ -426,9 +448,33 @@ impl Agent {
     async fn on_text(&self, sid: &str, s: &mut Session, text: String, tx: &Tx) -> Result<(), String> {
         let lang = *s.lang.get_or_insert_with(|| Lang::detect(&text));
         if s.messages.is_empty() {
-            s.messages.push(Message::system(self.engine.info.prompt.prompts.system(lang, self.opts.clock.now_s())));
+            if let Some(engine) = &self.engine {
+                s.messages.push(Message::system(engine.info.prompt.prompts.system(lang, self.opts.clock.now_s())));
+            }
         }
         s.evidence.today = self.opts.clock.now_s().div_euclid(86_400);
+        let flows = !self.tools().flows().is_empty();
+        if flows {
+            if let Some(p) = &s.pending {
+                // Typed yes or no at an open confirmation: "no" declines; "yes"
+                // does not pay (only the Confirm button's token does), it
+                // points at the button.
+                match crate::dialogue::yes_no(&text) {
+                    Some(true) => {
+                        let req = p.req.clone();
+                        let t = crate::dialogue::say(lang, crate::dialogue::Say::TapToConfirm(&req.amount_display));
+                        emit(tx, AgentEvent::Notice { text: t }).await;
+                        emit(tx, AgentEvent::Confirmation(req)).await;
+                        return Ok(());
+                    }
+                    Some(false) => {
+                        let token = p.req.token.clone();
+                        return self.on_decline(sid, s, &token, tx).await;
+                    }
+                    None => {}
+                }
+            }
+        }
         if let Some(p) = s.pending.take() {
             // "Change it": the open confirmation is void; the model sees the
             // person's new words after the quote.
@@ -446,10 +492,25 @@ impl Agent {
             }
             None => s.evidence.user.push(text.clone()),
         }
+        let original = text.clone();
         let text = match self.personal_turn(sid, s, lang, &text, tx).await? {
             personal::Handled::Done => return Ok(()),
             personal::Handled::Continue(t) => t,
         };
+        if flows {
+            if let Some(fr) = s.dialogue.stack.last_mut() {
+                fr.quoted = false;
+            }
+            if self.flow_turn(sid, s, lang, &original, tx).await? {
+                s.messages.push(Message::user(text));
+                self.after_turn(s, lang);
+                return Ok(());
+            }
+        }
+        if self.engine.is_none() {
+            emit(tx, AgentEvent::Notice { text: crate::dialogue::say(lang, crate::dialogue::Say::CannotHandle) }).await;
+            return Ok(());
+        }
         s.messages.push(Message::user(text));
         let r = self.rounds(sid, s, lang, self.opts.max_rounds, tx).await;
         self.after_turn(s, lang);
@@ -532,8 +593,10 @@ impl Agent {
             grammar_tools: Some(Arc::new(self.grammar_tools(s))),
             require_call: false,
             share_prefix: true,
+            grammar: None,
         };
-        let mut rx = self.engine.submit(req).map_err(|e| e.to_string())?;
+        let engine = self.engine.as_ref().ok_or("no language model for plain tool calling")?;
+        let mut rx = engine.submit(req).map_err(|e| e.to_string())?;
         let (mut text, mut calls) = (String::new(), Vec::new());
         let stop = cancelled(s.cancel.clone());
         tokio::pin!(stop);
@@ -646,7 +709,8 @@ impl Agent {
     /// Drops the oldest exchanges (never the system prompt) until the prompt
     /// leaves room for a reply.
     fn fit_context(&self, s: &mut Session, lang: Lang) {
-        let info = &self.engine.info;
+        let Some(engine) = &self.engine else { return };
+        let info = &engine.info;
         let schemas = self.tools().template_json(lang.code());
         let room = self.opts.max_tokens.min(info.context_length / 4).max(16);
         loop {
@@ -750,7 +814,7 @@ impl Agent {
             s.excluded.push(name.clone());
         }
         if tool.def.confirm {
-            return self.quote(sid, s, lang, &tool, args, tx).await;
+            return self.quote(sid, s, lang, &tool, args, false, tx).await;
         }
         let Some(endpoint) = tool.def.endpoint.clone() else {
             let msg = format!("`{name}` has no endpoint to call");
@@ -812,7 +876,11 @@ impl Agent {
         }
     }
 
-    async fn quote(&self, sid: &str, s: &mut Session, lang: Lang, tool: &Arc<Tool>, args: Map<String, Value>, tx: &Tx) -> Result<Flow, String> {
+    /// Quotes a confirmed tool and opens the confirmation. With
+    /// `speak_errors` (flows) a refused quote is told to the person; else
+    /// the model reads it and may fix its call.
+    #[allow(clippy::too_many_arguments)]
+    async fn quote(&self, sid: &str, s: &mut Session, lang: Lang, tool: &Arc<Tool>, args: Map<String, Value>, speak_errors: bool, tx: &Tx) -> Result<Flow, String> {
         let name = tool.def.name.clone();
         let quote = match &tool.def.quote {
             Some(ep) => {
@@ -822,6 +890,12 @@ impl Agent {
                     .await;
                 match r {
                     Ok(q) => q,
+                    Err(e) if speak_errors => {
+                        self.audit_row(sid, "system", "quote", Some(&name), json!({"arguments": args, "error": e.model}), &format!("{:?}", e.kind))?;
+                        emit(tx, AgentEvent::ToolResult { tool: name.clone(), ok: false, detail: e.model.clone() }).await;
+                        self.tell(s, tx, e.user.clone()).await;
+                        return Ok(Flow::End);
+                    }
                     Err(e) => return self.finish_call(sid, s, lang, tool, &args, Err(e), tx).await,
                 }
             }
@@ -919,12 +993,21 @@ impl Agent {
             Lang::Ko => "아니요, 취소할게요.",
             Lang::En => "No, don't do it.",
         }));
-        let text = if p.order.is_some() {
+        let mut text = if p.order.is_some() {
             // The order was created but its payment failed or is unknown.
             say(lang, Say::DeclinedUnpaid)
         } else {
             say(lang, Say::Declined)
         };
+        if let Some(fr) = s.dialogue.stack.last_mut().filter(|f| f.quoted) {
+            // The flow stays: the person may change something and get a new quote.
+            fr.quoted = false;
+            if p.order.is_none() {
+                text = crate::dialogue::say(lang, crate::dialogue::Say::DeclinedKeep);
+            } else {
+                s.dialogue.stack.pop();
+            }
+        }
         s.messages.push(Message::assistant(text.clone()));
         emit(tx, AgentEvent::Notice { text }).await;
         Ok(())
@@ -1054,6 +1137,11 @@ impl Agent {
         s.messages.push(Message::tool(json!({"status": if paid.is_some() { "confirmed_and_paid" } else { "confirmed" }, "result": compact(&shown)}).to_string()));
         s.messages.push(Message::assistant(text.clone()));
         emit(tx, AgentEvent::Notice { text }).await;
+        // The flow that quoted it is done; a task waiting below it goes on.
+        if s.dialogue.stack.last().is_some_and(|f| f.quoted) {
+            s.dialogue.stack.pop();
+            self.run_stack(sid, s, lang, &[], "", tx).await?;
+        }
         Ok(())
     }
 

@@ -131,7 +131,7 @@ impl Agent {
                 s.messages.push(Message::assistant(note.clone()));
                 emit(tx, AgentEvent::Notice { text: note }).await;
                 // The same gate as any order: a quote, then the person's Confirm.
-                self.quote(sid, s, lang, &tool, u.order.arguments.clone(), tx).await?;
+                self.quote(sid, s, lang, &tool, u.order.arguments.clone(), true, tx).await?;
                 Ok(Handled::Done)
             }
             Some(Command::Recommend(t)) => {
@@ -243,8 +243,8 @@ impl Agent {
     /// proposes is checked against the words and kept as `extracted`,
     /// visible and forgettable like the rest.
     pub(super) fn after_turn(&self, s: &mut Session, lang: Lang) {
-        let (Some(text), Some(feed), Some(user)) = (s.to_extract.take(), self.personal(), s.user.clone()) else { return };
-        let (engine, mem, code) = (self.engine.clone(), feed.memory().clone(), lang.code());
+        let (Some(text), Some(feed), Some(user), Some(engine)) = (s.to_extract.take(), self.personal(), s.user.clone(), self.engine.clone()) else { return };
+        let (mem, code) = (feed.memory().clone(), lang.code());
         tokio::spawn(async move {
             if let Ok(found) = crate::memory::extract::extract(&engine, &text, code).await {
                 for (kind, about, _) in found {

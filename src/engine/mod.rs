@@ -123,6 +123,9 @@ pub struct Request {
     /// the bits it would compute itself. Off, it computes its whole prompt
     /// (benchmarks measuring a cold prefill).
     pub share_prefix: bool,
+    /// A Lark grammar the whole reply must match (the dialogue manager's
+    /// commands); it replaces any tool constraint. The reply streams as text.
+    pub grammar: Option<Arc<str>>,
 }
 
 impl Request {
@@ -140,6 +143,7 @@ impl Request {
             constrain_tools: false,
             grammar_tools: None,
             require_call: false,
+            grammar: None,
             share_prefix: true,
         }
     }
@@ -584,6 +588,12 @@ impl Worker {
         // Idle sessions' caches give way to running requests.
         self.pool.shrink_to(self.kv_budget.saturating_sub(reserved + reserve));
         let constraint = match (&tools, req.constrain_tools) {
+            _ if req.grammar.is_some() => {
+                if self.constraints.is_none() {
+                    self.constraints = Some(ConstraintFactory::new(self.tok.clone(), self.info.n_vocab)?);
+                }
+                Some(self.constraints.as_ref().expect("built above").for_lark(req.grammar.as_deref().unwrap_or_default())?)
+            }
             (Some(t), true) => match &req.grammar_tools {
                 Some(g) => Some(self.constraint(g, req.require_call)?),
                 None => Some(self.constraint(t, req.require_call)?),

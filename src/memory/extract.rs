@@ -67,6 +67,7 @@ pub async fn extract(engine: &Engine, text: &str, lang: &str) -> Result<Vec<(Kin
         grammar_tools: Some(tools),
         require_call: true,
         share_prefix: true,
+        grammar: None,
     };
     let mut rx = engine.submit(req).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut args: Option<Value> = None;

@@ -295,6 +295,7 @@ impl Prepared {
             grammar_tools: self.grammar_tools.clone(),
             require_call: self.require_call,
             share_prefix: true,
+            grammar: None,
         }
     }
 }

@@ -101,7 +101,12 @@ impl ConstraintFactory {
     /// A constraint for one reply with these tools; with `require_call` the
     /// reply must be tool calls (no plain text).
     pub fn for_tools(&self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, GrammarError> {
-        let grammar = TopLevelGrammar::from_lark(lark_for_tools(tools, require_call));
+        self.for_lark(&lark_for_tools(tools, require_call))
+    }
+
+    /// A constraint for one reply that must match a Lark grammar.
+    pub fn for_lark(&self, lark: &str) -> Result<ToolConstraint, GrammarError> {
+        let grammar = TopLevelGrammar::from_lark(lark.to_owned());
         let parser = self
             .factory
             .create_parser(grammar)

@@ -6,6 +6,7 @@
 //! user's confirmation. Manifests are validated at load; arguments the model
 //! produces are validated against the schema before anything is called.
 
+pub mod flow;
 pub mod grammar;
 pub mod parse;
 
@@ -96,6 +97,10 @@ pub struct Manifest {
     #[serde(default)]
     pub keywords: Option<Keywords>,
     pub tools: Vec<ToolDef>,
+    /// The tasks this mini-program runs as flows (`flow.rs`); an app
+    /// without flows is served through plain tool calling.
+    #[serde(default)]
+    pub flows: Vec<flow::FlowDef>,
 }
 
 /// Words and phrases that show a message is meant for a mini-program
@@ -144,6 +149,8 @@ pub struct Tool {
     pub base_url: Option<String>,
     /// The app's routing words, normalized (empty: the app is always offered).
     pub keywords: Arc<Vec<String>>,
+    /// The app's flows (shared by all its tools).
+    pub flows: Arc<Vec<flow::Flow>>,
     validator: jsonschema::Validator,
     result_validator: Option<jsonschema::Validator>,
 }
@@ -199,6 +206,7 @@ impl Tool {
             app: app.into(),
             base_url: None,
             keywords: Arc::default(),
+            flows: Arc::default(),
             validator,
             result_validator,
         })
@@ -378,6 +386,28 @@ impl ToolSet {
         self.tools.len()
     }
 
+    /// Every app's flows, in the order the apps' tools come.
+    pub fn flows(&self) -> Vec<&flow::Flow> {
+        let mut apps: Vec<&str> = Vec::new();
+        let mut out = Vec::new();
+        for t in &self.tools {
+            if !apps.contains(&t.app.as_str()) {
+                apps.push(&t.app);
+                out.extend(t.flows.iter());
+            }
+        }
+        out
+    }
+
+    pub fn flow(&self, id: &str) -> Option<&flow::Flow> {
+        self.flows().into_iter().find(|f| f.def.id == id)
+    }
+
+    /// Whether `app` declares flows.
+    pub fn has_flows(&self, app: &str) -> bool {
+        self.tools.iter().any(|t| t.app == app && !t.flows.is_empty())
+    }
+
     pub fn template_json(&self, lang: &str) -> Vec<Value> {
         self.tools.iter().map(|t| t.template_json(lang)).collect()
     }
@@ -426,6 +456,15 @@ pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestEr
         }
     }
     let keywords = Arc::new(m.keywords.as_ref().map(Keywords::normalized).transpose().map_err(&invalid)?.unwrap_or_default());
+    let mut flow_ids: Vec<&str> = Vec::new();
+    for f in &m.flows {
+        flow::validate(&m.app, f, &m.tools).map_err(&invalid)?;
+        if flow_ids.contains(&f.id.as_str()) {
+            return Err(invalid(format!("flow `{}` is declared twice", f.id)));
+        }
+        flow_ids.push(&f.id);
+    }
+    let flows = Arc::new(m.flows.iter().map(|def| flow::Flow { app: m.app.clone(), def: def.clone() }).collect::<Vec<_>>());
     m.tools
         .into_iter()
         .map(|def| {
@@ -435,6 +474,7 @@ pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestEr
             }
             t.base_url = m.base_url.clone();
             t.keywords = keywords.clone();
+            t.flows = flows.clone();
             Ok(t)
         })
         .collect()

@@ -168,6 +168,11 @@ impl Names {
     }
 }
 
+/// Every city the world knows, with its places.
+pub fn all() -> &'static [City] {
+    CITIES
+}
+
 pub fn city(query: &str) -> Option<&'static City> {
     let q = fold(query);
     if q.is_empty() {

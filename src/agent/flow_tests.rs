@@ -1,0 +1,202 @@
+//! The dialogue manager and the money gate without a model: a scripted
+//! generator writes the commands (each checked against the grammar the
+//! agent built for that message), the sandbox's real services answer, and
+//! the payment service takes the money.
+
+use super::*;
+use crate::adapter::{HttpAdapter, HttpOptions};
+use crate::dialogue::generate::Scripted;
+use crate::sandbox::{testkit, Service};
+
+struct World {
+    _dir: tempfile::TempDir,
+    sb: crate::sandbox::Sandbox,
+    agent: Arc<Agent>,
+    script: Arc<Scripted>,
+}
+
+impl World {
+    async fn new() -> Self {
+        let (dir, sb) = testkit::sandbox().await;
+        let tools = Arc::new(ToolSet::load_dir(&crate::source_root().join("tools")).unwrap());
+        let adapter = HttpAdapter::new(HttpOptions { sandbox_url: Some(sb.base_url.clone()), timeout: Duration::from_secs(5), ..Default::default() });
+        let audit = Audit::open(&dir.path().join("audit.db"), testkit::clock()).unwrap();
+        let script = Scripted::new(Vec::<String>::new());
+        let agent = Agent::with_generator(
+            script.clone(),
+            tools,
+            Arc::new(adapter),
+            audit,
+            AgentOptions { pay_url: Some(sb.url(Service::Pay)), clock: testkit::clock(), lang: None, ..Default::default() },
+        );
+        Self { _dir: dir, sb, agent, script }
+    }
+
+    /// Sends `text`; the model (the script) answers `commands` if asked.
+    async fn say(&self, text: &str, commands: Option<&str>) -> Vec<AgentEvent> {
+        self.say_all(text, commands.as_slice()).await
+    }
+
+    /// Sends `text`; the model's replies, in order, are `replies` (commands, then a chat answer).
+    async fn say_all(&self, text: &str, replies: &[&str]) -> Vec<AgentEvent> {
+        let before = self.script.seen().len();
+        for r in replies {
+            self.script.push(*r);
+        }
+        let ev = self.agent.run("s", Input::Text(text.into())).await;
+        let asked = self.script.seen().len() - before;
+        assert_eq!(asked, replies.len(), "model calls for {text:?}: {ev:#?}");
+        assert!(!ev.iter().any(|e| matches!(e, AgentEvent::Error { .. })), "{ev:#?}");
+        ev
+    }
+
+    async fn confirm(&self, token: &str) -> Vec<AgentEvent> {
+        self.agent.run("s", Input::Confirm { token: token.into() }).await
+    }
+
+    async fn wallet(&self) -> i64 {
+        let (_, w) = testkit::get(format!("{}/v1/wallets/demo", self.sb.url(Service::Pay))).await;
+        w["balances"]["CNY"].as_i64().unwrap_or_else(|| panic!("{w}"))
+    }
+}
+
+fn calls(ev: &[AgentEvent]) -> Vec<(String, Value)> {
+    ev.iter().filter_map(|e| match e {
+        AgentEvent::ToolCall { tool, arguments } => Some((tool.clone(), arguments.clone())),
+        _ => None,
+    }).collect()
+}
+
+fn confirmation(ev: &[AgentEvent]) -> Option<ConfirmationRequest> {
+    ev.iter().find_map(|e| match e {
+        AgentEvent::Confirmation(c) => Some(c.clone()),
+        _ => None,
+    })
+}
+
+fn words(ev: &[AgentEvent]) -> String {
+    ev.iter().filter_map(|e| match e {
+        AgentEvent::Notice { text } | AgentEvent::Token { text } => Some(text.as_str()),
+        _ => None,
+    }).collect::<Vec<_>>().join(" | ")
+}
+
+fn payments(ev: &[AgentEvent]) -> Vec<PaymentEvent> {
+    ev.iter().filter_map(|e| match e {
+        AgentEvent::Payment(p) => Some(p.clone()),
+        _ => None,
+    }).collect()
+}
+
+#[tokio::test]
+async fn a_food_order_is_collected_quoted_corrected_and_paid_once() {
+    let w = World::new().await;
+    let start = w.wallet().await;
+    let ev = w
+        .say(
+            "Order one kung pao chicken from Shu Feng Sichuan Kitchen near People's Square, delivered to 200 Renmin Road.",
+            Some("start order_food\nset place People's Square\nset dish kung pao chicken\nset quantity 1\nset address 200 Renmin Road"),
+        )
+        .await;
+    let c = calls(&ev);
+    assert_eq!(c[0].0, "food_search_restaurants", "{c:?}");
+    assert_eq!(c[0].1["near"], "People's Square");
+    assert_eq!(c[1], ("food_menu".to_string(), json!({"restaurant_id": "sh01"})));
+    assert_eq!(c[2].0, "food_order");
+    assert_eq!(c[2].1["items"], json!([{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}]));
+    let first = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!((first.amount, first.currency.as_str()), (4300, "CNY"));
+    // A correction: a new quote for three, the old confirmation void.
+    let ev = w.say("Actually, make it three.", Some("set quantity 3")).await;
+    let second = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!(second.amount, 11900);
+    // The search and the menu are not run again: their arguments did not change.
+    assert_eq!(calls(&ev).iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), vec!["food_order"]);
+    let ev = w.confirm(&first.token).await;
+    assert!(payments(&ev).is_empty(), "the replaced confirmation paid: {ev:#?}");
+    let ev = w.confirm("not-a-token").await;
+    assert!(payments(&ev).is_empty());
+    let ev = w.confirm(&second.token).await;
+    let p = payments(&ev);
+    assert_eq!(p.len(), 1, "{ev:#?}");
+    assert_eq!((p[0].status.as_str(), p[0].amount), ("paid", 11900));
+    // Confirming again moves nothing.
+    let ev = w.confirm(&second.token).await;
+    assert!(payments(&ev).is_empty(), "{ev:#?}");
+    assert_eq!(w.wallet().await, start - 11900);
+    assert!(w.agent.pending("s").await.is_none());
+}
+
+#[tokio::test]
+async fn missing_slots_are_asked_one_at_a_time_and_bare_answers_need_no_model() {
+    let w = World::new().await;
+    let ev = w.say("I want to order food.", Some("start order_food")).await;
+    assert!(calls(&ev).is_empty());
+    assert!(words(&ev).contains("Where should it be delivered"), "{}", words(&ev));
+    // A place the world does not know is said so, and asked again.
+    let ev = w.say("Near Narnia Castle", Some("set place Narnia Castle")).await;
+    assert!(calls(&ev).is_empty(), "{ev:#?}");
+    assert!(words(&ev).contains("Narnia Castle"), "{}", words(&ev));
+    let ev = w.say("People's Square", Some("set place People's Square")).await;
+    assert_eq!(calls(&ev)[0].0, "food_search_restaurants");
+    assert!(ev.iter().any(|e| matches!(e, AgentEvent::Card(c) if c.options.len() >= 2)), "{ev:#?}");
+    assert!(words(&ev).contains("Which restaurant"), "{}", words(&ev));
+    // "1" answers the question: no model call.
+    let ev = w.say("1", None).await;
+    assert_eq!(calls(&ev)[0].0, "food_menu", "{ev:#?}");
+    assert!(words(&ev).contains("Which dish"), "{}", words(&ev));
+    let ev = w.say("2", None).await;
+    // The address was never given: asked, not invented.
+    assert!(confirmation(&ev).is_none());
+    assert!(words(&ev).contains("delivery address"), "{}", words(&ev));
+    let ev = w.say("200 Renmin Road", Some("set address 200 Renmin Road")).await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(c.amount > 0);
+    // A made-up value is not taken: the person never said this address.
+    // The model's guess is refused, the message is answered as chat, and the
+    // same order is offered again.
+    let ev = w.say_all("Hmm, make it quick", &["set address 1 Fake Street", "Sure, right away."]).await;
+    let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!((again.summary.as_str(), again.amount), (c.summary.as_str(), c.amount));
+    assert_ne!(again.token, c.token);
+}
+
+#[tokio::test]
+async fn typed_yes_does_not_pay_and_no_declines() {
+    let w = World::new().await;
+    let start = w.wallet().await;
+    let ev = w
+        .say(
+            "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road",
+            Some("start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road"),
+        )
+        .await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    let ev = w.say("yes", None).await;
+    assert!(payments(&ev).is_empty());
+    assert_eq!(confirmation(&ev).map(|x| x.token), Some(c.token.clone()), "the same request is shown again");
+    let ev = w.say("no", None).await;
+    assert!(payments(&ev).is_empty());
+    assert!(w.agent.pending("s").await.is_none());
+    let ev = w.confirm(&c.token).await;
+    assert!(payments(&ev).is_empty(), "a declined confirmation paid");
+    assert_eq!(w.wallet().await, start);
+}
+
+#[tokio::test]
+async fn cancel_and_interruption_use_the_stack() {
+    let w = World::new().await;
+    let ev = w.say("Find xiaolongbao delivery near Hongqiao Railway Station", Some("start order_food\nset place Hongqiao Railway Station\nset dish xiaolongbao")).await;
+    assert!(words(&ev).contains("Which restaurant"), "{}", words(&ev));
+    // An interruption: a chat answer, the flow stays.
+    let ev = w.say_all("what is xiaolongbao anyway?", &["chat", "It's a small steamed dumpling."]).await;
+    assert!(words(&ev).contains("steamed dumpling"), "{}", words(&ev));
+    let ev = w.say("Nanxiang, two portions, to 88 Shenhong Road", Some("set restaurant Nanxiang\nset quantity 2\nset address 88 Shenhong Road")).await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!(c.amount, 38 * 2 * 100 + 600);
+    let ev = w.say("cancel it", Some("cancel")).await;
+    assert!(words(&ev).contains("stopped"), "{}", words(&ev));
+    assert!(w.agent.pending("s").await.is_none());
+    let ev = w.confirm(&c.token).await;
+    assert!(payments(&ev).is_empty());
+}

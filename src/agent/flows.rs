@@ -1,0 +1,607 @@
+//! The flow executor: runs the flows mini-programs declare, one message at
+//! a time (see [`crate::dialogue`]).
+//!
+//! Code decides the order of steps, which id goes into which call, what is
+//! asked next and what is confirmed. The model's commands only fill slots,
+//! pick options, start, stop or switch flows, and every value it proposes
+//! is checked against the person's words first. Money still moves only
+//! through the gate: a flow's `quote` step opens a confirmation, and only
+//! the person's Confirm with its token runs and pays it.
+
+use super::{emit, present, Agent, AgentEvent, Session, Tx};
+use crate::adapter::CallRequest;
+use crate::dialogue::command::{self, Allowed, Command, SlotRule};
+use crate::dialogue::generate::GenRequest;
+use crate::dialogue::value::{self, Opt, Rejected};
+use crate::dialogue::{say, Frame, Say};
+use crate::prompt::Lang;
+use crate::template::Message;
+use crate::tools::flow::{Flow, SlotDef, SlotKind, Step, When};
+use serde_json::{json, Map, Value};
+
+/// How a frame's run ended for this message.
+enum Outcome {
+    /// A question was asked.
+    Asked,
+    /// A confirmation is open.
+    Waiting,
+    /// Every step ran (or an answer step ended it): the frame is done.
+    Finished,
+    /// A call failed or found nothing; the person was told.
+    Stopped,
+}
+
+/// Messages this short that name an option, a number or a date need no model.
+fn short(text: &str) -> bool {
+    let t = text.trim();
+    t.split_whitespace().count() <= 4 && t.chars().count() <= 24
+}
+
+fn when_ok(w: &Option<When>, fr: &Frame) -> bool {
+    let Some(w) = w else { return true };
+    w.filled.iter().all(|s| fr.slots.contains_key(s))
+        && w.missing.iter().all(|s| !fr.slots.contains_key(s))
+        && w.is.iter().all(|(s, vals)| fr.slots.get(s).and_then(Value::as_str).is_some_and(|v| vals.iter().any(|x| x == v)))
+}
+
+/// Fills an argument template from the frame; `None` leaves it out.
+fn build(t: &Value, fr: &Frame) -> Option<Value> {
+    match t {
+        Value::String(s) if s.starts_with('$') => {
+            let r = &s[1..];
+            match r.split_once('.') {
+                Some((slot, field)) => fr.chosen.get(slot).and_then(|o| o.get(field)).filter(|v| !v.is_null()).cloned(),
+                None => fr.slots.get(r).cloned(),
+            }
+        }
+        Value::Array(a) => Some(Value::Array(a.iter().filter_map(|x| build(x, fr)).collect())),
+        Value::Object(o) => Some(Value::Object(o.iter().filter_map(|(k, v)| build(v, fr).map(|b| (k.clone(), b))).collect())),
+        v => Some(v.clone()),
+    }
+}
+
+fn args_of(step: &Step, fr: &Frame) -> Map<String, Value> {
+    step.args.iter().filter_map(|(k, v)| build(v, fr).map(|b| (k.clone(), b))).collect()
+}
+
+fn step_name(step: &Step) -> String {
+    step.name.clone().or_else(|| step.call.clone()).or_else(|| step.quote.clone()).unwrap_or_default()
+}
+
+/// The options a choice slot offers now.
+fn slot_options(flow: &Flow, fr: &Frame, slot: &SlotDef) -> Vec<Opt> {
+    let Some(from) = &slot.from else { return Vec::new() };
+    let _ = flow;
+    fr.results.get(from).map(|(_, r)| value::options(slot, r)).unwrap_or_default()
+}
+
+fn choose(fr: &mut Frame, slot: &str, o: &Opt) {
+    fr.slots.insert(slot.to_owned(), Value::String(o.id.clone()));
+    fr.chosen.insert(slot.to_owned(), o.data.clone());
+}
+
+/// Empties a slot and the choices that depend on its words.
+fn clear(flow: &Flow, fr: &mut Frame, slot: &str) {
+    fr.slots.remove(slot);
+    fr.chosen.remove(slot);
+    for s in &flow.def.slots {
+        if s.hint.as_deref() == Some(slot) {
+            fr.slots.remove(&s.name);
+            fr.chosen.remove(&s.name);
+        }
+    }
+}
+
+/// The slots a step's arguments read.
+fn step_slots(step: &Step) -> Vec<String> {
+    let mut r = Vec::new();
+    crate::tools::flow::refs(&Value::Object(step.args.clone()), &mut r);
+    r.into_iter().map(|(s, _)| s).collect()
+}
+
+impl Agent {
+    fn flow(&self, id: &str) -> Option<Flow> {
+        self.tools().flow(id).cloned()
+    }
+
+    /// Handles a message through flows. Returns `false` when it belongs to
+    /// the generic tool-calling path (an app without flows).
+    pub(super) async fn flow_turn(&self, sid: &str, s: &mut Session, lang: Lang, text: &str, tx: &Tx) -> Result<bool, String> {
+        let today = self.opts.clock.now_s().div_euclid(86_400);
+        // What needs no model: a tapped option, or a bare answer to the question just asked.
+        let mut fresh: Vec<String> = Vec::new();
+        let mut skip_model = false;
+        if let Some(mut fr) = s.dialogue.stack.pop() {
+            if let (Some(flow), Some(asking)) = (self.flow(&fr.flow), fr.asking.clone()) {
+                if let Some(def) = flow.slot(&asking).cloned() {
+                    let tapped = s.offered_replies.iter().find(|(r, _)| r == text.trim()).map(|(_, id)| id.clone());
+                    match def.kind {
+                        SlotKind::Choice => {
+                            let opts = slot_options(&flow, &fr, &def);
+                            let pick = tapped
+                                .and_then(|id| opts.iter().position(|o| o.id == id))
+                                .or_else(|| short(text).then(|| value::ordinal(text).filter(|n| *n <= opts.len()).map(|n| n - 1).or_else(|| value::option_named(text, &opts))).flatten());
+                            if let Some(i) = pick {
+                                choose(&mut fr, &asking, &opts[i]);
+                                fresh.push(asking.clone());
+                                skip_model = true;
+                            }
+                        }
+                        SlotKind::Count | SlotKind::Date | SlotKind::Time | SlotKind::Enum if short(text) => {
+                            if let Some(v) = value::from_message(&def, text, today) {
+                                fr.slots.insert(asking.clone(), v);
+                                fresh.push(asking.clone());
+                                skip_model = true;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            s.dialogue.stack.push(fr);
+        }
+        s.dialogue.note("user", text);
+        if !skip_model {
+            let handled = self.commands_turn(sid, s, lang, text, today, &mut fresh, tx).await?;
+            if let Some(h) = handled {
+                return Ok(h);
+            }
+        }
+        self.run_stack(sid, s, lang, &fresh, text, tx).await?;
+        Ok(true)
+    }
+
+    /// The model's commands for one message, applied. `Some(x)`: the turn is
+    /// over (`x` false: hand it to the generic path).
+    #[allow(clippy::too_many_arguments)]
+    async fn commands_turn(&self, sid: &str, s: &mut Session, lang: Lang, text: &str, today: i64, fresh: &mut Vec<String>, tx: &Tx) -> Result<Option<bool>, String> {
+        let tools = self.tools();
+        let all = tools.flows();
+        // Candidates: flows of the apps the message names, and those on the stack; all when none is named.
+        let named = super::route::apps_named(&tools, text);
+        let mut cands: Vec<&Flow> = all.iter().copied().filter(|f| named.contains(&f.app) || s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id)).collect();
+        if cands.iter().all(|f| s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id)) {
+            cands = all.clone();
+        }
+        // Options on screen for the question being asked.
+        let (options, n_options): (Vec<String>, usize) = match s.dialogue.top().and_then(|fr| Some((fr, self.flow(&fr.flow)?))) {
+            Some((fr, flow)) => match fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice) {
+                Some(def) => {
+                    let o = slot_options(&flow, fr, def);
+                    (o.iter().map(|o| o.labels.first().cloned().unwrap_or_else(|| o.id.clone())).collect(), o.len())
+                }
+                None => (Vec::new(), 0),
+            },
+            None => (Vec::new(), 0),
+        };
+        let mut slots: Vec<SlotRule> = Vec::new();
+        for f in &cands {
+            for d in &f.def.slots {
+                if d.kind == SlotKind::Choice && d.hint.is_some() || slots.iter().any(|r| r.name == d.name) {
+                    continue;
+                }
+                slots.push(SlotRule {
+                    name: d.name.clone(),
+                    values: (d.kind == SlotKind::Enum).then(|| d.values.clone()),
+                    digits: d.kind == SlotKind::Count,
+                });
+            }
+        }
+        let allowed = Allowed { flows: cands.iter().map(|f| f.def.id.clone()).collect(), slots, options: n_options, active: !s.dialogue.stack.is_empty() };
+        let prompt = crate::dialogue::command_prompt(&cands, &s.dialogue, &options, text);
+        let req = GenRequest {
+            session: Some(format!("{sid}#commands")),
+            messages: vec![Message::system(crate::dialogue::COMMAND_SYSTEM.to_owned()), Message::user(prompt)],
+            grammar: Some(command::grammar(&allowed)),
+            max_tokens: 64,
+            sampling: crate::engine::sampler::SamplingParams::greedy(),
+            lang: lang.code().into(),
+        };
+        let g = self.generator.generate(req, None).await?;
+        self.count(s, &g);
+        let cmds = command::parse(&g.text);
+        self.audit_row(sid, "model", "commands", None, json!({"commands": cmds, "prompt_tokens": g.prompt_tokens}), "read")?;
+        let (mut chat, mut cannot, mut acted) = (false, false, false);
+        let mut clarify: Option<Vec<String>> = None;
+        let mut problems: Vec<String> = Vec::new();
+        let mut started: Vec<String> = Vec::new();
+        for c in cmds {
+            match c {
+                Command::Start { flow } => {
+                    let Some(f) = self.flow(&flow) else { continue };
+                    acted = true;
+                    match s.dialogue.stack.iter().position(|fr| fr.flow == flow) {
+                        Some(i) if i + 1 == s.dialogue.stack.len() => {}
+                        Some(i) => {
+                            let fr = s.dialogue.stack.remove(i);
+                            s.dialogue.stack.push(fr);
+                        }
+                        None => {
+                            s.dialogue.stack.push(Frame::new(&f));
+                            started.push(flow);
+                        }
+                    }
+                }
+                Command::Set { slot, value: v } => {
+                    // The newest frame that has the slot.
+                    let Some(i) = s.dialogue.stack.iter().rposition(|fr| self.flow(&fr.flow).is_some_and(|f| f.slot(&slot).is_some())) else { continue };
+                    let flow = self.flow(&s.dialogue.stack[i].flow).expect("checked above");
+                    let def = flow.slot(&slot).expect("checked above").clone();
+                    let fr = &mut s.dialogue.stack[i];
+                    if def.kind == SlotKind::Choice {
+                        let opts = slot_options(&flow, fr, &def);
+                        if let Some(k) = value::option_named(&v, &opts).or_else(|| value::option_named(text, &opts)) {
+                            choose(fr, &slot, &opts[k]);
+                            fresh.push(slot);
+                            acted = true;
+                        }
+                        continue;
+                    }
+                    match value::read(&def, &v, text, today) {
+                        Ok(val) => {
+                            if fr.slots.get(&slot) != Some(&val) {
+                                clear(&flow, fr, &slot);
+                                fr.slots.insert(slot.clone(), val);
+                            }
+                            fresh.push(slot);
+                            acted = true;
+                        }
+                        Err(Rejected::UnknownPlace(p)) => {
+                            clear(&flow, fr, &slot);
+                            problems.push(say(lang, Say::UnknownPlace(&p)));
+                            acted = true;
+                        }
+                        Err(e) => {
+                            self.audit_row(sid, "model", "slot", None, json!({"slot": slot, "value": v, "rejected": format!("{e:?}")}), "not taken")?;
+                        }
+                    }
+                }
+                Command::Pick { n } => {
+                    let Some(fr) = s.dialogue.stack.last_mut() else { continue };
+                    let Some(flow) = self.flow(&fr.flow) else { continue };
+                    let Some(def) = fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice).cloned() else { continue };
+                    let opts = slot_options(&flow, fr, &def);
+                    if let Some(o) = opts.get(n - 1) {
+                        choose(fr, &def.name, o);
+                        fresh.push(def.name.clone());
+                        acted = true;
+                    }
+                }
+                Command::Cancel => {
+                    if let Some(fr) = s.dialogue.stack.pop() {
+                        acted = true;
+                        self.drop_pending(sid, s, "the person cancelled the task")?;
+                        let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
+                        let t = say(lang, Say::Cancelled(&d));
+                        self.tell(s, tx, t).await;
+                    }
+                }
+                Command::Clarify { flows } => clarify = Some(flows),
+                Command::Chat => chat = true,
+                Command::CannotHandle => cannot = true,
+            }
+        }
+        // Code reads what the model left out, for a flow just started or a question just asked.
+        if let Some(fr) = s.dialogue.stack.last_mut() {
+            if let Some(flow) = self.flow(&fr.flow) {
+                let new = started.contains(&fr.flow);
+                let place_slots: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place).collect();
+                let places = value::places_in(text);
+                for d in &flow.def.slots {
+                    if fr.slots.contains_key(&d.name) {
+                        continue;
+                    }
+                    let asked = fr.asking.as_deref() == Some(d.name.as_str());
+                    if !(new || asked) {
+                        continue;
+                    }
+                    let v = match d.kind {
+                        SlotKind::Date | SlotKind::Time | SlotKind::Enum => value::from_message(d, text, today),
+                        SlotKind::Count if asked || d.default.is_none() => value::from_message(d, text, today),
+                        SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && !problems.iter().any(|p| p.contains(&places[0])) => Some(Value::String(places[0].clone())),
+                        SlotKind::Choice if asked => {
+                            let opts = slot_options(&flow, fr, d);
+                            value::option_named(text, &opts).map(|i| {
+                                fr.chosen.insert(d.name.clone(), opts[i].data.clone());
+                                Value::String(opts[i].id.clone())
+                            })
+                        }
+                        SlotKind::Text if asked && !chat && text.chars().count() <= 120 && !text.trim_end().ends_with(['?', '？']) => Some(Value::String(text.trim().to_owned())),
+                        _ => None,
+                    };
+                    if let Some(v) = v {
+                        fr.slots.insert(d.name.clone(), v);
+                        fresh.push(d.name.clone());
+                        acted = true;
+                    }
+                }
+            }
+        }
+        for p in &problems {
+            self.tell(s, tx, p.clone()).await;
+        }
+        if let (Some(fs), false) = (&clarify, acted) {
+            let ds: Vec<String> = fs.iter().filter_map(|f| self.flow(f)).map(|f| f.def.description.get(lang.code()).to_owned()).collect();
+            if ds.len() >= 2 {
+                let t = say(lang, Say::Clarify(ds.iter().map(String::as_str).collect()));
+                self.tell(s, tx, t).await;
+                return Ok(Some(true));
+            }
+        }
+        if !acted {
+            if cannot && !chat {
+                // A request for an app without flows goes to plain tool calling.
+                if named.iter().any(|a| !tools.has_flows(a)) {
+                    return Ok(Some(false));
+                }
+                let t = say(lang, Say::CannotHandle);
+                self.tell(s, tx, t).await;
+                return Ok(Some(true));
+            }
+            self.chat_reply(sid, s, lang, text, tx).await?;
+            // A flow in progress resumes: its question (or quote) again.
+            return Ok(if s.dialogue.stack.is_empty() { Some(true) } else { None });
+        }
+        Ok(None)
+    }
+
+    /// Runs the top frame until it needs the person; a finished frame is
+    /// popped and the one below resumes.
+    pub(super) async fn run_stack(&self, sid: &str, s: &mut Session, lang: Lang, fresh: &[String], said: &str, tx: &Tx) -> Result<(), String> {
+        let mut resumed = false;
+        while let Some(mut fr) = s.dialogue.stack.pop() {
+            let Some(flow) = self.flow(&fr.flow) else { continue };
+            if resumed {
+                let t = say(lang, Say::Resume(flow.def.description.get(lang.code())));
+                self.tell(s, tx, t).await;
+            }
+            let out = self.advance(sid, s, lang, &flow, &mut fr, fresh, if resumed { "" } else { said }, tx).await?;
+            match out {
+                Outcome::Finished => {
+                    resumed = true;
+                    continue;
+                }
+                Outcome::Asked | Outcome::Waiting | Outcome::Stopped => {
+                    s.dialogue.stack.push(fr);
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame's steps in order, from the first, until one needs the person.
+    #[allow(clippy::too_many_arguments)]
+    async fn advance(&self, sid: &str, s: &mut Session, lang: Lang, flow: &Flow, fr: &mut Frame, fresh: &[String], said: &str, tx: &Tx) -> Result<Outcome, String> {
+        let tools = self.tools();
+        fr.asking = None;
+        for step in &flow.def.steps {
+            if !when_ok(&step.when, fr) {
+                continue;
+            }
+            if let Some(c) = &step.collect {
+                let def = flow.slot(c).expect("validated at load").clone();
+                if def.kind == SlotKind::Choice {
+                    let from = def.from.clone().unwrap_or_default();
+                    if !fr.results.contains_key(&from) {
+                        // Its call was skipped by a condition.
+                        continue;
+                    }
+                    let opts = slot_options(flow, fr, &def);
+                    if let Some(v) = fr.slots.get(c).and_then(Value::as_str) {
+                        if let Some(o) = opts.iter().find(|o| o.id == v) {
+                            fr.chosen.insert(c.clone(), o.data.clone());
+                            continue;
+                        }
+                        fr.slots.remove(c);
+                        fr.chosen.remove(c);
+                    }
+                    if opts.is_empty() {
+                        let t = say(lang, Say::NothingFound);
+                        self.tell(s, tx, t).await;
+                        // What the person just said led nowhere: let them say it again.
+                        let from_step = flow.def.steps.iter().find(|st| st.name.as_deref() == Some(from.as_str()));
+                        for sl in from_step.map(step_slots).unwrap_or_default() {
+                            if fresh.contains(&sl) {
+                                clear(flow, fr, &sl);
+                            }
+                        }
+                        return Ok(Outcome::Stopped);
+                    }
+                    if let Some(h) = def.hint.as_ref().and_then(|h| fr.slots.get(h)).and_then(Value::as_str) {
+                        if let Some(i) = value::option_named(h, &opts) {
+                            choose(fr, c, &opts[i]);
+                            continue;
+                        }
+                    }
+                    // The message names one of them ("from Shu Feng", "南翔小笼").
+                    if let Some(i) = (!said.is_empty()).then(|| value::option_named(said, &opts)).flatten() {
+                        choose(fr, c, &opts[i]);
+                        continue;
+                    }
+                    if def.auto_single && opts.len() == 1 {
+                        choose(fr, c, &opts[0]);
+                        continue;
+                    }
+                    self.show(s, lang, flow, fr, &from, tx).await;
+                    let q = def.ask.as_ref().map(|a| a.get(lang.code()).to_owned()).unwrap_or_else(|| say(lang, Say::WhichOne));
+                    fr.asking = Some(c.clone());
+                    self.tell(s, tx, q).await;
+                    return Ok(Outcome::Asked);
+                }
+                if fr.slots.contains_key(c) {
+                    continue;
+                }
+                if let Some(d) = &def.default {
+                    fr.slots.insert(c.clone(), d.clone());
+                    continue;
+                }
+                if !def.required {
+                    continue;
+                }
+                let q = def.ask.as_ref().map(|a| a.get(lang.code()).to_owned()).unwrap_or_else(|| c.replace('_', " "));
+                fr.asking = Some(c.clone());
+                self.tell(s, tx, q).await;
+                return Ok(Outcome::Asked);
+            }
+            let args = args_of(step, fr);
+            if let Some(t) = &step.call {
+                let name = step_name(step);
+                if fr.results.get(&name).is_some_and(|(a, _)| a == &args) {
+                    continue;
+                }
+                let Some(tool) = tools.get(t).cloned() else { return Err(format!("tool {t} vanished")) };
+                emit(tx, AgentEvent::ToolCall { tool: t.clone(), arguments: Value::Object(args.clone()) }).await;
+                if let Err(e) = tool.validate(&args) {
+                    self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args}), &format!("rejected: {e}"))?;
+                    emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: false, detail: e }).await;
+                    return Ok(Outcome::Stopped);
+                }
+                let endpoint = tool.def.endpoint.clone().ok_or_else(|| format!("`{t}` has no endpoint"))?;
+                let r = self.adapter.call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: None, check_result: true, confirmed: None }).await;
+                match r {
+                    Ok(v) => {
+                        self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args, "flow": fr.flow}), "ok")?;
+                        s.evidence.add_result(&tool.app, t, &v);
+                        emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: true, detail: String::new() }).await;
+                        fr.results.insert(name.clone(), (args, v));
+                        if step.show || step.end {
+                            self.show(s, lang, flow, fr, &name, tx).await;
+                        }
+                        if step.end {
+                            return Ok(Outcome::Finished);
+                        }
+                    }
+                    Err(e) => {
+                        self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args, "error": e.model}), &format!("{:?}", e.kind))?;
+                        emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: false, detail: e.model.clone() }).await;
+                        self.tell(s, tx, e.user.clone()).await;
+                        for sl in step_slots(step) {
+                            if fresh.contains(&sl) {
+                                clear(flow, fr, &sl);
+                            }
+                        }
+                        return Ok(Outcome::Stopped);
+                    }
+                }
+                continue;
+            }
+            if let Some(t) = &step.quote {
+                let Some(tool) = tools.get(t).cloned() else { return Err(format!("tool {t} vanished")) };
+                emit(tx, AgentEvent::ToolCall { tool: t.clone(), arguments: Value::Object(args.clone()) }).await;
+                if let Err(e) = tool.validate(&args) {
+                    self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args}), &format!("rejected: {e}"))?;
+                    emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: false, detail: e }).await;
+                    return Ok(Outcome::Stopped);
+                }
+                self.quote(sid, s, lang, &tool, args, true, tx).await?;
+                if s.pending.is_some() {
+                    fr.quoted = true;
+                    return Ok(Outcome::Waiting);
+                }
+                return Ok(Outcome::Stopped);
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// Shows the card of a step's result once.
+    async fn show(&self, s: &mut Session, lang: Lang, flow: &Flow, fr: &mut Frame, step: &str, tx: &Tx) {
+        let Some((args, result)) = fr.results.get(step) else { return };
+        let key = format!("{step} {}", Value::Object(args.clone()));
+        if fr.shown.contains(&key) {
+            return;
+        }
+        let Some(st) = flow.def.steps.iter().find(|st| st.call.is_some() && step_name(st) == step) else { return };
+        let tool_name = st.call.clone().unwrap_or_default();
+        let Some(tool) = self.tools().get(&tool_name).cloned() else { return };
+        let Some(kind) = &tool.def.card else { return };
+        let card = present::card(kind, &tool_name, &tool.app, result, lang);
+        if !card.options.is_empty() {
+            s.offered = card.options.iter().map(|o| o.id.clone()).collect();
+            s.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
+        }
+        fr.shown.push(key);
+        emit(tx, AgentEvent::Card(card)).await;
+    }
+
+    /// The assistant's own words, to the person and to the command prompt.
+    pub(super) async fn tell(&self, s: &mut Session, tx: &Tx, text: String) {
+        s.dialogue.note("assistant", &text);
+        emit(tx, AgentEvent::Notice { text }).await;
+    }
+
+    /// A confirmation still open is void (the task was cancelled or changed).
+    pub(super) fn drop_pending(&self, sid: &str, s: &mut Session, why: &str) -> Result<(), String> {
+        if let Some(p) = s.pending.take() {
+            self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), why)?;
+        }
+        if let Some(fr) = s.dialogue.stack.last_mut() {
+            fr.quoted = false;
+        }
+        Ok(())
+    }
+
+    fn count(&self, s: &mut Session, g: &crate::dialogue::generate::Generated) {
+        let st = &mut s.stats;
+        st.model_rounds += 1;
+        st.prompt_tokens += g.prompt_tokens;
+        st.cached_tokens += g.cached_tokens;
+        st.completion_tokens += g.completion_tokens;
+        st.prefill_ms += g.prefill_ms;
+        st.decode_ms += g.decode_ms;
+    }
+
+    /// Small talk and questions: the model answers in a few words, with a
+    /// prompt of its own.
+    async fn chat_reply(&self, sid: &str, s: &mut Session, lang: Lang, text: &str, tx: &Tx) -> Result<(), String> {
+        let language = match lang {
+            Lang::En => "English",
+            Lang::Zh => "Chinese",
+            Lang::Ko => "Korean",
+        };
+        let mut system = format!(
+            "You are Errand, a friendly life assistant in a payment app. Reply in {language}, in one or two short sentences. \
+             You can order food and groceries, call rides, book trains, shows and salons, and unlock bikes. \
+             You never pay without the user's confirmation, and you cannot send money to people or pay strangers' codes. \
+             Today is {}.",
+            crate::world::calendar::date_text(self.opts.clock.now_s().div_euclid(86_400))
+        );
+        if let Some(fr) = s.dialogue.top() {
+            if let Some((_, r)) = fr.results.values().last() {
+                let mut ctx = present::compact(r).to_string();
+                ctx = ctx.chars().take(600).collect();
+                system.push_str(&format!("\nWhat the user is looking at: {ctx}"));
+            }
+        }
+        let mut messages = vec![Message::system(system)];
+        for (role, t) in s.dialogue.recent.iter().rev().skip(1).take(2).rev() {
+            messages.push(if role == "user" { Message::user(t.clone()) } else { Message::assistant(t.clone()) });
+        }
+        messages.push(Message::user(text.to_owned()));
+        let (ttx, mut trx) = tokio::sync::mpsc::channel::<String>(64);
+        let req = GenRequest { session: Some(format!("{sid}#chat")), messages, grammar: None, max_tokens: 80, sampling: self.opts.sampling, lang: lang.code().into() };
+        let started = s.started;
+        let fwd = async {
+            let mut first = None;
+            let mut all = String::new();
+            while let Some(t) = trx.recv().await {
+                if first.is_none() {
+                    first = Some(started.elapsed().as_secs_f64() * 1000.0);
+                }
+                all.push_str(&t);
+                emit(tx, AgentEvent::Token { text: t }).await;
+            }
+            (first, all)
+        };
+        let (g, (first, all)) = tokio::join!(self.generator.generate(req, Some(ttx)), fwd);
+        let g = g?;
+        self.count(s, &g);
+        if s.stats.first_token_ms.is_none() {
+            s.stats.first_token_ms = first;
+        }
+        self.audit_row(sid, "model", "chat", None, json!({"chars": all.chars().count()}), "answered")?;
+        s.dialogue.note("assistant", all.trim());
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! Commands: what the language model makes of one message.
+//!
+//! The model never calls a tool. It reads the message with a short prompt
+//! (the candidate flows, the active flow's slots, the options on screen and
+//! the last exchange) and writes a few lines such as
+//!
+//! ```text
+//! start order_food
+//! set place People's Square
+//! set dish kung pao chicken
+//! ```
+//!
+//! under a grammar that allows only the flows, slots and values valid in
+//! this state. The executor checks every value against the person's words
+//! before it uses it.
+
+use serde::Serialize;
+
+/// One command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Begin a flow (on top of the active one: an interruption).
+    Start { flow: String },
+    /// The person gave a value for a slot (a correction when it was filled).
+    Set { slot: String, value: String },
+    /// The person chose option N (from 1) of the options on screen.
+    Pick { n: usize },
+    /// Stop the active flow.
+    Cancel,
+    /// The message could mean any of these flows: ask which.
+    Clarify { flows: Vec<String> },
+    /// Small talk or a question that starts no task: the model answers.
+    Chat,
+    /// Nothing the assistant can do.
+    CannotHandle,
+}
+
+/// Most commands one message gives.
+pub const MAX_COMMANDS: usize = 6;
+
+/// Reads the model's lines; lines that are no command are skipped (the
+/// grammar makes them rare), as are repeats.
+pub fn parse(text: &str) -> Vec<Command> {
+    let mut out: Vec<Command> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let (head, rest) = line.split_once(' ').map(|(a, b)| (a, b.trim())).unwrap_or((line, ""));
+        let c = match head {
+            "start" if !rest.is_empty() => Command::Start { flow: rest.to_owned() },
+            "set" => match rest.split_once(' ') {
+                Some((slot, value)) if !value.trim().is_empty() => Command::Set { slot: slot.to_owned(), value: value.trim().to_owned() },
+                _ => continue,
+            },
+            "pick" => match rest.parse::<usize>() {
+                Ok(n) if n >= 1 => Command::Pick { n },
+                _ => continue,
+            },
+            "cancel" => Command::Cancel,
+            "clarify" => Command::Clarify { flows: rest.split_whitespace().map(str::to_owned).collect() },
+            "chat" => Command::Chat,
+            "none" => Command::CannotHandle,
+            _ => continue,
+        };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+        if out.len() == MAX_COMMANDS {
+            break;
+        }
+    }
+    out
+}
+
+/// A slot the grammar may set, and what its value may look like.
+#[derive(Debug, Clone)]
+pub struct SlotRule {
+    pub name: String,
+    /// Fixed values (an enum), else free text.
+    pub values: Option<Vec<String>>,
+    /// Digits only (a count).
+    pub digits: bool,
+}
+
+/// What the grammar allows in this state.
+#[derive(Debug, Clone, Default)]
+pub struct Allowed {
+    /// Flows that may be started.
+    pub flows: Vec<String>,
+    pub slots: Vec<SlotRule>,
+    /// Options on screen (0: no `pick`).
+    pub options: usize,
+    /// A flow is active (`cancel` allowed).
+    pub active: bool,
+}
+
+/// Escapes text for a Lark regular expression between slashes.
+fn escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$/\"-".contains(c) {
+            out.push('\\');
+        }
+        if c == '\n' {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The Lark grammar of one reply: one to [`MAX_COMMANDS`] lines, each a
+/// command this state allows.
+pub fn grammar(a: &Allowed) -> String {
+    let mut alts: Vec<String> = vec!["chat".into(), "none".into()];
+    if !a.flows.is_empty() {
+        let f: Vec<String> = a.flows.iter().map(|f| escape(f)).collect();
+        alts.push(format!("start ({})", f.join("|")));
+        if a.flows.len() >= 2 {
+            alts.push(format!("clarify ({0}) ({0})", f.join("|")));
+        }
+    }
+    for s in &a.slots {
+        let value = match (&s.values, s.digits) {
+            (Some(v), _) if !v.is_empty() => format!("({})", v.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")),
+            (_, true) => "[1-9][0-9]?".to_owned(),
+            _ => "[^\\n ][^\\n]{0,59}".to_owned(),
+        };
+        alts.push(format!("set {} {value}", escape(&s.name)));
+    }
+    if a.options > 0 {
+        let n = a.options.min(20);
+        let picks: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+        alts.push(format!("pick ({})", picks.join("|")));
+    }
+    if a.active {
+        alts.push("cancel".into());
+    }
+    let mut start = "LINE".to_owned();
+    for _ in 1..MAX_COMMANDS {
+        start.push_str(" (\"\\n\" LINE)?");
+    }
+    format!("start: {start}\nLINE: /({})/\n", alts.join("|"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llguidance::api::TopLevelGrammar;
+    use llguidance::{Matcher, ParserFactory};
+
+    fn run(lark: &str, text: &str) -> Option<bool> {
+        let env = toktrie::ApproximateTokEnv::single_byte_env();
+        let mut factory = ParserFactory::new_simple(&env).unwrap();
+        factory.set_stderr_log_level(0);
+        let parser = factory.create_parser(TopLevelGrammar::from_lark(lark.to_owned())).unwrap();
+        let mut m = Matcher::new(Ok(parser));
+        assert!(m.get_error().is_none(), "{:?}", m.get_error());
+        for b in text.bytes() {
+            m.consume_token(b as u32).ok()?;
+        }
+        Some(m.is_accepting().unwrap_or(false))
+    }
+
+    fn allowed() -> Allowed {
+        Allowed {
+            flows: vec!["order_food".into(), "book_ride".into()],
+            slots: vec![
+                SlotRule { name: "place".into(), values: None, digits: false },
+                SlotRule { name: "quantity".into(), values: None, digits: true },
+                SlotRule { name: "vehicle_class".into(), values: Some(vec!["economy".into(), "comfort".into()]), digits: false },
+            ],
+            options: 3,
+            active: true,
+        }
+    }
+
+    #[test]
+    fn the_grammar_allows_only_this_states_commands() {
+        let g = grammar(&allowed());
+        assert_eq!(run(&g, "start order_food\nset place People's Square\nset quantity 3"), Some(true));
+        assert_eq!(run(&g, "pick 2"), Some(true));
+        assert_eq!(run(&g, "set vehicle_class comfort"), Some(true));
+        assert_eq!(run(&g, "cancel"), Some(true));
+        assert_eq!(run(&g, "clarify order_food book_ride"), Some(true));
+        // Unknown flows, slots, values, options beyond the list: refused where they go wrong.
+        assert_eq!(run(&g, "start teleport"), None);
+        assert_eq!(run(&g, "set colour red"), None);
+        assert_eq!(run(&g, "set vehicle_class limo"), None);
+        assert_eq!(run(&g, "pick 4"), None);
+        assert_eq!(run(&g, "set quantity three"), None);
+        assert_eq!(run(&g, "I will order food"), None);
+        // Nothing active: no cancel; no options: no pick.
+        let g = grammar(&Allowed { active: false, options: 0, ..allowed() });
+        assert_eq!(run(&g, "cancel"), None);
+        assert_eq!(run(&g, "pick 1"), None);
+        assert_eq!(run(&g, "chat"), Some(true));
+    }
+
+    #[test]
+    fn enum_values_are_escaped() {
+        let a = Allowed { slots: vec![SlotRule { name: "seat".into(), values: Some(vec!["1st (window)".into(), "a/b".into()]), digits: false }], ..Default::default() };
+        let g = grammar(&a);
+        assert_eq!(run(&g, "set seat 1st (window)"), Some(true));
+        assert_eq!(run(&g, "set seat a/b"), Some(true));
+        assert_eq!(run(&g, "set seat 1st"), Some(false));
+    }
+
+    #[test]
+    fn lines_parse_into_commands() {
+        let c = parse("start order_food\nset place People's Square\nset dish  kung pao chicken \npick 2\ncancel\nclarify a b\nchat\nnone\nbogus\nset x\npick 0");
+        assert_eq!(
+            c,
+            vec![
+                Command::Start { flow: "order_food".into() },
+                Command::Set { slot: "place".into(), value: "People's Square".into() },
+                Command::Set { slot: "dish".into(), value: "kung pao chicken".into() },
+                Command::Pick { n: 2 },
+                Command::Cancel,
+                Command::Clarify { flows: vec!["a".into(), "b".into()] },
+            ]
+        );
+        assert_eq!(parse("chat\nchat"), vec![Command::Chat]);
+    }
+}

@@ -1,0 +1,486 @@
+//! Reading slot values: what the model proposes is kept only when the
+//! person's message says it (grounding as validation), and typed values
+//! are read by code (numbers, dates, times, places, options).
+
+use crate::agent::ground::{contains_word, numbers_in, Evidence, DAY_PARTS, NUMBER_WORDS};
+use crate::tools::flow::{SlotDef, SlotKind};
+use crate::world::calendar::civil_from_days;
+use crate::world::cities::{self, fold};
+use serde_json::Value;
+
+/// Why a proposed value was not taken.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rejected {
+    /// The message does not say it (the model made it up).
+    NotSaid,
+    /// Said, but not a place this world knows.
+    UnknownPlace(String),
+    /// Said, but out of range or unreadable.
+    Invalid(String),
+}
+
+/// Whether `value` is in the person's words: case, spaces and punctuation
+/// aside, whole, or most of its words.
+pub fn said(value: &str, message: &str) -> bool {
+    let (v, m) = (fold(value), fold(message));
+    if v.is_empty() {
+        return false;
+    }
+    if m.contains(&v) {
+        return true;
+    }
+    let words: Vec<String> = value.split_whitespace().map(fold).filter(|w| w.chars().count() >= 2).collect();
+    if words.len() >= 2 {
+        let hit = words.iter().filter(|w| m.contains(w.as_str())).count();
+        return hit * 10 >= words.len() * 7;
+    }
+    false
+}
+
+/// A count in `value` (digits or a number word).
+fn number(value: &str) -> Option<i64> {
+    let v = value.trim().to_lowercase();
+    if let Ok(n) = v.parse::<i64>() {
+        return Some(n);
+    }
+    NUMBER_WORDS.iter().find(|(w, _)| v == *w).map(|(_, n)| *n)
+}
+
+/// The counts a message names: digits standing alone and number words.
+/// Counters that follow a number in Chinese and Korean ("两份", "두 개").
+const COUNTERS: &[&str] = &["份", "个", "個", "张", "張", "位", "人", "杯", "瓶", "碗", "斤", "盒", "箱", "袋", "串", "장", "개", "명", "잔", "그릇", "병", "인분", "봉지", "팩", "대", "곳"];
+
+/// Whether a number word stands as a count in `text`: English words whole,
+/// Chinese and Korean ones of one character only before a counter ("세"
+/// alone is inside "주세요").
+fn number_word_in(text: &str, w: &str) -> bool {
+    if w.is_ascii() {
+        return contains_word(text, w);
+    }
+    if w.chars().count() > 1 {
+        return text.contains(w);
+    }
+    text.match_indices(w).any(|(i, _)| {
+        let rest = text[i + w.len()..].trim_start();
+        COUNTERS.iter().any(|c| rest.starts_with(c))
+    })
+}
+
+pub fn counts_in(message: &str) -> Vec<i64> {
+    let text = message.to_lowercase();
+    let mut out: Vec<i64> = NUMBER_WORDS.iter().filter(|(w, _)| number_word_in(&text, w)).map(|(_, n)| *n).collect();
+    for w in text.split(|c: char| c.is_whitespace() || "，。,.!?！？".contains(c)) {
+        let digits: String = w.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let rest: String = w.chars().skip_while(|c| c.is_ascii_digit()).collect();
+        // "3", "3份", "2장", "2개", "2x": a count; "06:25", "G6127", "2026-11-23": not.
+        let unit = rest.is_empty() || ["份", "个", "張", "张", "장", "개", "명", "位", "人", "x", "×", "杯", "瓶", "箱", "盒", "斤", "碗", "portions", "tickets"].iter().any(|u| rest.starts_with(u));
+        if !digits.is_empty() && unit {
+            if let Ok(n) = digits.parse() {
+                out.push(n);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A time of day as `HH:MM` from words like "7pm", "19:00", "晚上7点",
+/// "오후 7시", "7:30".
+pub fn time_in(text: &str) -> Option<String> {
+    let t = text.to_lowercase();
+    let pm = ["pm", "p.m", "evening", "tonight", "下午", "晚上", "今晚", "明晚", "傍晚", "오후", "저녁", "밤"].iter().any(|w| t.contains(w));
+    let am = ["am", "a.m", "morning", "上午", "早上", "凌晨", "오전", "아침", "새벽"].iter().any(|w| contains_word(&t, w) || (!w.is_ascii() && t.contains(w)));
+    // hh:mm first.
+    let chars: Vec<char> = t.chars().collect();
+    for i in 0..chars.len() {
+        if chars[i] == ':' && i > 0 {
+            let h: String = chars[..i].iter().rev().take_while(|c| c.is_ascii_digit()).collect::<Vec<_>>().into_iter().rev().collect();
+            let m: String = chars[i + 1..].iter().take_while(|c| c.is_ascii_digit()).collect();
+            if let (Ok(h), Ok(m)) = (h.parse::<u32>(), m.parse::<u32>()) {
+                if h < 24 && m < 60 && m.to_string().len() <= 2 {
+                    let h = if pm && h < 12 { h + 12 } else { h };
+                    return Some(format!("{h:02}:{m:02}"));
+                }
+            }
+        }
+    }
+    // "7pm", "7 pm", "7点", "7시", "7点半", "at 7".
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            let n: u32 = chars[start..i].iter().collect::<String>().parse().unwrap_or(99);
+            let after: String = chars[i..].iter().collect::<String>();
+            let after = after.trim_start();
+            let hourish = ["pm", "am", "p.m", "a.m", "点", "點", "시", "o'clock", "oclock"].iter().any(|u| after.starts_with(u));
+            let before: String = chars[..start].iter().collect();
+            let at = before.trim_end().ends_with(" at") || before.trim_end() == "at" || before.ends_with("at ");
+            if n <= 24 && (hourish || at) {
+                let half = after.starts_with("点半") || after.starts_with("시 반") || after.starts_with("시반") || after.starts_with("點半");
+                let mut h = n;
+                if (pm || after.starts_with("pm") || after.starts_with("p.m")) && h < 12 {
+                    h += 12;
+                }
+                if (am || after.starts_with("am")) && h == 12 {
+                    h = 0;
+                }
+                if !pm && !am && !after.starts_with("am") && hourish && (1..=6).contains(&h) && !after.starts_with("点") && !after.starts_with("시") {
+                    h += 12;
+                }
+                return Some(format!("{h:02}:{:02}", if half { 30 } else { 0 }));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    if t.contains("noon") || t.contains("中午") || t.contains("정오") {
+        return Some("12:00".into());
+    }
+    None
+}
+
+/// Whether the hour of `hm` is in the message (or a part of day that holds it).
+fn time_said(hm: &str, message: &str) -> bool {
+    let Some((h, m)) = hm.split_once(':').and_then(|(h, m)| Some((h.parse::<i64>().ok()?, m.parse::<i64>().ok()?))) else { return false };
+    let t = message.to_lowercase();
+    let nums = numbers_in(&t);
+    let hour = nums.contains(&h) || (h > 12 && nums.contains(&(h - 12))) || (h == 12 && t.contains("noon"));
+    let minute = m == 0 || nums.contains(&m) || (m == 30 && (t.contains("half") || t.contains('半') || t.contains('반')));
+    if hour && minute {
+        return true;
+    }
+    DAY_PARTS.iter().any(|(words, lo, hi)| words.iter().any(|w| t.contains(w)) && (*lo as i64..=*hi as i64).contains(&h) && m == 0 && !nums.iter().any(|n| (1..=24).contains(n)))
+}
+
+/// The days a message can mean (relative words, weekdays, month/day).
+pub fn dates_in(message: &str, today: i64) -> Vec<i64> {
+    let e = Evidence { user: vec![message.to_owned()], today, ..Default::default() };
+    let mut d = e.dates_said();
+    d.sort();
+    d.dedup();
+    d
+}
+
+pub fn ymd(day: i64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// An enum value the message names by the value itself or a synonym; only
+/// one may match.
+pub fn enum_in(slot: &SlotDef, message: &str) -> Option<String> {
+    let t = message.to_lowercase();
+    let hits: Vec<&String> = slot
+        .values
+        .iter()
+        .filter(|v| {
+            let own = contains_word(&t, &v.to_lowercase().replace('_', " ")) || contains_word(&t, &v.to_lowercase());
+            own || slot.synonyms.get(*v).is_some_and(|ws| ws.iter().any(|w| contains_word(&t, &w.to_lowercase())))
+        })
+        .collect();
+    match hits.as_slice() {
+        [one] => Some((*one).clone()),
+        _ => None,
+    }
+}
+
+/// Checks a value the model proposed for `slot` against the message, and
+/// returns it in the form the flow's calls use.
+pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Value, Rejected> {
+    let value = value.trim();
+    match slot.kind {
+        SlotKind::Text => {
+            if said(value, message) {
+                Ok(Value::String(crate::agent::ground::tidy(value)))
+            } else {
+                Err(Rejected::NotSaid)
+            }
+        }
+        SlotKind::Place => {
+            if !said(value, message) {
+                return Err(Rejected::NotSaid);
+            }
+            if cities::city(value).is_some() || cities::place(value, None).is_some() {
+                Ok(Value::String(value.to_owned()))
+            } else {
+                Err(Rejected::UnknownPlace(value.to_owned()))
+            }
+        }
+        SlotKind::Count => {
+            let n = number(value).ok_or_else(|| Rejected::Invalid(format!("`{value}` is not a number")))?;
+            let (lo, hi) = slot.bounds();
+            if !(lo..=hi).contains(&n) {
+                return Err(Rejected::Invalid(format!("{n} is not between {lo} and {hi}")));
+            }
+            // One needs no saying ("a coffee"); other counts must be in the words.
+            if n != 1 && !counts_in(message).contains(&n) {
+                return Err(Rejected::NotSaid);
+            }
+            Ok(Value::from(n))
+        }
+        SlotKind::Enum => {
+            let v = slot.values.iter().find(|v| v.eq_ignore_ascii_case(value)).ok_or_else(|| Rejected::Invalid(format!("`{value}` is not one of {}", slot.values.join(", "))))?;
+            let t = message.to_lowercase();
+            let named = contains_word(&t, &v.to_lowercase()) || contains_word(&t, &v.to_lowercase().replace('_', " ")) || slot.synonyms.get(v).is_some_and(|ws| ws.iter().any(|w| contains_word(&t, &w.to_lowercase())));
+            if named {
+                Ok(Value::String(v.clone()))
+            } else {
+                Err(Rejected::NotSaid)
+            }
+        }
+        SlotKind::Date => {
+            let days = dates_in(message, today);
+            if let Ok(d) = crate::world::calendar::parse_date_loose(value) {
+                if days.contains(&d) {
+                    return Ok(Value::String(ymd(d)));
+                }
+            }
+            let from_value = dates_in(value, today);
+            match (days.as_slice(), from_value.iter().find(|d| days.contains(d))) {
+                (_, Some(d)) => Ok(Value::String(ymd(*d))),
+                ([one], None) => Ok(Value::String(ymd(*one))),
+                _ => Err(Rejected::NotSaid),
+            }
+        }
+        SlotKind::Time => {
+            let hm = time_in(value).or_else(|| time_in(message)).ok_or(Rejected::NotSaid)?;
+            if time_said(&hm, message) {
+                Ok(Value::String(hm))
+            } else {
+                Err(Rejected::NotSaid)
+            }
+        }
+        SlotKind::Choice => Err(Rejected::Invalid("choices are picked from options".into())),
+    }
+}
+
+/// A value code can read from the message alone, without the model: the
+/// one date it names, a time, an enum value by its words, the one count.
+pub fn from_message(slot: &SlotDef, message: &str, today: i64) -> Option<Value> {
+    match slot.kind {
+        SlotKind::Date => match dates_in(message, today).as_slice() {
+            [one] => Some(Value::String(ymd(*one))),
+            _ => None,
+        },
+        SlotKind::Time => time_in(message).filter(|hm| time_said(hm, message)).map(Value::String),
+        SlotKind::Enum => enum_in(slot, message).map(Value::String),
+        SlotKind::Count => match counts_in(message).as_slice() {
+            [n] if (slot.bounds().0..=slot.bounds().1).contains(n) => Some(Value::from(*n)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The known places a message names, longest names first.
+pub fn places_in(message: &str) -> Vec<String> {
+    let m = fold(message);
+    let mut out: Vec<String> = Vec::new();
+    for c in cities::all() {
+        for p in c.places {
+            for n in p.name.all().into_iter().chain(p.aliases.iter().copied()) {
+                // "Shanghai Hongqiao Railway Station" is also said without its city.
+                let short = c.name.all().iter().find_map(|cn| n.strip_prefix(cn)).map(str::trim).filter(|x| x.chars().count() >= 2);
+                for name in std::iter::once(n).chain(short) {
+                    let f = fold(name);
+                    if f.chars().count() >= 2 && m.contains(&f) && !out.iter().any(|o| fold(o).contains(&f)) {
+                        out.push(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by_key(|n| std::cmp::Reverse(fold(n).len()));
+    // Drop names inside longer ones ("Hongqiao" in "Hongqiao Railway Station").
+    let mut kept: Vec<String> = Vec::new();
+    for n in out {
+        if !kept.iter().any(|k| fold(k).contains(&fold(&n))) {
+            kept.push(n);
+        }
+    }
+    kept
+}
+
+/// An option on screen: its value, its names in every language, the whole object.
+#[derive(Debug, Clone)]
+pub struct Opt {
+    pub id: String,
+    pub labels: Vec<String>,
+    pub data: Value,
+}
+
+/// The options a choice slot offers from a result.
+pub fn options(slot: &SlotDef, result: &Value) -> Vec<Opt> {
+    let Some(items) = result.pointer(slot.list_pointer()).and_then(Value::as_array) else { return Vec::new() };
+    items
+        .iter()
+        .filter_map(|it| {
+            let id = match &it[slot.value_field()] {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return None,
+            };
+            let labels = match &it[slot.label_field()] {
+                Value::String(s) => vec![s.clone()],
+                Value::Object(o) => o.values().filter_map(Value::as_str).map(str::to_owned).collect(),
+                _ => Vec::new(),
+            };
+            Some(Opt { id, labels, data: it.clone() })
+        })
+        .collect()
+}
+
+/// Words that name many options, never one: "kitchen", "restaurant", …
+const COMMON: &[&str] = &["kitchen", "restaurant", "house", "shop", "store", "salon", "the", "and", "home", "hair", "studio", "cafe", "station", "餐厅", "饭店", "美发", "식당"];
+
+/// The option the text names: its id, its whole name in any language, or
+/// a distinctive word of its name that no other option has. `None` when
+/// none or several match.
+pub fn option_named(text: &str, opts: &[Opt]) -> Option<usize> {
+    let t = fold(text);
+    if t.is_empty() {
+        return None;
+    }
+    let by = |f: &dyn Fn(&Opt) -> bool| -> Option<usize> {
+        let hits: Vec<usize> = opts.iter().enumerate().filter(|(_, o)| f(o)).map(|(i, _)| i).collect();
+        match hits.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    };
+    if let Some(i) = by(&|o| text.contains(o.id.as_str()) && o.id.len() >= 3) {
+        return Some(i);
+    }
+    if let Some(i) = by(&|o| o.labels.iter().any(|l| fold(l).chars().count() >= 2 && t.contains(&fold(l)))) {
+        return Some(i);
+    }
+    // Distinctive pieces: Latin words of 4+ letters, or two-character runs of CJK/Hangul.
+    let pieces = |o: &Opt| -> Vec<String> {
+        let mut p = Vec::new();
+        for l in &o.labels {
+            if l.is_ascii() {
+                p.extend(l.split(|c: char| !c.is_alphanumeric()).map(str::to_lowercase).filter(|w| w.len() >= 4 && !COMMON.contains(&w.as_str())));
+            } else {
+                let cs: Vec<char> = l.chars().filter(|c| c.is_alphanumeric()).collect();
+                p.extend(cs.windows(2).map(|w| w.iter().collect::<String>()).filter(|w| !COMMON.contains(&w.as_str())));
+            }
+        }
+        p
+    };
+    let all: Vec<Vec<String>> = opts.iter().map(pieces).collect();
+    let lower = text.to_lowercase();
+    let hits: Vec<usize> = (0..opts.len())
+        .filter(|&i| {
+            all[i].iter().any(|w| {
+                let unique = all.iter().enumerate().all(|(j, ws)| j == i || !ws.contains(w));
+                unique && if w.is_ascii() { contains_word(&lower, w) } else { lower.contains(w.as_str()) }
+            })
+        })
+        .collect();
+    match hits.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// An ordinal or a bare number in the text: "the first one", "second",
+/// "第二个", "두 번째", "2", "#3".
+pub fn ordinal(text: &str) -> Option<usize> {
+    let t = text.trim().to_lowercase();
+    let words: [(&[&str], usize); 5] = [
+        (&["first", "1st", "第一", "头一个", "첫 번째", "첫번째", "첫째", "1번"], 1),
+        (&["second", "2nd", "第二", "두 번째", "두번째", "둘째", "2번"], 2),
+        (&["third", "3rd", "第三", "세 번째", "세번째", "셋째", "3번"], 3),
+        (&["fourth", "4th", "第四", "네 번째", "네번째", "4번"], 4),
+        (&["fifth", "5th", "第五", "다섯 번째", "5번"], 5),
+    ];
+    let hits: Vec<usize> = words.iter().filter(|(ws, _)| ws.iter().any(|w| if w.is_ascii() { contains_word(&t, w) } else { t.contains(w) })).map(|(_, n)| *n).collect();
+    if let [one] = hits.as_slice() {
+        return Some(*one);
+    }
+    let bare = t.trim_start_matches(['#', 'n', 'o', '.', ' ']).trim_end_matches(['.', '!', '。']);
+    bare.parse::<usize>().ok().filter(|n| (1..=20).contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slot(kind: SlotKind) -> SlotDef {
+        serde_json::from_value(json!({"name": "s", "type": kind, "required": false})).unwrap()
+    }
+
+    #[test]
+    fn text_must_be_said() {
+        assert!(said("200 Renmin Road", "deliver to 200 renmin road please"));
+        assert!(said("申虹路88号", "地址是申虹路88号。"));
+        assert!(!said("People's Square", "deliver to 200 Renmin Road"));
+        assert_eq!(read(&slot(SlotKind::Text), "88 Shenhong Road", "to 88 Shenhong Road", 0), Ok(json!("88 Shenhong Road")));
+        assert_eq!(read(&slot(SlotKind::Text), "People's Square", "to 88 Shenhong Road", 0), Err(Rejected::NotSaid));
+    }
+
+    #[test]
+    fn places_must_be_said_and_known() {
+        let s = slot(SlotKind::Place);
+        assert!(read(&s, "People's Square", "near peoples square", 0).is_ok());
+        assert!(read(&s, "人民广场", "人民广场附近", 0).is_ok());
+        assert_eq!(read(&s, "上海欢乐谷", "帮我在上海欢乐谷附近点一份小笼包外卖", 0), Err(Rejected::UnknownPlace("上海欢乐谷".into())));
+        assert_eq!(read(&s, "Pudong Airport", "to People's Square", 0), Err(Rejected::NotSaid));
+        assert_eq!(places_in("from Hongqiao Railway Station to People's Square"), vec!["Hongqiao Railway Station".to_string(), "People's Square".to_string()]);
+    }
+
+    #[test]
+    fn counts_dates_and_times_are_read_by_code() {
+        let s = slot(SlotKind::Count);
+        assert_eq!(read(&s, "3", "Actually, make it three.", 0), Ok(json!(3)));
+        assert_eq!(read(&s, "2", "两份", 0), Ok(json!(2)));
+        assert_eq!(read(&s, "1", "one order of xiaolongbao", 0), Ok(json!(1)));
+        assert_eq!(read(&s, "4", "make it three", 0), Err(Rejected::NotSaid));
+        assert_eq!(counts_in("G1234 at 06:25 on 2026-11-23"), Vec::<i64>::new());
+        assert_eq!(counts_in("2장 주세요"), vec![2]);
+        // 2026-11-22 is a Sunday.
+        let today = crate::world::calendar::days_from_civil(2026, 11, 22).unwrap();
+        let d = slot(SlotKind::Date);
+        assert_eq!(from_message(&d, "train to Hangzhou tomorrow", today), Some(json!("2026-11-23")));
+        assert_eq!(read(&d, "2026-11-25", "明天去杭州", today), Ok(json!("2026-11-23")));
+        assert_eq!(read(&d, "2026-11-25", "去杭州", today), Err(Rejected::NotSaid));
+        assert_eq!(time_in("at 7pm"), Some("19:00".into()));
+        assert_eq!(time_in("晚上7点半"), Some("19:30".into()));
+        assert_eq!(time_in("오후 3시"), Some("15:00".into()));
+        assert_eq!(time_in("14:30 please"), Some("14:30".into()));
+        assert_eq!(read(&slot(SlotKind::Time), "15:00", "오후 3시에 예약", 0), Ok(json!("15:00")));
+        assert_eq!(read(&slot(SlotKind::Time), "18:00", "오후 3시에 예약", 0), Err(Rejected::NotSaid));
+    }
+
+    #[test]
+    fn options_are_named_by_id_name_distinctive_word_or_ordinal() {
+        let r = json!({"items": [
+            {"id": "sh03", "name": {"en": "Nanxiang Dumpling House", "zh": "南翔小笼"}},
+            {"id": "sh04", "name": {"en": "Old Shanghai Canteen", "zh": "老上海食堂"}},
+        ]});
+        let s: SlotDef = serde_json::from_value(json!({"name": "r", "type": "choice", "from": "x", "required": false})).unwrap();
+        let o = options(&s, &r);
+        assert_eq!(o.len(), 2);
+        assert_eq!(option_named("two portions from Nanxiang", &o), Some(0));
+        assert_eq!(option_named("就南翔小笼吧", &o), Some(0));
+        assert_eq!(option_named("I'll take this one: Old Shanghai Canteen (sh04)", &o), Some(1));
+        assert_eq!(option_named("any place is fine", &o), None);
+        assert_eq!(ordinal("The first one, deliver to 200 Renmin Road"), Some(1));
+        assert_eq!(ordinal("第二个"), Some(2));
+        assert_eq!(ordinal("2"), Some(2));
+        assert_eq!(ordinal("deliver to 200 Renmin Road"), None);
+    }
+
+    #[test]
+    fn enums_by_value_or_synonym() {
+        let s: SlotDef = serde_json::from_value(json!({"name": "c", "type": "enum", "values": ["economy", "comfort"], "synonyms": {"economy": ["cheapest", "经济"]}, "required": false})).unwrap();
+        assert_eq!(enum_in(&s, "the cheapest one"), Some("economy".into()));
+        assert_eq!(read(&s, "comfort", "comfort please", 0), Ok(json!("comfort")));
+        assert_eq!(read(&s, "comfort", "whatever", 0), Err(Rejected::NotSaid));
+    }
+}
