@@ -8,7 +8,7 @@ use crate::adapter::{HttpAdapter, HttpOptions};
 use crate::dialogue::generate::Scripted;
 use crate::sandbox::{testkit, Service};
 
-struct World {
+pub(super) struct World {
     _dir: tempfile::TempDir,
     sb: crate::sandbox::Sandbox,
     agent: Arc<Agent>,
@@ -16,7 +16,12 @@ struct World {
 }
 
 impl World {
-    async fn new() -> Self {
+    #[allow(dead_code)]
+    pub(super) fn agent(&self) -> &Arc<Agent> {
+        &self.agent
+    }
+
+    pub(super) async fn new() -> Self {
         let (dir, sb) = testkit::sandbox().await;
         let tools = Arc::new(ToolSet::load_dir(&crate::source_root().join("tools")).unwrap());
         let adapter = HttpAdapter::new(HttpOptions { sandbox_url: Some(sb.base_url.clone()), timeout: Duration::from_secs(5), ..Default::default() });
@@ -33,12 +38,12 @@ impl World {
     }
 
     /// Sends `text`; the model (the script) answers `commands` if asked.
-    async fn say(&self, text: &str, commands: Option<&str>) -> Vec<AgentEvent> {
+    pub(super) async fn say(&self, text: &str, commands: Option<&str>) -> Vec<AgentEvent> {
         self.say_all(text, commands.as_slice()).await
     }
 
     /// Sends `text`; the model's replies, in order, are `replies` (commands, then a chat answer).
-    async fn say_all(&self, text: &str, replies: &[&str]) -> Vec<AgentEvent> {
+    pub(super) async fn say_all(&self, text: &str, replies: &[&str]) -> Vec<AgentEvent> {
         let before = self.script.seen().len();
         for r in replies {
             self.script.push(*r);
@@ -50,38 +55,38 @@ impl World {
         ev
     }
 
-    async fn confirm(&self, token: &str) -> Vec<AgentEvent> {
+    pub(super) async fn confirm(&self, token: &str) -> Vec<AgentEvent> {
         self.agent.run("s", Input::Confirm { token: token.into() }).await
     }
 
-    async fn wallet(&self) -> i64 {
+    pub(super) async fn wallet(&self) -> i64 {
         let (_, w) = testkit::get(format!("{}/v1/wallets/demo", self.sb.url(Service::Pay))).await;
         w["balances"]["CNY"].as_i64().unwrap_or_else(|| panic!("{w}"))
     }
 }
 
-fn calls(ev: &[AgentEvent]) -> Vec<(String, Value)> {
+pub(super) fn calls(ev: &[AgentEvent]) -> Vec<(String, Value)> {
     ev.iter().filter_map(|e| match e {
         AgentEvent::ToolCall { tool, arguments } => Some((tool.clone(), arguments.clone())),
         _ => None,
     }).collect()
 }
 
-fn confirmation(ev: &[AgentEvent]) -> Option<ConfirmationRequest> {
+pub(super) fn confirmation(ev: &[AgentEvent]) -> Option<ConfirmationRequest> {
     ev.iter().find_map(|e| match e {
         AgentEvent::Confirmation(c) => Some(c.clone()),
         _ => None,
     })
 }
 
-fn words(ev: &[AgentEvent]) -> String {
+pub(super) fn words(ev: &[AgentEvent]) -> String {
     ev.iter().filter_map(|e| match e {
         AgentEvent::Notice { text } | AgentEvent::Token { text } => Some(text.as_str()),
         _ => None,
     }).collect::<Vec<_>>().join(" | ")
 }
 
-fn payments(ev: &[AgentEvent]) -> Vec<PaymentEvent> {
+pub(super) fn payments(ev: &[AgentEvent]) -> Vec<PaymentEvent> {
     ev.iter().filter_map(|e| match e {
         AgentEvent::Payment(p) => Some(p.clone()),
         _ => None,

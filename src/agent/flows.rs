@@ -68,10 +68,16 @@ fn step_name(step: &Step) -> String {
     step.name.clone().or_else(|| step.call.clone()).or_else(|| step.quote.clone()).unwrap_or_default()
 }
 
-/// The options a choice slot offers now.
-fn slot_options(flow: &Flow, fr: &Frame, slot: &SlotDef) -> Vec<Opt> {
+/// The options a choice slot offers now: a step's results, or (`@orders`)
+/// this session's orders with the flow's app, newest first.
+fn slot_options(orders: &[(String, Value)], flow: &Flow, fr: &Frame, slot: &SlotDef) -> Vec<Opt> {
     let Some(from) = &slot.from else { return Vec::new() };
-    let _ = flow;
+    if from == crate::tools::flow::ORDERS {
+        let items: Vec<Value> = orders.iter().rev().filter(|(app, _)| *app == flow.app).map(|(_, o)| o.clone()).collect();
+        let mut sl = slot.clone();
+        sl.list = Some("/items".into());
+        return value::options(&sl, &json!({ "items": items }));
+    }
     fr.results.get(from).map(|(_, r)| value::options(slot, r)).unwrap_or_default()
 }
 
@@ -117,7 +123,7 @@ impl Agent {
                     let tapped = s.offered_replies.iter().find(|(r, _)| r == text.trim()).map(|(_, id)| id.clone());
                     match def.kind {
                         SlotKind::Choice => {
-                            let opts = slot_options(&flow, &fr, &def);
+                            let opts = slot_options(&s.orders, &flow, &fr, &def);
                             let pick = tapped
                                 .and_then(|id| opts.iter().position(|o| o.id == id))
                                 .or_else(|| short(text).then(|| value::ordinal(text).filter(|n| *n <= opts.len()).map(|n| n - 1).or_else(|| value::option_named(text, &opts))).flatten());
@@ -167,7 +173,7 @@ impl Agent {
         let (options, n_options): (Vec<String>, usize) = match s.dialogue.top().and_then(|fr| Some((fr, self.flow(&fr.flow)?))) {
             Some((fr, flow)) => match fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice) {
                 Some(def) => {
-                    let o = slot_options(&flow, fr, def);
+                    let o = slot_options(&s.orders, &flow, fr, def);
                     (o.iter().map(|o| o.labels.first().cloned().unwrap_or_else(|| o.id.clone())).collect(), o.len())
                 }
                 None => (Vec::new(), 0),
@@ -229,7 +235,7 @@ impl Agent {
                     let def = flow.slot(&slot).expect("checked above").clone();
                     let fr = &mut s.dialogue.stack[i];
                     if def.kind == SlotKind::Choice {
-                        let opts = slot_options(&flow, fr, &def);
+                        let opts = slot_options(&s.orders, &flow, fr, &def);
                         if let Some(k) = value::option_named(&v, &opts).or_else(|| value::option_named(text, &opts)) {
                             choose(fr, &slot, &opts[k]);
                             fresh.push(slot);
@@ -260,7 +266,7 @@ impl Agent {
                     let Some(fr) = s.dialogue.stack.last_mut() else { continue };
                     let Some(flow) = self.flow(&fr.flow) else { continue };
                     let Some(def) = fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice).cloned() else { continue };
-                    let opts = slot_options(&flow, fr, &def);
+                    let opts = slot_options(&s.orders, &flow, fr, &def);
                     if let Some(o) = opts.get(n - 1) {
                         choose(fr, &def.name, o);
                         fresh.push(def.name.clone());
@@ -282,7 +288,8 @@ impl Agent {
             }
         }
         // Code reads what the model left out, for a flow just started or a question just asked.
-        if let Some(fr) = s.dialogue.stack.last_mut() {
+        if let Some(mut top) = s.dialogue.stack.pop() {
+            let fr = &mut top;
             if let Some(flow) = self.flow(&fr.flow) {
                 let new = started.contains(&fr.flow);
                 let place_slots: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place).collect();
@@ -300,7 +307,7 @@ impl Agent {
                         SlotKind::Count if asked || d.default.is_none() => value::from_message(d, text, today),
                         SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && !problems.iter().any(|p| p.contains(&places[0])) => Some(Value::String(places[0].clone())),
                         SlotKind::Choice if asked => {
-                            let opts = slot_options(&flow, fr, d);
+                            let opts = slot_options(&s.orders, &flow, fr, d);
                             value::option_named(text, &opts).map(|i| {
                                 fr.chosen.insert(d.name.clone(), opts[i].data.clone());
                                 Value::String(opts[i].id.clone())
@@ -316,6 +323,7 @@ impl Agent {
                     }
                 }
             }
+            s.dialogue.stack.push(top);
         }
         for p in &problems {
             self.tell(s, tx, p.clone()).await;
@@ -383,11 +391,11 @@ impl Agent {
                 let def = flow.slot(c).expect("validated at load").clone();
                 if def.kind == SlotKind::Choice {
                     let from = def.from.clone().unwrap_or_default();
-                    if !fr.results.contains_key(&from) {
+                    if from != crate::tools::flow::ORDERS && !fr.results.contains_key(&from) {
                         // Its call was skipped by a condition.
                         continue;
                     }
-                    let opts = slot_options(flow, fr, &def);
+                    let opts = slot_options(&s.orders, flow, fr, &def);
                     if let Some(v) = fr.slots.get(c).and_then(Value::as_str) {
                         if let Some(o) = opts.iter().find(|o| o.id == v) {
                             fr.chosen.insert(c.clone(), o.data.clone());

@@ -23,6 +23,10 @@
 mod flows;
 #[cfg(test)]
 mod flow_tests;
+#[cfg(test)]
+mod flow_tests_booking;
+#[cfg(test)]
+mod flow_tests_mobility;
 pub mod ground;
 mod personal;
 pub mod present;
@@ -206,6 +210,9 @@ struct Session {
     to_extract: Option<String>,
     /// The flows in progress (`flows.rs`).
     dialogue: crate::dialogue::State,
+    /// Orders confirmed in this session, newest last: (app, order as shown);
+    /// a flow's choice `from: "@orders"` picks from them (cancel, lock).
+    orders: Vec<(String, Value)>,
 }
 
 /// Resolves when the switch turns on; never, when its sender is gone.
@@ -395,6 +402,7 @@ impl Agent {
                     last_memory: None,
                     to_extract: None,
                     dialogue: Default::default(),
+                    orders: Vec::new(),
                 }))
             })
             .clone()
@@ -1124,6 +1132,7 @@ impl Agent {
             emit(tx, AgentEvent::Card(present::card(kind, &name, &p.tool.app, &shown, lang))).await;
         }
         emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
+        s.orders.push((p.tool.app.clone(), shown.clone()));
         if paid.is_some() {
             self.remember_order(s, &p.tool.app, &name, &p.args, &p.req.summary, p.req.amount, &p.req.currency).await;
         }

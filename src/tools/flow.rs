@@ -63,7 +63,8 @@ pub struct SlotDef {
     pub min: Option<i64>,
     #[serde(default)]
     pub max: Option<i64>,
-    /// `choice`: the call step (`as`) whose result holds the options.
+    /// `choice`: the call step (`as`) whose result holds the options, or
+    /// `@orders`: the orders confirmed in this conversation with this app.
     #[serde(default)]
     pub from: Option<String>,
     /// `choice`: JSON pointer to the options' array in that result (default `/items`).
@@ -84,6 +85,10 @@ pub struct SlotDef {
     #[serde(default)]
     pub auto_single: bool,
 }
+
+/// A choice slot's `from` that picks among the orders confirmed in this
+/// conversation with the flow's app (to cancel a ride, lock a bike).
+pub const ORDERS: &str = "@orders";
 
 fn yes() -> bool {
     true
@@ -243,7 +248,7 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
                 let Some(from) = &s.from else {
                     return Err(at(format!("choice slot `{}` needs `from`: the call step whose results it picks from", s.name)));
                 };
-                if !f.steps.iter().any(|st| st.call.is_some() && st.name.as_deref() == Some(from)) {
+                if from != ORDERS && !f.steps.iter().any(|st| st.call.is_some() && st.name.as_deref() == Some(from)) {
                     return Err(at(format!("choice slot `{}` picks from `{from}`, but no call step is named `{from}` (`\"as\": \"{from}\"`)", s.name)));
                 }
                 if !s.list_pointer().starts_with('/') {
@@ -267,8 +272,8 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
     }
     for s in &f.slots {
         if let Some(h) = &s.hint {
-            if !f.slots.iter().any(|x| &x.name == h && x.kind == SlotKind::Text) {
-                return Err(at(format!("slot `{}`: hint `{h}` must name a text slot of this flow", s.name)));
+            if !f.slots.iter().any(|x| &x.name == h && matches!(x.kind, SlotKind::Text | SlotKind::Enum)) {
+                return Err(at(format!("slot `{}`: hint `{h}` must name a text or enum slot of this flow", s.name)));
             }
         }
     }
@@ -294,7 +299,7 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
                 return Err(at(format!("step {n} collects `{c}`, which is not a slot")));
             };
             if let Some(from) = &slot.from {
-                if !called.contains(&from.as_str()) {
+                if from != ORDERS && !called.contains(&from.as_str()) {
                     return Err(at(format!("step {n} collects `{c}` before the call `{from}` its options come from")));
                 }
             }

@@ -1,0 +1,1 @@
+//! Flow tests for booking (scripted generator, real sandbox services).

@@ -1,0 +1,1 @@
+//! Flow tests for mobility (scripted generator, real sandbox services).
