@@ -211,6 +211,10 @@ impl Agent {
         let mut clarify: Option<Vec<String>> = None;
         let mut problems: Vec<String> = Vec::new();
         let mut started: Vec<String> = Vec::new();
+        let mut unknown: Vec<String> = Vec::new();
+        if std::env::var_os("ERRAND_TRACE_COMMANDS").is_some() {
+            eprintln!("[commands] {sid} {text:?} -> {:?}", g.text);
+        }
         for c in cmds {
             match c {
                 Command::Start { flow } => {
@@ -252,9 +256,11 @@ impl Agent {
                             fresh.push(slot);
                             acted = true;
                         }
-                        Err(Rejected::UnknownPlace(p)) => {
-                            clear(&flow, fr, &slot);
+                        // A place already known (said before, or just now) stays; the
+                        // unknown name was likely meant for another slot.
+                        Err(Rejected::UnknownPlace(p)) if !fr.slots.contains_key(&slot) => {
                             problems.push(say(lang, Say::UnknownPlace(&p)));
+                            unknown.push(p);
                             acted = true;
                         }
                         Err(e) => {
@@ -294,6 +300,18 @@ impl Agent {
                 let new = started.contains(&fr.flow);
                 let place_slots: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place).collect();
                 let places = value::places_in(text);
+                // "Make it three": the one count slot, changed by the one count said,
+                // when the model left it alone.
+                let counts: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Count).collect();
+                if let ([d], false) = (counts.as_slice(), fresh.contains(&counts.first().map(|d| d.name.clone()).unwrap_or_default())) {
+                    if let (Some(Value::Number(old)), Some(Value::Number(n))) = (fr.slots.get(&d.name).cloned(), value::from_message(d, text, today)) {
+                        if old != n && n.as_i64() != Some(1) {
+                            fr.slots.insert(d.name.clone(), Value::Number(n));
+                            fresh.push(d.name.clone());
+                            acted = true;
+                        }
+                    }
+                }
                 for d in &flow.def.slots {
                     if fr.slots.contains_key(&d.name) {
                         continue;
@@ -305,7 +323,7 @@ impl Agent {
                     let v = match d.kind {
                         SlotKind::Date | SlotKind::Time | SlotKind::Enum => value::from_message(d, text, today),
                         SlotKind::Count if asked || d.default.is_none() => value::from_message(d, text, today),
-                        SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && !problems.iter().any(|p| p.contains(&places[0])) => Some(Value::String(places[0].clone())),
+                        SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
                         SlotKind::Choice if asked => {
                             let opts = slot_options(&s.orders, &flow, fr, d);
                             value::option_named(text, &opts).map(|i| {
@@ -423,11 +441,12 @@ impl Agent {
                         }
                     }
                     // The message names one of them ("from Shu Feng", "南翔小笼").
-                    if let Some(i) = (!said.is_empty()).then(|| value::option_named(said, &opts)).flatten() {
+                    if let Some(i) = (!said.is_empty()).then(|| value::option_named_fully(said, &opts)).flatten() {
                         choose(fr, c, &opts[i]);
                         continue;
                     }
                     if def.auto_single && opts.len() == 1 {
+                        self.show(s, lang, flow, fr, &from, tx).await;
                         choose(fr, c, &opts[0]);
                         continue;
                     }
@@ -466,7 +485,21 @@ impl Agent {
                     return Ok(Outcome::Stopped);
                 }
                 let endpoint = tool.def.endpoint.clone().ok_or_else(|| format!("`{t}` has no endpoint"))?;
-                let r = self.adapter.call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: None, check_result: true, confirmed: None }).await;
+                let mut r = self.adapter.call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: None, check_result: true, confirmed: None }).await;
+                // Found nothing: drop the optional slots the step may relax, one by one.
+                let list = flow.def.slots.iter().find(|d| d.from.as_deref() == Some(name.as_str())).map(|d| d.list_pointer().to_owned()).unwrap_or_else(|| "/items".into());
+                let empty = |v: &Value| v.pointer(&list).and_then(Value::as_array).is_some_and(|a| a.is_empty());
+                let mut args = args;
+                for drop in &step.relax {
+                    if !r.as_ref().is_ok_and(empty) || !fr.slots.contains_key(drop) {
+                        continue;
+                    }
+                    self.audit_row(sid, "system", "relax", Some(t), json!({"dropped": drop, "value": fr.slots.get(drop)}), "nothing found")?;
+                    fr.slots.remove(drop);
+                    args = args_of(step, fr);
+                    emit(tx, AgentEvent::ToolCall { tool: t.clone(), arguments: Value::Object(args.clone()) }).await;
+                    r = self.adapter.call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: None, check_result: true, confirmed: None }).await;
+                }
                 match r {
                     Ok(v) => {
                         self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args, "flow": fr.flow}), "ok")?;

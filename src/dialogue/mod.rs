@@ -118,6 +118,14 @@ set address 5 Nanjing West Road
 
 Example
 Tasks: order_food (place, dish, quantity, address)
+Active: order_food; filled: place=Jing'an Temple, quantity=1, address=5 Nanjing West Road; waiting for the user to confirm the payment
+User: actually make it three, and send it to 8 Julu Road
+Commands:
+set quantity 3
+set address 8 Julu Road
+
+Example
+Tasks: order_food (place, dish, quantity, address)
 Active: order_food; asking: address
 User: hi, what's the weather like?
 Commands:

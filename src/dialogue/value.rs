@@ -194,10 +194,19 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
     let value = value.trim();
     match slot.kind {
         SlotKind::Text => {
-            if said(value, message) {
-                Ok(Value::String(crate::agent::ground::tidy(value)))
-            } else {
-                Err(Rejected::NotSaid)
+            // The value as a whole, or its longest comma-separated part, must
+            // be in the words (a model pads "People's Square, 200 Renmin Road").
+            let fits = |v: &str| fold(message).contains(&fold(v)) && !fold(v).is_empty() && slot.pattern.as_deref().is_none_or(|p| regex::Regex::new(p).is_ok_and(|r| r.is_match(v)));
+            let tidy = crate::agent::ground::tidy(value);
+            if fits(&tidy) {
+                return Ok(Value::String(tidy));
+            }
+            let mut parts: Vec<&str> = tidy.split([',', '，', '、', ';']).map(str::trim).filter(|p| fits(p)).collect();
+            parts.sort_by_key(|p| std::cmp::Reverse(p.chars().count()));
+            match parts.first() {
+                Some(p) => Ok(Value::String((*p).to_owned())),
+                None if said(value, message) => Err(Rejected::Invalid(format!("`{value}` does not look like a {}", slot.description.as_deref().unwrap_or(&slot.name)))),
+                None => Err(Rejected::NotSaid),
             }
         }
         SlotKind::Place => {
@@ -387,6 +396,22 @@ pub fn option_named(text: &str, opts: &[Opt]) -> Option<usize> {
     }
 }
 
+/// The option the text names in full: its id or a whole name in any
+/// language (what a long message may be matched on without the model).
+pub fn option_named_fully(text: &str, opts: &[Opt]) -> Option<usize> {
+    let t = fold(text);
+    let hits: Vec<usize> = opts
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| (o.id.len() >= 3 && text.contains(o.id.as_str())) || o.labels.iter().any(|l| fold(l).chars().count() >= 2 && t.contains(&fold(l))))
+        .map(|(i, _)| i)
+        .collect();
+    match hits.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
 /// An ordinal or a bare number in the text: "the first one", "second",
 /// "第二个", "두 번째", "2", "#3".
 pub fn ordinal(text: &str) -> Option<usize> {
@@ -422,6 +447,12 @@ mod tests {
         assert!(!said("People's Square", "deliver to 200 Renmin Road"));
         assert_eq!(read(&slot(SlotKind::Text), "88 Shenhong Road", "to 88 Shenhong Road", 0), Ok(json!("88 Shenhong Road")));
         assert_eq!(read(&slot(SlotKind::Text), "People's Square", "to 88 Shenhong Road", 0), Err(Rejected::NotSaid));
+        // Padding is cut to the part that was said; a pattern is enforced.
+        let mut addr = slot(SlotKind::Text);
+        addr.pattern = Some("[0-9]".into());
+        assert_eq!(read(&addr, "People's Square, 200 Renmin Road", "near People's Square, delivered to 200 Renmin Road", 0), Ok(json!("200 Renmin Road")));
+        assert!(read(&addr, "Shanghai, Shanghai, Shanghai", "I'm at Hongqiao Railway Station in Shanghai.", 0).is_err());
+        assert!(read(&addr, "上海虹桥站附近", "上海虹桥站附近有卖生煎包的外卖吗？", 0).is_err());
     }
 
     #[test]

@@ -81,9 +81,14 @@ pub struct SlotDef {
     /// dish the person asked for picks the menu item).
     #[serde(default)]
     pub hint: Option<String>,
-    /// `choice`: with a single option, take it without asking.
+    /// `choice`: with a single option, take it without asking (its card is
+    /// still shown).
     #[serde(default)]
     pub auto_single: bool,
+    /// `text`: a regular expression the value must match (an address has
+    /// a number in it: `[0-9]`).
+    #[serde(default)]
+    pub pattern: Option<String>,
 }
 
 /// A choice slot's `from` that picks among the orders confirmed in this
@@ -153,6 +158,11 @@ pub struct Step {
     /// The flow is done after this call (an answer, not a purchase).
     #[serde(default)]
     pub end: bool,
+    /// When the call finds nothing, these optional slots are dropped one
+    /// by one and the call is tried again ("vegetarian" as a dish finds
+    /// nothing; as a cuisine alone it does).
+    #[serde(default)]
+    pub relax: Vec<String>,
 }
 
 /// A flow as declared.
@@ -263,6 +273,12 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
             }
             _ => {}
         }
+        if let Some(p) = &s.pattern {
+            if s.kind != SlotKind::Text {
+                return Err(at(format!("slot `{}`: `pattern` belongs to text slots", s.name)));
+            }
+            regex::Regex::new(p).map_err(|e| at(format!("slot `{}`: `pattern` is not a valid regular expression: {e}", s.name)))?;
+        }
         if s.kind != SlotKind::Enum && !s.values.is_empty() {
             return Err(at(format!("slot `{}` has `values` but is not an enum", s.name)));
         }
@@ -319,6 +335,11 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
         }
         if !is_quote && tool.confirm {
             return Err(at(format!("step {n} calls `{tool_name}`, which moves money or commits (`confirm: true`); use `quote`, so the person confirms first")));
+        }
+        for r in &st.relax {
+            if !f.slots.iter().any(|x| &x.name == r && !x.required) {
+                return Err(at(format!("step {n}: `relax` names `{r}`, which is not an optional slot")));
+            }
         }
         if is_quote {
             quotes += 1;
