@@ -26,11 +26,16 @@
 //!                                            ├─ sampler, detok (UTF-8 safe), stop strings
 //!                                            └─ tools::grammar: llguidance mask per request
 //!                                                 ▲ Request / Event stream ▼
-//!  chat REPL ──Input──► agent (dialogue manager, per-session state)
-//!  server::hub ─┘         ├─ route: the person's words pick the mini-programs whose tools
-//!        ▲                │         the grammar offers (manifest `keywords`)
-//!        │                ├─ ground: arguments must come from the user or tool results;
-//!        │                │          ids narrowed in the grammar to returned ids
+//!  chat REPL ──Input──► agent (per-session state)
+//!  server::hub ─┘         ├─ flows (apps whose manifests declare flows; dialogue/):
+//!        ▲                │    one constrained model call per message → commands
+//!        │                │    (start, set, pick, cancel, clarify, chat, none) → values
+//!        │                │    checked against the words (dialogue::value) → executor runs
+//!        │                │    the top flow's steps: ask · call · card · quote; a flow stack
+//!        │                │    for interruptions; the model writes only chat replies
+//!        │                ├─ generic path (apps without flows): model rounds of tool calls;
+//!        │                │    route (manifest `keywords`), ground (arguments from the user
+//!        │                │    or tool results, ids narrowed in the grammar)
 //!        │                ├─ confirmation gate: quote → token → user's Confirm → run → pay
 //!        │                ├─ present: cards, money, the agent's own sentences (en/zh/ko)
 //!        │                └─ audit: every call, confirmation and payment in SQLite
@@ -94,10 +99,16 @@
 //!   across sessions (`engine::kv_pool`: prefill chunks end where the first
 //!   message ends, so a new session borrows the system prompt and tools
 //!   exactly), constrained decoding.
-//! - [`tools`]: mini-program manifests (`tools/*.json`), argument validation,
-//!   the tolerant tool-call parser and the llguidance grammar.
-//! - [`agent`]: the dialogue loop, routing to mini-programs, grounding, the
-//!   confirmation gate, cards.
+//! - [`tools`]: mini-program manifests (`tools/*.json`) and their flows
+//!   (`tools::flow`, checked at load), argument validation, the tolerant
+//!   tool-call parser and the llguidance grammar.
+//! - [`agent`]: per-session state, the flow executor (`agent/flows.rs`),
+//!   the generic tool-calling loop for apps without flows (routing,
+//!   grounding), the confirmation gate, cards.
+//! - [`dialogue`]: the dialogue manager's parts: the flow stack, the
+//!   command prompt and grammar, reading slot values from the person's
+//!   words, the executor's reply templates, and the `Generator` seam (the
+//!   engine, or a scripted generator in unit tests).
 //! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
 //! - [`audit`]: the append-only audit log.
 //! - [`memory`]: memories per user, "my usual", the Now feed, embeddings and

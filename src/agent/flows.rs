@@ -273,6 +273,8 @@ impl Agent {
                     let Some(flow) = self.flow(&fr.flow) else { continue };
                     let Some(def) = fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice).cloned() else { continue };
                     let opts = slot_options(&s.orders, &flow, fr, &def);
+                    // An option named in full in the words wins over the model's number.
+                    let n = value::option_named_fully(text, &opts).map(|i| i + 1).unwrap_or(n);
                     if let Some(o) = opts.get(n - 1) {
                         choose(fr, &def.name, o);
                         fresh.push(def.name.clone());

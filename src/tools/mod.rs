@@ -346,7 +346,20 @@ impl ToolSet {
                 tools.push(t);
             }
         }
-        Ok(Self::from_tools(tools))
+        let set = Self::from_tools(tools);
+        set.check_flow_ids().map_err(|message| ManifestError::Invalid { path: dir.to_owned(), message })?;
+        Ok(set)
+    }
+
+    /// Flow ids are unique across apps.
+    fn check_flow_ids(&self) -> Result<(), String> {
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for f in self.flows() {
+            if let Some(other) = seen.insert(&f.def.id, &f.app) {
+                return Err(format!("flow `{}` is declared by both `{other}` and `{}`", f.def.id, f.app));
+            }
+        }
+        Ok(())
     }
 
     /// This set with `app`'s tools replaced by `tools` (all of one app).
@@ -367,6 +380,7 @@ impl ToolSet {
             set.by_name.insert(t.def.name.clone(), set.tools.len());
             set.tools.push(t);
         }
+        set.check_flow_ids()?;
         Ok(set)
     }
 
