@@ -349,14 +349,13 @@ async fn two_tasks_in_one_message_the_ride_first_then_the_food_order_resumes() {
     assert_eq!(w.wallet().await, start - 2350);
 }
 
-// What the executor cannot do yet (see the report to the lead): each test
-// is the behaviour a public dialogue needs, ignored until the executor has it.
+// Behaviour public dialogues need: slots carried from an answered question,
+// and orders of this conversation used up by the action taken on them.
 
 /// ride-bund-hongqiao-zh, ride-myeongdong-gangnam-ko, payments-krw-ride-ko:
 /// the trip of a finished price question is the trip booked next.
 #[tokio::test]
-#[ignore = "needs slots carried from a finished flow (ride_price) into the next flow of the same app (book_ride)"]
-async fn gap_a_booking_after_a_price_question_keeps_the_trip() {
+async fn a_booking_after_a_price_question_keeps_the_trip() {
     let w = World::new().await;
     let ev = w.say("从外滩打车去虹桥火车站要多少钱？", Some("start ride_price\nset pickup 外滩\nset dropoff 虹桥火车站")).await;
     assert!(confirmation(&ev).is_none());
@@ -368,8 +367,7 @@ async fn gap_a_booking_after_a_price_question_keeps_the_trip() {
 /// bike-sim-unlock-lock-ko after a second bike: @orders lists each bike
 /// ride once per confirmed step (unlocked, then locked and paid).
 #[tokio::test]
-#[ignore = "needs @orders to keep one option per order (its latest state) and to leave out finished ones"]
-async fn gap_the_second_bike_is_locked_without_asking_which() {
+async fn the_second_bike_is_locked_without_asking_which() {
     let w = World::new().await;
     for code in ["SH-0008", "SH-0009"] {
         let ev = w.say(&format!("Unlock bike {code}"), Some(&format!("start unlock_bike_by_code\nset bike_code {code}"))).await;
@@ -383,8 +381,7 @@ async fn gap_the_second_bike_is_locked_without_asking_which() {
 
 /// clarify-style: "cancel my ride" with no ride booked in this conversation.
 #[tokio::test]
-#[ignore = "needs an @orders choice with no options to end its flow (and say there is nothing to cancel)"]
-async fn gap_cancelling_without_a_ride_ends_the_flow() {
+async fn cancelling_without_a_ride_ends_the_flow() {
     let w = World::new().await;
     let ev = w.say("Cancel my ride.", Some("start cancel_ride")).await;
     assert!(confirmation(&ev).is_none());

@@ -17,6 +17,7 @@ use crate::dialogue::{say, Frame, Say};
 use crate::prompt::Lang;
 use crate::template::Message;
 use crate::tools::flow::{Flow, SlotDef, SlotKind, Step, When};
+use crate::world::cities;
 use serde_json::{json, Map, Value};
 
 /// How a frame's run ended for this message.
@@ -31,10 +32,21 @@ enum Outcome {
     Stopped,
 }
 
-/// Messages this short that name an option, a number or a date need no model.
+/// Whether a message is only an answer of a few words ("2", "the first
+/// one", "tomorrow", 第二个): such a message needs no model. Anything longer
+/// may carry more (a quantity, an address) and goes to the model.
 fn short(text: &str) -> bool {
     let t = text.trim();
-    t.split_whitespace().count() <= 4 && t.chars().count() <= 24
+    t.split_whitespace().count() <= 3 && cities::fold(t).chars().count() <= if t.is_ascii() { 16 } else { 6 }
+}
+
+/// Whether the message is an option's name and little else ("Nanxiang", 南翔小笼吧).
+fn only_names(text: &str, o: &Opt) -> bool {
+    let t = cities::fold(text);
+    o.labels.iter().chain(std::iter::once(&o.id)).any(|l| {
+        let l = cities::fold(l);
+        !l.is_empty() && t.contains(&l) && t.chars().count() <= l.chars().count() + 3
+    })
 }
 
 fn when_ok(w: &Option<When>, fr: &Frame) -> bool {
@@ -126,7 +138,8 @@ impl Agent {
                             let opts = slot_options(&s.orders, &flow, &fr, &def);
                             let pick = tapped
                                 .and_then(|id| opts.iter().position(|o| o.id == id))
-                                .or_else(|| short(text).then(|| value::ordinal(text).filter(|n| *n <= opts.len()).map(|n| n - 1).or_else(|| value::option_named(text, &opts))).flatten());
+                                .or_else(|| short(text).then(|| value::ordinal(text).filter(|n| *n <= opts.len()).map(|n| n - 1)).flatten())
+                                .or_else(|| opts.iter().position(|o| only_names(text, o)));
                             if let Some(i) = pick {
                                 choose(&mut fr, &asking, &opts[i]);
                                 fresh.push(asking.clone());
@@ -165,8 +178,11 @@ impl Agent {
         let all = tools.flows();
         // Candidates: flows of the apps the message names, and those on the stack; all when none is named.
         let named = super::route::apps_named(&tools, text);
-        let mut cands: Vec<&Flow> = all.iter().copied().filter(|f| named.contains(&f.app) || s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id)).collect();
-        if cands.iter().all(|f| s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id)) {
+        // Candidates: the flows of the apps the message names, and those on the
+        // stack; with none named, the stack's alone, or every flow when idle.
+        let on_stack = |f: &Flow| s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id);
+        let mut cands: Vec<&Flow> = all.iter().copied().filter(|f| named.contains(&f.app) || on_stack(f)).collect();
+        if cands.is_empty() {
             cands = all.clone();
         }
         // Options on screen for the question being asked.
@@ -227,7 +243,17 @@ impl Agent {
                             s.dialogue.stack.push(fr);
                         }
                         None => {
-                            s.dialogue.stack.push(Frame::new(&f));
+                            let mut fr = Frame::new(&f);
+                            // What the last answer of this app established (the trip
+                            // just priced) carries into its next task.
+                            if let Some(c) = s.dialogue.carried.remove(&f.app) {
+                                for (k, v) in c {
+                                    if f.slot(&k).is_some_and(|d| d.kind != SlotKind::Choice) {
+                                        fr.slots.insert(k, v);
+                                    }
+                                }
+                            }
+                            s.dialogue.stack.push(fr);
                             started.push(flow);
                         }
                     }
@@ -386,6 +412,10 @@ impl Agent {
             let out = self.advance(sid, s, lang, &flow, &mut fr, fresh, if resumed { "" } else { said }, tx).await?;
             match out {
                 Outcome::Finished => {
+                    if fr.results.values().next().is_some() && flow.def.steps.iter().all(|st| st.quote.is_none()) {
+                        let kept: std::collections::BTreeMap<String, Value> = fr.slots.iter().filter(|(k, _)| !fr.chosen.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+                        s.dialogue.carried.insert(fr.app.clone(), kept);
+                    }
                     resumed = true;
                     continue;
                 }
@@ -423,6 +453,11 @@ impl Agent {
                         }
                         fr.slots.remove(c);
                         fr.chosen.remove(c);
+                    }
+                    if opts.is_empty() && from == crate::tools::flow::ORDERS {
+                        let t = say(lang, Say::NothingToCancel);
+                        self.tell(s, tx, t).await;
+                        return Ok(Outcome::Finished);
                     }
                     if opts.is_empty() {
                         let t = say(lang, Say::NothingFound);
@@ -541,6 +576,13 @@ impl Agent {
                 if s.pending.is_some() {
                     fr.quoted = true;
                     return Ok(Outcome::Waiting);
+                }
+                // Refused (closed, sold out, an unknown code): what was just said
+                // is emptied so the person can say something else.
+                for sl in step_slots(step) {
+                    if fresh.contains(&sl) {
+                        clear(flow, fr, &sl);
+                    }
                 }
                 return Ok(Outcome::Stopped);
             }

@@ -1132,7 +1132,13 @@ impl Agent {
             emit(tx, AgentEvent::Card(present::card(kind, &name, &p.tool.app, &shown, lang))).await;
         }
         emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
-        s.orders.push((p.tool.app.clone(), shown.clone()));
+        // An action on an order of this conversation (cancel, lock) uses it up.
+        let acted_on: Vec<Value> = s.dialogue.stack.last().filter(|f| f.quoted).map(|f| f.chosen.values().cloned().collect()).unwrap_or_default();
+        let before = s.orders.len();
+        s.orders.retain(|(_, o)| !acted_on.contains(o));
+        if s.orders.len() == before {
+            s.orders.push((p.tool.app.clone(), shown.clone()));
+        }
         if paid.is_some() {
             self.remember_order(s, &p.tool.app, &name, &p.args, &p.req.summary, p.req.amount, &p.req.currency).await;
         }

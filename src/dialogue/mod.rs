@@ -66,6 +66,9 @@ pub struct State {
     pub stack: Vec<Frame>,
     /// The last few (role, text) lines, for the command prompt.
     pub recent: Vec<(String, String)>,
+    /// Slots of the last answered question per app ("how much is a taxi to
+    /// the Bund?"): a flow of that app started next begins with them.
+    pub carried: BTreeMap<String, BTreeMap<String, Value>>,
 }
 
 impl State {
@@ -95,7 +98,7 @@ cancel - the user wants to stop the active task
 clarify FLOW FLOW - unclear which of two tasks the user means
 chat - greeting, thanks, small talk, or a question that starts no task
 none - a request no task in the list can do
-Only set slots the user actually mentioned. Never invent values.
+Only set slots the user actually mentioned, copying their exact words. Never invent or translate values.
 
 Example
 Tasks: book_ride (pickup: where to start, dropoff: where to go, vehicle_class: economy|comfort|premium)
@@ -123,6 +126,24 @@ User: actually make it three, and send it to 8 Julu Road
 Commands:
 set quantity 3
 set address 8 Julu Road
+
+Example
+Tasks: order_food (place: where to deliver near, dish: the dish wanted, quantity: how many, address: delivery address)
+Active: none
+User: 帮我在静安寺附近点两份小笼包，送到南京西路5号
+Commands:
+start order_food
+set place 静安寺
+set dish 小笼包
+set quantity 2
+set address 南京西路5号
+
+Example
+Tasks: order_food (place, dish, quantity, address)
+Active: order_food; filled: place=강남역, address=강남대로 396; waiting for the user to confirm the payment
+User: 주소 잘못 말했어, 테헤란로 152로 보내 줘
+Commands:
+set address 테헤란로 152
 
 Example
 Tasks: order_food (place, dish, quantity, address)
