@@ -209,7 +209,10 @@ impl Agent {
                 });
             }
         }
-        let allowed = Allowed { flows: cands.iter().map(|f| f.def.id.clone()).collect(), slots, options: n_options, active: !s.dialogue.stack.is_empty() };
+        // Flows may be started when the message names their app, or when none
+        // runs; a running flow is only resumed by name.
+        let startable: Vec<String> = cands.iter().filter(|f| named.contains(&f.app) || s.dialogue.stack.is_empty()).map(|f| f.def.id.clone()).collect();
+        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.dialogue.stack.is_empty() && crate::dialogue::says_stop(text) };
         let prompt = crate::dialogue::command_prompt(&cands, &s.dialogue, &options, text);
         let req = GenRequest {
             session: Some(format!("{sid}#commands")),
@@ -331,8 +334,15 @@ impl Agent {
                 // "Make it three": the one count slot, changed by the one count said,
                 // when the model left it alone.
                 let counts: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Count).collect();
+                // The numbers inside the text just given ("10 Fuzhou Road") are no count.
+                let mut rest = text.to_owned();
+                for k in fresh.iter() {
+                    if let (Some(Value::String(v)), Some(SlotKind::Text)) = (fr.slots.get(k), flow.slot(k).map(|d| d.kind)) {
+                        rest = rest.replace(v.as_str(), " ");
+                    }
+                }
                 if let ([d], false) = (counts.as_slice(), fresh.contains(&counts.first().map(|d| d.name.clone()).unwrap_or_default())) {
-                    if let (Some(Value::Number(old)), Some(Value::Number(n))) = (fr.slots.get(&d.name).cloned(), value::from_message(d, text, today)) {
+                    if let (Some(Value::Number(old)), Some(Value::Number(n))) = (fr.slots.get(&d.name).cloned(), value::from_message(d, &rest, today)) {
                         if old != n && n.as_i64() != Some(1) {
                             fr.slots.insert(d.name.clone(), Value::Number(n));
                             fresh.push(d.name.clone());
@@ -350,7 +360,7 @@ impl Agent {
                     }
                     let v = match d.kind {
                         SlotKind::Date | SlotKind::Time | SlotKind::Enum => value::from_message(d, text, today),
-                        SlotKind::Count if asked || d.default.is_none() => value::from_message(d, text, today),
+                        SlotKind::Count if asked || d.default.is_none() => value::from_message(d, &rest, today),
                         SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
                         SlotKind::Choice if asked => {
                             let opts = slot_options(&s.orders, &flow, fr, d);

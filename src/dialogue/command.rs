@@ -90,7 +90,7 @@ pub struct Allowed {
     pub slots: Vec<SlotRule>,
     /// Options on screen (0: no `pick`).
     pub options: usize,
-    /// A flow is active (`cancel` allowed).
+    /// `cancel` allowed: a flow runs and the words ask to stop.
     pub active: bool,
 }
 

@@ -265,3 +265,12 @@ pub fn yes_no(text: &str) -> Option<bool> {
         None
     }
 }
+
+/// Whether the words ask to stop or cancel something: `cancel` is
+/// destructive, so the grammar offers it only then.
+pub fn says_stop(text: &str) -> bool {
+    let t = text.to_lowercase();
+    const EN: &[&str] = &["cancel", "stop", "never mind", "nevermind", "forget it", "forget about", "don't want", "do not want", "no longer", "call it off", "scrap"];
+    const CJK: &[&str] = &["取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "别", "停", "취소", "그만", "됐어", "안 할래", "필요 없", "안 해", "말래", "관둘"];
+    EN.iter().any(|w| t.contains(w)) || CJK.iter().any(|w| t.contains(w))
+}
