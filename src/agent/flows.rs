@@ -360,7 +360,7 @@ impl Agent {
                     }
                     let v = match d.kind {
                         SlotKind::Date | SlotKind::Time | SlotKind::Enum => value::from_message(d, text, today),
-                        SlotKind::Count if asked || d.default.is_none() => value::from_message(d, &rest, today),
+                        SlotKind::Count => value::from_message(d, &rest, today),
                         SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
                         SlotKind::Choice if asked => {
                             let opts = slot_options(&s.orders, &flow, fr, d);

@@ -73,7 +73,7 @@ pub fn counts_in(message: &str) -> Vec<i64> {
         let digits: String = w.chars().take_while(|c| c.is_ascii_digit()).collect();
         let rest: String = w.chars().skip_while(|c| c.is_ascii_digit()).collect();
         // "3", "3份", "2장", "2개", "2x": a count; "06:25", "G6127", "2026-11-23": not.
-        let unit = rest.is_empty() || ["份", "个", "張", "张", "장", "개", "명", "位", "人", "x", "×", "杯", "瓶", "箱", "盒", "斤", "碗", "portions", "tickets"].iter().any(|u| rest.starts_with(u));
+        let unit = rest.is_empty() || ["份", "个", "張", "张", "장", "개", "명", "位", "人", "x", "×", "杯", "瓶", "箱", "盒", "斤", "碗", "portions", "tickets", "kg", "公斤", "千克", "킬로", "팩", "봉지", "병"].iter().any(|u| rest.starts_with(u));
         if !digits.is_empty() && unit {
             if let Ok(n) = digits.parse() {
                 out.push(n);
@@ -162,6 +162,19 @@ pub fn dates_in(message: &str, today: i64) -> Vec<i64> {
     let mut d = e.dates_said();
     d.sort();
     d.dedup();
+    // A month and day means its next occurrence: "12월 6일" is this year's
+    // while it is ahead, else next year's, not both.
+    let same_day_a_year_apart = |a: i64, b: i64| {
+        let (ya, ma, da) = civil_from_days(a);
+        let (yb, mb, db) = civil_from_days(b);
+        (ma, da) == (mb, db) && yb == ya + 1
+    };
+    let all = d.clone();
+    d.retain(|&x| {
+        let later_twin = all.iter().any(|&y| same_day_a_year_apart(x, y));
+        let earlier_twin = all.iter().any(|&y| same_day_a_year_apart(y, x));
+        !(later_twin && x < today) && !(earlier_twin && all.iter().any(|&y| same_day_a_year_apart(y, x) && y >= today))
+    });
     d
 }
 
@@ -368,14 +381,20 @@ pub fn option_named(text: &str, opts: &[Opt]) -> Option<usize> {
         return Some(i);
     }
     // Distinctive pieces: Latin words of 4+ letters, or two-character runs of CJK/Hangul.
+    // Word by word, so a Latin name with a "·" in it stays Latin.
     let pieces = |o: &Opt| -> Vec<String> {
         let mut p = Vec::new();
         for l in &o.labels {
-            if l.is_ascii() {
-                p.extend(l.split(|c: char| !c.is_alphanumeric()).map(str::to_lowercase).filter(|w| w.len() >= 4 && !COMMON.contains(&w.as_str())));
-            } else {
-                let cs: Vec<char> = l.chars().filter(|c| c.is_alphanumeric()).collect();
-                p.extend(cs.windows(2).map(|w| w.iter().collect::<String>()).filter(|w| !COMMON.contains(&w.as_str())));
+            for word in l.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+                if word.is_ascii() {
+                    let w = word.to_lowercase();
+                    if w.len() >= 4 && !COMMON.contains(&w.as_str()) {
+                        p.push(w);
+                    }
+                } else {
+                    let cs: Vec<char> = word.chars().collect();
+                    p.extend(cs.windows(2).map(|w| w.iter().collect::<String>()).filter(|w| !COMMON.contains(&w.as_str())));
+                }
             }
         }
         p

@@ -80,6 +80,17 @@ pub fn first_option(events: &[AgentEvent]) -> Option<String> {
     })
 }
 
+/// "Order kung pao chicken from a Sichuan place near People's Square": two
+/// Sichuan places are near, so the assistant shows them and asks which;
+/// the person taps the first. Answers the confirmation that follows.
+async fn order_kung_pao(w: &World, s: &str) -> ConfirmationRequest {
+    let ev = w.say(s, "Order kung pao chicken from a Sichuan place near People's Square, deliver to 88 Nanjing Road.").await;
+    assert!(confirmation(&ev).is_none(), "the restaurant was chosen for the person{}", show("events", &ev));
+    let pick = first_option(&ev).unwrap_or_else(|| panic!("no restaurant card{}", show("events", &ev)));
+    let ev = w.say(s, &pick).await;
+    confirmation(&ev).unwrap_or_else(|| panic!("no confirmation after the pick{}", show("events", &ev)))
+}
+
 fn db(dir: &Path, s: Service) -> rusqlite::Connection {
     Sandbox::open_db(dir, s).unwrap()
 }
@@ -166,10 +177,7 @@ async fn confirm_and_check(w: &World, session: &str, c: &ConfirmationRequest, mc
 async fn food_is_ordered_and_paid_only_after_the_users_yes() {
     let w = World::new().await;
     let s = "food";
-    let ev = w
-        .say(s, "Order kung pao chicken from a Sichuan place near People's Square, deliver to 88 Nanjing Road.")
-        .await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("no confirmation{}", show("events", &ev)));
+    let c = order_kung_pao(&w, s).await;
     assert_eq!(c.tool, "food_order");
     assert!(c.summary.contains("Kung Pao") && c.summary.contains("88 Nanjing Road"), "{}", c.summary);
     // Quoted, not ordered: no order, no trade, no charge.
@@ -275,10 +283,7 @@ async fn book_two_train_tickets(instant: &str) {
 async fn declining_pays_nothing_and_runs_nothing() {
     let w = World::new().await;
     let s = "decline";
-    let ev = w
-        .say(s, "Order kung pao chicken from a Sichuan place near People's Square, deliver to 88 Nanjing Road.")
-        .await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("no confirmation{}", show("events", &ev)));
+    let c = order_kung_pao(&w, s).await;
     let ev = w.agent.run(s, Input::Decline { token: c.token.clone() }).await;
     assert!(ev.iter().any(|e| matches!(e, AgentEvent::Notice { text } if text.contains("Nothing was paid"))), "{}", show("events", &ev));
     // The declined token is dead.

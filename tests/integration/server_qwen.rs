@@ -19,7 +19,7 @@ async fn food_is_confirmed_after_a_reconnect_and_paid_exactly_once() {
     let sandbox = t.dir.path().join("sandbox");
     let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
     let sid = w["session"].as_str().unwrap().to_owned();
-    c.send(json!({"type": "message", "id": "m1", "text": "Order kung pao chicken from a Sichuan place near People's Square, deliver to 88 Nanjing Road."}))
+    c.send(json!({"type": "message", "id": "m1", "text": "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square, deliver to 88 Nanjing Road."}))
         .await;
     let conf = c.until("confirmation", 900).await;
     assert_eq!(conf["tool"], "food_order", "{conf}");
