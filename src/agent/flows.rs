@@ -482,7 +482,7 @@ impl Agent {
                         return Ok(Outcome::Stopped);
                     }
                     if let Some(h) = def.hint.as_ref().and_then(|h| fr.slots.get(h)).and_then(Value::as_str) {
-                        if let Some(i) = value::option_named(h, &opts) {
+                        if let Some(i) = value::option_hinted(h, &opts) {
                             choose(fr, c, &opts[i]);
                             continue;
                         }

@@ -224,6 +224,14 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
         }
         SlotKind::Place => {
             if !said(value, message) {
+                // Translated ("Pudong Airport" for 浦东机场): the place the
+                // message names in its own words, if it is the same place.
+                let same = |p: &str| cities::place(p, None).map(|(_, x)| x.id);
+                if let Some(id) = same(value) {
+                    if let Some(own) = places_in(message).into_iter().find(|p| same(p) == Some(id)) {
+                        return Ok(Value::String(own));
+                    }
+                }
                 return Err(Rejected::NotSaid);
             }
             if cities::city(value).is_some() || cities::place(value, None).is_some() {
@@ -415,6 +423,31 @@ pub fn option_named(text: &str, opts: &[Opt]) -> Option<usize> {
     }
 }
 
+/// The option a hint slot's words name ("Nanxiang", 블로썸 살롱 for 블로썸
+/// 살롱 명동점): a whole name either way round, or a distinctive Latin word;
+/// never a two-character piece (a hint often repeats the place).
+pub fn option_hinted(hint: &str, opts: &[Opt]) -> Option<usize> {
+    let h = fold(hint);
+    if h.chars().count() < 2 {
+        return None;
+    }
+    let hits: Vec<usize> = opts.iter().enumerate().filter(|(_, o)| o.labels.iter().any(|l| {
+        let l = fold(l);
+        l.chars().count() >= 2 && (h.contains(&l) || l.contains(&h))
+    })).map(|(i, _)| i).collect();
+    if let [one] = hits.as_slice() {
+        return Some(*one);
+    }
+    if !hits.is_empty() {
+        return None;
+    }
+    let latin: Vec<Opt> = opts.iter().map(|o| Opt { labels: o.labels.iter().filter(|l| l.is_ascii() || l.split_whitespace().all(|w| w.is_ascii() || w == "·")).cloned().collect(), ..o.clone() }).collect();
+    if hint.is_ascii() {
+        return option_named(hint, &latin);
+    }
+    None
+}
+
 /// The option the text names in full: its id or a whole name in any
 /// language (what a long message may be matched on without the model).
 pub fn option_named_fully(text: &str, opts: &[Opt]) -> Option<usize> {
@@ -481,6 +514,8 @@ mod tests {
         assert!(read(&s, "人民广场", "人民广场附近", 0).is_ok());
         assert_eq!(read(&s, "上海欢乐谷", "帮我在上海欢乐谷附近点一份小笼包外卖", 0), Err(Rejected::UnknownPlace("上海欢乐谷".into())));
         assert_eq!(read(&s, "Pudong Airport", "to People's Square", 0), Err(Rejected::NotSaid));
+        // A translation of the place the message names is that place, in the person's words.
+        assert_eq!(read(&s, "Pudong Airport", "帮我叫辆出租车去浦东机场", 0), Ok(json!("浦东机场")));
         assert_eq!(places_in("from Hongqiao Railway Station to People's Square"), vec!["Hongqiao Railway Station".to_string(), "People's Square".to_string()]);
     }
 
@@ -520,6 +555,9 @@ mod tests {
         assert_eq!(option_named("就南翔小笼吧", &o), Some(0));
         assert_eq!(option_named("I'll take this one: Old Shanghai Canteen (sh04)", &o), Some(1));
         assert_eq!(option_named("any place is fine", &o), None);
+        assert_eq!(option_hinted("Nanxiang", &o), Some(0));
+        assert_eq!(option_hinted("南翔", &o), Some(0));
+        assert_eq!(option_hinted("上海附近的店", &o), None);
         assert_eq!(ordinal("The first one, deliver to 200 Renmin Road"), Some(1));
         assert_eq!(ordinal("第二个"), Some(2));
         assert_eq!(ordinal("2"), Some(2));

@@ -368,8 +368,11 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
             if field.is_some() && def.kind != SlotKind::Choice {
                 return Err(at(format!("step {n}: `${slot}.…` reads a field of an option, but `{slot}` is not a choice slot")));
             }
-            if def.required && def.default.is_none() && !collected.contains(&slot.as_str()) {
-                return Err(at(format!("step {n} uses `${slot}` before a step collects it")));
+            // A call may use a slot collected later (a search narrowed by the
+            // service once known; until then the argument is left out); the
+            // quote must have every required value.
+            if is_quote && def.required && def.default.is_none() && !collected.contains(&slot.as_str()) {
+                return Err(at(format!("step {n} quotes with `${slot}` before a step collects it")));
             }
         }
     }
