@@ -179,29 +179,20 @@ struct Pending {
     order: Option<Value>,
 }
 
-struct Session {
+/// What a session remembers between inputs: the conversation.
+struct Conversation {
+    /// The generic path's chat history (system prompt, turns, tool results).
     messages: Vec<Message>,
     lang: Option<Lang>,
     evidence: Evidence,
-    pending: Option<Pending>,
-    stats: TurnStats,
-    started: std::time::Instant,
     /// Ids of the options on the last card shown.
     offered: Vec<String>,
     /// The reply each of those options sends when tapped: (reply, id).
     offered_replies: Vec<(String, String)>,
-    /// Offered ids the person's latest message names (a tapped option).
-    chosen: Vec<String>,
-    /// Calls run during the current input, as `name args`.
-    turn_calls: Vec<String>,
-    /// Tools taken out of the grammar for the rest of this input.
-    excluded: Vec<String>,
     /// The mini-programs the conversation is about (`route.rs`); empty: all.
     focus: Vec<String>,
     /// The wallet this session pays from (the agent's default when unset).
     wallet: Option<String>,
-    /// Turns true when the client asks to stop the running input.
-    cancel: tokio::sync::watch::Receiver<bool>,
     /// Whose memories this session reads and writes (none: no memory).
     user: Option<String>,
     /// The memory this session kept last ("forget that").
@@ -213,6 +204,33 @@ struct Session {
     /// Orders confirmed in this session, newest last: (app, order as shown);
     /// a flow's choice `from: "@orders"` picks from them (cancel, lock).
     orders: Vec<(String, Value)>,
+}
+
+/// What one input uses and forgets when it is done.
+struct Turn {
+    stats: TurnStats,
+    started: std::time::Instant,
+    /// Offered ids the person's latest message names (a tapped option).
+    chosen: Vec<String>,
+    /// Calls run during the current input, as `name args`.
+    turn_calls: Vec<String>,
+    /// Tools taken out of the grammar for the rest of this input.
+    excluded: Vec<String>,
+    /// Turns true when the client asks to stop the running input.
+    cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The confirmation gate's state: at most one open confirmation.
+#[derive(Default)]
+struct Gate {
+    pending: Option<Pending>,
+}
+
+/// One session: the conversation, the input being handled, and the gate.
+struct Session {
+    conv: Conversation,
+    turn: Turn,
+    gate: Gate,
 }
 
 /// Resolves when the switch turns on; never, when its sender is gone.
@@ -324,10 +342,10 @@ impl Agent {
     pub async fn open_session(&self, session: &str, o: SessionOptions) {
         let s = self.session(session);
         let mut s = s.lock().await;
-        s.wallet = o.wallet;
-        s.user = o.user;
+        s.conv.wallet = o.wallet;
+        s.conv.user = o.user;
         if o.lang.is_some() {
-            s.lang = o.lang;
+            s.conv.lang = o.lang;
         }
     }
 
@@ -361,7 +379,7 @@ impl Agent {
     pub async fn pending(&self, session: &str) -> Option<ConfirmationRequest> {
         let s = self.session(session);
         let s = s.lock().await;
-        s.pending.as_ref().map(|p| p.req.clone())
+        s.gate.pending.as_ref().map(|p| p.req.clone())
     }
 
     /// The open confirmation without waiting: `None` also while an input is
@@ -370,7 +388,7 @@ impl Agent {
     pub fn pending_now(&self, session: &str) -> Option<ConfirmationRequest> {
         let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned()?;
         let s = s.try_lock().ok()?;
-        s.pending.as_ref().map(|p| p.req.clone())
+        s.gate.pending.as_ref().map(|p| p.req.clone())
     }
 
     /// Forgets a session (its open confirmation is dropped unredeemed).
@@ -384,25 +402,29 @@ impl Agent {
         map.entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(tokio::sync::Mutex::new(Session {
-                    messages: Vec::new(),
-                    lang: self.opts.lang,
-                    evidence: Evidence::default(),
-                    pending: None,
-                    stats: TurnStats::default(),
-                    started: std::time::Instant::now(),
-                    offered: Vec::new(),
-                    offered_replies: Vec::new(),
-                    chosen: Vec::new(),
-                    turn_calls: Vec::new(),
-                    excluded: Vec::new(),
-                    focus: Vec::new(),
-                    wallet: None,
-                    cancel: tokio::sync::watch::channel(false).1,
-                    user: None,
-                    last_memory: None,
-                    to_extract: None,
-                    dialogue: Default::default(),
-                    orders: Vec::new(),
+                    conv: Conversation {
+                        messages: Vec::new(),
+                        lang: self.opts.lang,
+                        evidence: Evidence::default(),
+                        offered: Vec::new(),
+                        offered_replies: Vec::new(),
+                        focus: Vec::new(),
+                        wallet: None,
+                        user: None,
+                        last_memory: None,
+                        to_extract: None,
+                        dialogue: Default::default(),
+                        orders: Vec::new(),
+                    },
+                    turn: Turn {
+                        stats: TurnStats::default(),
+                        started: std::time::Instant::now(),
+                        chosen: Vec::new(),
+                        turn_calls: Vec::new(),
+                        excluded: Vec::new(),
+                        cancel: tokio::sync::watch::channel(false).1,
+                    },
+                    gate: Gate::default(),
                 }))
             })
             .clone()
@@ -417,20 +439,20 @@ impl Agent {
         tokio::spawn(async move {
             let s = me.session(&sid);
             let mut s = s.lock().await;
-            s.stats = TurnStats::default();
-            s.started = std::time::Instant::now();
-            s.turn_calls.clear();
-            s.excluded.clear();
-            s.chosen.clear();
-            s.cancel = me.cancel_switch(&sid);
+            s.turn.stats = TurnStats::default();
+            s.turn.started = std::time::Instant::now();
+            s.turn.turn_calls.clear();
+            s.turn.excluded.clear();
+            s.turn.chosen.clear();
+            s.turn.cancel = me.cancel_switch(&sid);
             let r = match input {
                 Input::Text(t) => me.on_text(&sid, &mut s, t, &tx).await,
                 Input::Confirm { token } => me.on_confirm(&sid, &mut s, &token, &tx).await,
                 Input::Decline { token } => me.on_decline(&sid, &mut s, &token, &tx).await,
             };
-            s.stats.total_ms = s.started.elapsed().as_secs_f64() * 1000.0;
+            s.turn.stats.total_ms = s.turn.started.elapsed().as_secs_f64() * 1000.0;
             match r {
-                Ok(()) => emit(&tx, AgentEvent::Done { stats: s.stats.clone() }).await,
+                Ok(()) => emit(&tx, AgentEvent::Done { stats: s.turn.stats.clone() }).await,
                 Err(message) => emit(&tx, AgentEvent::Error { message }).await,
             }
         });
@@ -454,16 +476,16 @@ impl Agent {
     }
 
     async fn on_text(&self, sid: &str, s: &mut Session, text: String, tx: &Tx) -> Result<(), String> {
-        let lang = *s.lang.get_or_insert_with(|| Lang::detect(&text));
-        if s.messages.is_empty() {
+        let lang = *s.conv.lang.get_or_insert_with(|| Lang::detect(&text));
+        if s.conv.messages.is_empty() {
             if let Some(engine) = &self.engine {
-                s.messages.push(Message::system(engine.info.prompt.prompts.system(lang, self.opts.clock.now_s())));
+                s.conv.messages.push(Message::system(engine.info.prompt.prompts.system(lang, self.opts.clock.now_s())));
             }
         }
-        s.evidence.today = self.opts.clock.now_s().div_euclid(86_400);
+        s.conv.evidence.today = self.opts.clock.now_s().div_euclid(86_400);
         let flows = !self.tools().flows().is_empty();
         if flows {
-            if let Some(p) = &s.pending {
+            if let Some(p) = &s.gate.pending {
                 // Typed yes or no at an open confirmation: "no" declines; "yes"
                 // does not pay (only the Confirm button's token does), it
                 // points at the button.
@@ -483,22 +505,22 @@ impl Agent {
                 }
             }
         }
-        if let Some(p) = s.pending.take() {
+        if let Some(p) = s.gate.pending.take() {
             // "Change it": the open confirmation is void; the model sees the
             // person's new words after the quote.
             self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), "replaced by a new message")?;
         }
-        s.chosen = s.offered.iter().filter(|id| text.contains(id.as_str())).cloned().collect();
-        s.focus = route::next_focus(&self.tools(), &s.focus, &text);
+        s.turn.chosen = s.conv.offered.iter().filter(|id| text.contains(id.as_str())).cloned().collect();
+        s.conv.focus = route::next_focus(&self.tools(), &s.conv.focus, &text);
         // A tapped option says which item, nothing more: its label (a
         // restaurant's name and rating) is not the person's words for an
         // address or a note, so only the id counts as said.
-        match s.offered_replies.iter().find(|(r, _)| r == text.trim()) {
+        match s.conv.offered_replies.iter().find(|(r, _)| r == text.trim()) {
             Some((_, id)) => {
                 let id = id.clone();
-                s.evidence.user.push(id);
+                s.conv.evidence.user.push(id);
             }
-            None => s.evidence.user.push(text.clone()),
+            None => s.conv.evidence.user.push(text.clone()),
         }
         let original = text.clone();
         let text = match self.personal_turn(sid, s, lang, &text, tx).await? {
@@ -506,11 +528,11 @@ impl Agent {
             personal::Handled::Continue(t) => t,
         };
         if flows {
-            if let Some(fr) = s.dialogue.stack.last_mut() {
+            if let Some(fr) = s.conv.dialogue.stack.last_mut() {
                 fr.quoted = false;
             }
             if self.flow_turn(sid, s, lang, &original, tx).await? {
-                s.messages.push(Message::user(text));
+                s.conv.messages.push(Message::user(text));
                 self.after_turn(s, lang);
                 return Ok(());
             }
@@ -519,7 +541,7 @@ impl Agent {
             emit(tx, AgentEvent::Notice { text: crate::dialogue::say(lang, crate::dialogue::Say::CannotHandle) }).await;
             return Ok(());
         }
-        s.messages.push(Message::user(text));
+        s.conv.messages.push(Message::user(text));
         let r = self.rounds(sid, s, lang, self.opts.max_rounds, tx).await;
         self.after_turn(s, lang);
         r
@@ -530,14 +552,14 @@ impl Agent {
     async fn rounds(&self, sid: &str, s: &mut Session, lang: Lang, max: usize, tx: &Tx) -> Result<(), String> {
         let mut nudged: Vec<String> = Vec::new();
         for _ in 0..max {
-            if *s.cancel.borrow() {
+            if *s.turn.cancel.borrow() {
                 emit(tx, AgentEvent::Notice { text: say(lang, Say::Stopped) }).await;
                 return Ok(());
             }
             let (text, calls) = self.model_round(sid, s, lang, tx).await?;
             let mut reply = Message::assistant(text.trim().to_owned());
             if calls.is_empty() {
-                s.messages.push(reply);
+                s.conv.messages.push(reply);
                 return Ok(());
             }
             reply.tool_calls = Some(
@@ -552,26 +574,26 @@ impl Agent {
                     })
                     .collect(),
             );
-            s.messages.push(reply);
+            s.conv.messages.push(reply);
             let mut end = false;
             for (call, err) in calls {
-                if !end && *s.cancel.borrow() {
+                if !end && *s.turn.cancel.borrow() {
                     end = true;
                     emit(tx, AgentEvent::Notice { text: say(lang, Say::Stopped) }).await;
                 }
                 if end {
-                    s.messages.push(Message::tool(json!({"status": "skipped", "reason": "one step at a time"}).to_string()));
+                    s.conv.messages.push(Message::tool(json!({"status": "skipped", "reason": "one step at a time"}).to_string()));
                     continue;
                 }
-                let n = s.messages.len();
+                let n = s.conv.messages.len();
                 match self.on_call(sid, s, lang, call, err, &mut nudged, tx).await {
                     Ok(Flow::End) => end = true,
                     Ok(Flow::Continue) => {}
                     Err(e) => {
                         // Every call gets its answer, so the template's
                         // call/answer pairing holds for the next turn.
-                        if s.messages.len() == n {
-                            s.messages.push(Message::tool(json!({"error": e}).to_string()));
+                        if s.conv.messages.len() == n {
+                            s.conv.messages.push(Message::tool(json!({"error": e}).to_string()));
                         }
                         return Err(e);
                     }
@@ -590,7 +612,7 @@ impl Agent {
         let req = Request {
             session: Some(sid.to_owned()),
             prompt: Prompt::Chat {
-                messages: s.messages.clone(),
+                messages: s.conv.messages.clone(),
                 tools: Some(self.tools()),
                 lang: lang.code().into(),
             },
@@ -606,7 +628,7 @@ impl Agent {
         let engine = self.engine.as_ref().ok_or("no language model for plain tool calling")?;
         let mut rx = engine.submit(req).map_err(|e| e.to_string())?;
         let (mut text, mut calls) = (String::new(), Vec::new());
-        let stop = cancelled(s.cancel.clone());
+        let stop = cancelled(s.turn.cancel.clone());
         tokio::pin!(stop);
         loop {
             let ev = tokio::select! {
@@ -622,8 +644,8 @@ impl Agent {
             let Some(ev) = ev else { break };
             match ev {
                 Event::Delta(t) => {
-                    if s.stats.first_token_ms.is_none() {
-                        s.stats.first_token_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0);
+                    if s.turn.stats.first_token_ms.is_none() {
+                        s.turn.stats.first_token_ms = Some(s.turn.started.elapsed().as_secs_f64() * 1000.0);
                     }
                     text.push_str(&t);
                     emit(tx, AgentEvent::Token { text: t }).await;
@@ -640,7 +662,7 @@ impl Agent {
                     ));
                 }
                 Event::Done(u) => {
-                    let st = &mut s.stats;
+                    let st = &mut s.turn.stats;
                     st.model_rounds += 1;
                     st.prompt_tokens += u.prompt_tokens;
                     st.cached_tokens += u.cached_tokens;
@@ -648,7 +670,7 @@ impl Agent {
                     st.prefill_ms += u.prefill_ms;
                     st.decode_ms += u.decode_ms;
                     if st.first_token_ms.is_none() {
-                        st.first_token_ms = Some(s.started.elapsed().as_secs_f64() * 1000.0 - u.decode_ms);
+                        st.first_token_ms = Some(s.turn.started.elapsed().as_secs_f64() * 1000.0 - u.decode_ms);
                     }
                 }
                 Event::Error(e) => return Err(format!("the language model failed: {e}")),
@@ -663,8 +685,8 @@ impl Agent {
     /// none yet is left out. So the model has to search first and can only
     /// pick a real id; it cannot make one up.
     fn grammar_tools(&self, s: &Session) -> ToolSet {
-        let g = self.grammar_tools_with(s, &s.chosen);
-        if g.is_empty() && !s.chosen.is_empty() {
+        let g = self.grammar_tools_with(s, &s.turn.chosen);
+        if g.is_empty() && !s.turn.chosen.is_empty() {
             // The pick fits no tool: offer everything as usual.
             return self.grammar_tools_with(s, &[]);
         }
@@ -675,9 +697,9 @@ impl Agent {
         let mut out = Vec::new();
         let all = self.tools();
         // Apps unregistered since the person named them no longer narrow anything.
-        let focus: Vec<String> = s.focus.iter().filter(|a| all.iter().any(|t| &t.app == *a)).cloned().collect();
+        let focus: Vec<String> = s.conv.focus.iter().filter(|a| all.iter().any(|t| &t.app == *a)).cloned().collect();
         for t in all.iter() {
-            if s.excluded.contains(&t.def.name) || !route::offered(&focus, &t.app, &t.keywords) {
+            if s.turn.excluded.contains(&t.def.name) || !route::offered(&focus, &t.app, &t.keywords) {
                 continue;
             }
             let path: Vec<String> = t.def.endpoint.as_ref().map(|e| path_params(&e.path).into_iter().map(str::to_owned).collect()).unwrap_or_default();
@@ -686,7 +708,7 @@ impl Agent {
             // After the person picked an option, the ids they picked are the
             // only ones on offer, and only tools that take them are offered.
             let candidates = |k: &str| {
-                let all = s.evidence.id_candidates(&t.app, k);
+                let all = s.conv.evidence.id_candidates(&t.app, k);
                 let picked: Vec<String> = all.iter().filter(|c| chosen.contains(c)).cloned().collect();
                 if picked.is_empty() {
                     all
@@ -724,17 +746,17 @@ impl Agent {
         loop {
             let n = info
                 .prompt
-                .tokens(&info.tokenizer, &s.messages, &schemas)
+                .tokens(&info.tokenizer, &s.conv.messages, &schemas)
                 .map(|t| t.len())
                 .unwrap_or(0);
-            let users = s.messages.iter().filter(|m| m.role == "user").count();
+            let users = s.conv.messages.iter().filter(|m| m.role == "user").count();
             // Never drop the system prompt or the latest user message.
-            if n + room < info.context_length || s.messages.len() <= 2 || users <= 1 {
+            if n + room < info.context_length || s.conv.messages.len() <= 2 || users <= 1 {
                 return;
             }
-            s.messages.remove(1);
-            while s.messages.len() > 2 && s.messages[1].role != "user" {
-                s.messages.remove(1);
+            s.conv.messages.remove(1);
+            while s.conv.messages.len() > 2 && s.conv.messages[1].role != "user" {
+                s.conv.messages.remove(1);
             }
         }
     }
@@ -755,7 +777,7 @@ impl Agent {
         emit(tx, AgentEvent::ToolCall { tool: name.clone(), arguments: args_v.clone() }).await;
         if let Some(e) = err {
             self.audit_row(sid, "model", "tool_call", Some(&name), json!({"arguments": args_v}), &format!("rejected: {e}"))?;
-            s.messages.push(Message::tool(json!({"error": e}).to_string()));
+            s.conv.messages.push(Message::tool(json!({"error": e}).to_string()));
             emit(tx, AgentEvent::ToolResult { tool: name, ok: false, detail: e }).await;
             return Ok(Flow::Continue);
         }
@@ -763,7 +785,7 @@ impl Agent {
             return Err(format!("tool {name} vanished"));
         };
         let endpoint_params: Vec<&str> = tool.def.endpoint.as_ref().map(|e| path_params(&e.path)).unwrap_or_default();
-        let verdict = s.evidence.check(&tool.def.parameters, &call.arguments, &endpoint_params);
+        let verdict = s.conv.evidence.check(&tool.def.parameters, &call.arguments, &endpoint_params);
         if !verdict.missing.is_empty() {
             let fields: Vec<String> = verdict.missing.iter().map(|(k, _)| present::field_words(k)).collect();
             let said: Vec<String> = verdict.missing.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -772,9 +794,9 @@ impl Agent {
             let only_ids = verdict.missing.iter().all(|(k, _)| ground::id_like(k, &endpoint_params));
             if nudged.contains(&name) && !only_ids {
                 // The model guessed twice: ask in our own words.
-                s.messages.push(Message::tool(json!({"error": "missing_information", "missing": fields}).to_string()));
+                s.conv.messages.push(Message::tool(json!({"error": "missing_information", "missing": fields}).to_string()));
                 let q = say(lang, Say::NeedInfo { fields: &fields });
-                s.messages.push(Message::assistant(q.clone()));
+                s.conv.messages.push(Message::assistant(q.clone()));
                 emit(tx, AgentEvent::Notice { text: q }).await;
                 return Ok(Flow::End);
             }
@@ -795,7 +817,7 @@ impl Agent {
                     fields.join(", ")
                 )
             };
-            s.messages.push(Message::tool(json!({"error": "missing_information", "message": message}).to_string()));
+            s.conv.messages.push(Message::tool(json!({"error": "missing_information", "message": message}).to_string()));
             return Ok(Flow::Continue);
         }
         if !verdict.repaired.is_empty() {
@@ -804,29 +826,29 @@ impl Agent {
         }
         let args = verdict.args;
         let key = format!("{name} {}", Value::Object(args.clone()));
-        if s.turn_calls.contains(&key) {
+        if s.turn.turn_calls.contains(&key) {
             // A loop: the same call again. Say so, and offer the tool no more
             // in this input so the model has to move on.
-            s.excluded.push(name.clone());
-            s.messages.push(Message::tool(
+            s.turn.excluded.push(name.clone());
+            s.conv.messages.push(Message::tool(
                 json!({"error": "already_done", "message": "This exact call already ran; its result is above. Use it: call the next tool or answer the user."}).to_string(),
             ));
             emit(tx, AgentEvent::ToolResult { tool: name, ok: false, detail: "repeated call, not run again".into() }).await;
             return Ok(Flow::Continue);
         }
-        s.turn_calls.push(key);
-        let runs = s.turn_calls.iter().filter(|k| k.split(' ').next() == Some(name.as_str())).count();
-        if runs >= MAX_RUNS_PER_INPUT && !s.excluded.contains(&name) {
+        s.turn.turn_calls.push(key);
+        let runs = s.turn.turn_calls.iter().filter(|k| k.split(' ').next() == Some(name.as_str())).count();
+        if runs >= MAX_RUNS_PER_INPUT && !s.turn.excluded.contains(&name) {
             // Enough of this tool for one message: the grammar stops offering
             // it, so a model stuck re-searching has to use what it found.
-            s.excluded.push(name.clone());
+            s.turn.excluded.push(name.clone());
         }
         if tool.def.confirm {
             return self.quote(sid, s, lang, &tool, args, false, tx).await;
         }
         let Some(endpoint) = tool.def.endpoint.clone() else {
             let msg = format!("`{name}` has no endpoint to call");
-            s.messages.push(Message::tool(json!({"error": msg}).to_string()));
+            s.conv.messages.push(Message::tool(json!({"error": msg}).to_string()));
             return Ok(Flow::Continue);
         };
         // Writes carry a fresh key, so the adapter's retries run them once.
@@ -854,28 +876,28 @@ impl Agent {
         match r {
             Ok(v) => {
                 self.audit_row(sid, "model", "tool_call", Some(name), json!({"arguments": args}), "ok")?;
-                s.evidence.add_result(&tool.app, name, &v);
+                s.conv.evidence.add_result(&tool.app, name, &v);
                 emit(tx, AgentEvent::ToolResult { tool: name.into(), ok: true, detail: String::new() }).await;
                 if let Some(kind) = &tool.def.card {
                     let card = present::card(kind, name, &tool.app, &v, lang);
                     if !card.options.is_empty() {
-                        s.offered = card.options.iter().map(|o| o.id.clone()).collect();
-                        s.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
+                        s.conv.offered = card.options.iter().map(|o| o.id.clone()).collect();
+                        s.conv.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
                     }
                     emit(tx, AgentEvent::Card(card)).await;
                 }
-                s.messages.push(Message::tool(compact(&v).to_string()));
+                s.conv.messages.push(Message::tool(compact(&v).to_string()));
                 Ok(Flow::Continue)
             }
             Err(e) => {
                 self.audit_row(sid, "model", "tool_call", Some(name), json!({"arguments": args, "error": e.model}), &format!("{:?}", e.kind))?;
                 emit(tx, AgentEvent::ToolResult { tool: name.into(), ok: false, detail: e.model.clone() }).await;
-                s.messages.push(Message::tool(json!({"error": e.model}).to_string()));
+                s.conv.messages.push(Message::tool(json!({"error": e.model}).to_string()));
                 match e.kind {
                     // The model can fix its request.
                     ErrorKind::Rejected | ErrorKind::InvalidArguments => Ok(Flow::Continue),
                     _ => {
-                        s.messages.push(Message::assistant(e.user.clone()));
+                        s.conv.messages.push(Message::assistant(e.user.clone()));
                         emit(tx, AgentEvent::Notice { text: e.user }).await;
                         Ok(Flow::End)
                     }
@@ -914,8 +936,8 @@ impl Agent {
             let e = format!("`{name}` quote is missing summary/amount/currency: {quote}");
             self.audit_row(sid, "model", "tool_call", Some(&name), json!({"arguments": args, "error": e}), "bad quote")?;
             let text = format!("The {} service sent an unusable quote, so nothing was ordered.", tool.app);
-            s.messages.push(Message::tool(json!({"error": e}).to_string()));
-            s.messages.push(Message::assistant(text.clone()));
+            s.conv.messages.push(Message::tool(json!({"error": e}).to_string()));
+            s.conv.messages.push(Message::assistant(text.clone()));
             emit(tx, AgentEvent::Notice { text }).await;
             return Ok(Flow::End);
         };
@@ -932,7 +954,7 @@ impl Agent {
             amount,
             currency: currency.to_owned(),
             amount_display: money(amount, currency),
-            payment_method: format!("{} (wallet {})", self.opts.pay_method, s.wallet.as_deref().unwrap_or(&self.opts.wallet)),
+            payment_method: format!("{} (wallet {})", self.opts.pay_method, s.conv.wallet.as_deref().unwrap_or(&self.opts.wallet)),
             expires_ms: self.opts.clock.now_ms() + ttl.as_millis() as i64,
         };
         self.audit_row(
@@ -943,12 +965,12 @@ impl Agent {
             json!({"arguments": args, "summary": summary, "amount": amount, "currency": currency, "token_id": token_id(&token)}),
             "awaiting the user's answer",
         )?;
-        s.evidence.add_result(&tool.app, &name, &quote);
-        s.messages.push(Message::tool(
+        s.conv.evidence.add_result(&tool.app, &name, &quote);
+        s.conv.messages.push(Message::tool(
             json!({"status": "awaiting_user_confirmation", "summary": summary, "amount": req.amount_display, "note": "The app is asking the user to confirm. Do not claim it is done."})
                 .to_string(),
         ));
-        s.pending = Some(Pending {
+        s.gate.pending = Some(Pending {
             req: req.clone(),
             tool: tool.clone(),
             args,
@@ -975,28 +997,29 @@ impl Agent {
 
     fn take_pending(&self, sid: &str, s: &mut Session, token: &str, kind: &str) -> Result<Option<Pending>, String> {
         let ok = s
+            .gate
             .pending
             .as_ref()
             .is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()) && p.expires > std::time::Instant::now());
         if !ok {
-            let expired = s.pending.as_ref().is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()));
+            let expired = s.gate.pending.as_ref().is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()));
             if expired {
-                s.pending = None;
+                s.gate.pending = None;
             }
             self.audit_row(sid, "user", kind, None, json!({"token_id": token_id(token)}), if expired { "refused: expired" } else { "refused: unknown token" })?;
             return Ok(None);
         }
-        Ok(s.pending.take())
+        Ok(s.gate.pending.take())
     }
 
     async fn on_decline(&self, sid: &str, s: &mut Session, token: &str, tx: &Tx) -> Result<(), String> {
-        let lang = s.lang.unwrap_or(Lang::En);
+        let lang = s.conv.lang.unwrap_or(Lang::En);
         let Some(p) = self.take_pending(sid, s, token, "decline")? else {
             emit(tx, AgentEvent::Notice { text: say(lang, Say::TokenInvalid) }).await;
             return Ok(());
         };
         self.audit_row(sid, "user", "decline", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount, "token_id": token_id(token)}), "declined; nothing run")?;
-        s.messages.push(Message::user(match lang {
+        s.conv.messages.push(Message::user(match lang {
             Lang::Zh => "不用了，取消。",
             Lang::Ko => "아니요, 취소할게요.",
             Lang::En => "No, don't do it.",
@@ -1007,28 +1030,28 @@ impl Agent {
         } else {
             say(lang, Say::Declined)
         };
-        if let Some(fr) = s.dialogue.stack.last_mut().filter(|f| f.quoted) {
+        if let Some(fr) = s.conv.dialogue.stack.last_mut().filter(|f| f.quoted) {
             // The flow stays: the person may change something and get a new quote.
             fr.quoted = false;
             if p.order.is_none() {
                 text = crate::dialogue::say(lang, crate::dialogue::Say::DeclinedKeep);
             } else {
-                s.dialogue.stack.pop();
+                s.conv.dialogue.stack.pop();
             }
         }
-        s.messages.push(Message::assistant(text.clone()));
+        s.conv.messages.push(Message::assistant(text.clone()));
         emit(tx, AgentEvent::Notice { text }).await;
         Ok(())
     }
 
     async fn on_confirm(&self, sid: &str, s: &mut Session, token: &str, tx: &Tx) -> Result<(), String> {
-        let lang = s.lang.unwrap_or(Lang::En);
+        let lang = s.conv.lang.unwrap_or(Lang::En);
         let Some(mut p) = self.take_pending(sid, s, token, "confirm")? else {
             emit(tx, AgentEvent::Notice { text: say(lang, Say::TokenInvalid) }).await;
             return Ok(());
         };
         let name = p.tool.def.name.clone();
-        let wallet = s.wallet.clone().unwrap_or_else(|| self.opts.wallet.clone());
+        let wallet = s.conv.wallet.clone().unwrap_or_else(|| self.opts.wallet.clone());
         self.audit_row(sid, "user", "confirm", Some(&name), json!({"summary": p.req.summary, "amount": p.req.amount, "currency": p.req.currency, "token_id": token_id(token)}), "confirmed")?;
         let order = match p.order.clone() {
             Some(o) => o,
@@ -1049,7 +1072,7 @@ impl Agent {
                 match r {
                     Ok(v) => {
                         self.audit_row(sid, "system", "tool_call", Some(&name), json!({"arguments": p.args, "result": v}), "ok")?;
-                        s.evidence.add_result(&p.tool.app, &name, &v);
+                        s.conv.evidence.add_result(&p.tool.app, &name, &v);
                         v
                     }
                     Err(e) => {
@@ -1059,10 +1082,10 @@ impl Agent {
                             // Unknown outcome: keep the confirmation so a retry
                             // reuses the same idempotency key.
                             let t = say(lang, Say::RetryConfirm { reason: &e.user });
-                            s.pending = Some(p);
+                            s.gate.pending = Some(p);
                             t
                         } else {
-                            s.messages.push(Message::tool(json!({"error": e.model}).to_string()));
+                            s.conv.messages.push(Message::tool(json!({"error": e.model}).to_string()));
                             e.user.clone()
                         };
                         emit(tx, AgentEvent::Notice { text }).await;
@@ -1098,8 +1121,8 @@ impl Agent {
             match outcome {
                 PayOutcome::Paid(trade) => paid = Some(trade),
                 PayOutcome::Refused(text) => {
-                    s.messages.push(Message::tool(json!({"status": "not_paid", "reason": text}).to_string()));
-                    s.messages.push(Message::assistant(text.clone()));
+                    s.conv.messages.push(Message::tool(json!({"status": "not_paid", "reason": text}).to_string()));
+                    s.conv.messages.push(Message::assistant(text.clone()));
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());
                 }
@@ -1109,7 +1132,7 @@ impl Agent {
                     let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
                     p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
-                    s.pending = Some(p);
+                    s.gate.pending = Some(p);
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());
                 }
@@ -1133,11 +1156,11 @@ impl Agent {
         }
         emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
         // An action on an order of this conversation (cancel, lock) uses it up.
-        let acted_on: Vec<Value> = s.dialogue.stack.last().filter(|f| f.quoted).map(|f| f.chosen.values().cloned().collect()).unwrap_or_default();
-        let before = s.orders.len();
-        s.orders.retain(|(_, o)| !acted_on.contains(o));
-        if s.orders.len() == before {
-            s.orders.push((p.tool.app.clone(), shown.clone()));
+        let acted_on: Vec<Value> = s.conv.dialogue.stack.last().filter(|f| f.quoted).map(|f| f.chosen.values().cloned().collect()).unwrap_or_default();
+        let before = s.conv.orders.len();
+        s.conv.orders.retain(|(_, o)| !acted_on.contains(o));
+        if s.conv.orders.len() == before {
+            s.conv.orders.push((p.tool.app.clone(), shown.clone()));
         }
         if paid.is_some() {
             self.remember_order(s, &p.tool.app, &name, &p.args, &p.req.summary, p.req.amount, &p.req.currency).await;
@@ -1149,12 +1172,12 @@ impl Agent {
         };
         // The model learns the outcome with the next message; the person
         // hears it now, in fixed words, so nothing is re-ordered or misstated.
-        s.messages.push(Message::tool(json!({"status": if paid.is_some() { "confirmed_and_paid" } else { "confirmed" }, "result": compact(&shown)}).to_string()));
-        s.messages.push(Message::assistant(text.clone()));
+        s.conv.messages.push(Message::tool(json!({"status": if paid.is_some() { "confirmed_and_paid" } else { "confirmed" }, "result": compact(&shown)}).to_string()));
+        s.conv.messages.push(Message::assistant(text.clone()));
         emit(tx, AgentEvent::Notice { text }).await;
         // The flow that quoted it is done; a task waiting below it goes on.
-        if s.dialogue.stack.last().is_some_and(|f| f.quoted) {
-            s.dialogue.stack.pop();
+        if s.conv.dialogue.stack.last().is_some_and(|f| f.quoted) {
+            s.conv.dialogue.stack.pop();
             self.run_stack(sid, s, lang, &[], "", tx).await?;
         }
         Ok(())

@@ -38,20 +38,20 @@ impl Agent {
     /// Before the model: memory commands, preferences said in passing,
     /// and the memories relevant to this message.
     pub(super) async fn personal_turn(&self, sid: &str, s: &mut Session, lang: Lang, text: &str, tx: &Tx) -> Result<Handled, String> {
-        let (Some(feed), Some(user)) = (self.personal(), s.user.clone()) else {
+        let (Some(feed), Some(user)) = (self.personal(), s.conv.user.clone()) else {
             return Ok(Handled::Continue(text.to_owned()));
         };
         let mem = feed.memory().clone();
         let fail = |e: anyhow::Error| format!("memory was not changed: {e:#}");
         let answer = |s: &mut Session, reply: String| {
-            s.messages.push(Message::user(text.to_owned()));
-            s.messages.push(Message::assistant(reply.clone()));
+            s.conv.messages.push(Message::user(text.to_owned()));
+            s.conv.messages.push(Message::assistant(reply.clone()));
             reply
         };
         match keys::command(text) {
             Some(Command::Remember(what)) => {
                 let m = mem.remember(&user, &what, None, "said").await.map_err(fail)?;
-                s.last_memory = Some(m.id);
+                s.conv.last_memory = Some(m.id);
                 self.audit_row(sid, "user", "memory", None, json!({"remembered": m.text, "kind": m.kind, "tags": m.tags}), "kept")?;
                 let r = answer(s, words(lang, format!("Got it. I'll remember: {}", m.text), format!("好的，我记住了：{}", m.text), format!("알겠습니다. 기억할게요: {}", m.text)));
                 emit(tx, AgentEvent::Notice { text: r }).await;
@@ -62,14 +62,14 @@ impl Agent {
                     Some(w) => mem.forget_matching(&user, &w).await.map_err(fail)?,
                     None => {
                         let list = mem.list(&user).await.map_err(fail)?;
-                        let target = s.last_memory.and_then(|id| list.iter().find(|m| m.id == id).cloned()).or_else(|| list.into_iter().find(|m| m.kind != Kind::Order));
+                        let target = s.conv.last_memory.and_then(|id| list.iter().find(|m| m.id == id).cloned()).or_else(|| list.into_iter().find(|m| m.kind != Kind::Order));
                         match target {
                             Some(m) => mem.forget(&user, m.id).await.map_err(fail)?.then_some(m),
                             None => None,
                         }
                     }
                 };
-                s.last_memory = None;
+                s.conv.last_memory = None;
                 let r = match &gone {
                     Some(m) => {
                         self.audit_row(sid, "user", "memory", None, json!({"forgot": m.text}), "forgotten")?;
@@ -127,8 +127,8 @@ impl Agent {
                     format!("你的老样子（之前点过 {times} 次）：{}。请确认价格。", u.order.summary),
                     format!("평소 주문({times}회): {}. 가격을 확인해 주세요.", u.order.summary),
                 );
-                s.messages.push(Message::user(text.to_owned()));
-                s.messages.push(Message::assistant(note.clone()));
+                s.conv.messages.push(Message::user(text.to_owned()));
+                s.conv.messages.push(Message::assistant(note.clone()));
                 emit(tx, AgentEvent::Notice { text: note }).await;
                 // The same gate as any order: a quote, then the person's Confirm.
                 self.quote(sid, s, lang, &tool, u.order.arguments.clone(), true, tx).await?;
@@ -176,10 +176,10 @@ impl Agent {
                 // The ids become real ids for the app's next call, like a search result.
                 let found: Vec<Value> = items.iter().filter_map(|it| it.refs.get("restaurant_id")).map(|r| json!({"restaurant_id": r})).collect();
                 if !found.is_empty() {
-                    s.evidence.add_result("food", "feed", &json!({"items": found}));
+                    s.conv.evidence.add_result("food", "feed", &json!({"items": found}));
                 }
-                s.offered = options.iter().map(|o| o.id.clone()).collect();
-                s.offered_replies = options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
+                s.conv.offered = options.iter().map(|o| o.id.clone()).collect();
+                s.conv.offered_replies = options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
                 let head = match (lang, profile.diet.first()) {
                     (Lang::En, Some(d)) => format!("Some ideas ({}, as you asked):", tag_words(d, lang)),
                     (Lang::Zh, Some(d)) => format!("给你推荐（{}，按你的要求）：", tag_words(d, lang)),
@@ -203,7 +203,7 @@ impl Agent {
                 };
                 if let Some((kind, tags, m)) = kept {
                     self.audit_row(sid, "user", "memory", None, json!({"remembered": m.text, "kind": m.kind, "tags": tags}), "kept")?;
-                    s.last_memory = Some(m.id);
+                    s.conv.last_memory = Some(m.id);
                     let what = tags.iter().map(|t| tag_words(t, lang)).collect::<Vec<_>>().join(", ");
                     let n = match (kind, lang) {
                         (Kind::Dislike, Lang::En) => format!("Noted: no {what}."),
@@ -216,15 +216,15 @@ impl Agent {
                     noted = Some(n);
                 } else if self.opts.extract_memories && crate::memory::extract::worth_reading(text) {
                     // Read by the model after this turn (see `after_turn`).
-                    s.to_extract = Some(text.to_owned());
+                    s.conv.to_extract = Some(text.to_owned());
                 }
                 // What the model should know: the few memories about this.
                 let recalled = mem.recall(&user, text, 3, &[Kind::Like, Kind::Dislike, Kind::Diet, Kind::Fact, Kind::Order]).await.unwrap_or_default();
-                let relevant: Vec<(MemoryItem, f32)> = recalled.into_iter().filter(|(m, sc)| *sc >= RECALL_MIN && Some(m.id) != s.last_memory.filter(|_| noted.is_some())).collect();
+                let relevant: Vec<(MemoryItem, f32)> = recalled.into_iter().filter(|(m, sc)| *sc >= RECALL_MIN && Some(m.id) != s.conv.last_memory.filter(|_| noted.is_some())).collect();
                 for (m, _) in &relevant {
                     // The person's own earlier words count as said.
                     if m.kind != Kind::Order {
-                        s.evidence.user.push(m.text.clone());
+                        s.conv.evidence.user.push(m.text.clone());
                     }
                 }
                 if let Some(n) = noted {
@@ -243,7 +243,7 @@ impl Agent {
     /// proposes is checked against the words and kept as `extracted`,
     /// visible and forgettable like the rest.
     pub(super) fn after_turn(&self, s: &mut Session, lang: Lang) {
-        let (Some(text), Some(feed), Some(user), Some(engine)) = (s.to_extract.take(), self.personal(), s.user.clone(), self.engine.clone()) else { return };
+        let (Some(text), Some(feed), Some(user), Some(engine)) = (s.conv.to_extract.take(), self.personal(), s.conv.user.clone(), self.engine.clone()) else { return };
         let (mem, code) = (feed.memory().clone(), lang.code());
         tokio::spawn(async move {
             if let Ok(found) = crate::memory::extract::extract(&engine, &text, code).await {
@@ -256,7 +256,7 @@ impl Agent {
 
     /// After a confirmed order: keep it for "my usual" and the feed.
     pub(super) async fn remember_order(&self, s: &Session, app: &str, tool: &str, args: &Map<String, Value>, summary: &str, amount: i64, currency: &str) {
-        let (Some(feed), Some(user)) = (self.personal(), s.user.as_deref()) else { return };
+        let (Some(feed), Some(user)) = (self.personal(), s.conv.user.as_deref()) else { return };
         let tags = feed.tags_for(args);
         let o = OrderMemory::new(app, tool, args.clone(), summary, amount, currency);
         // The order stands whether or not it is remembered.
