@@ -129,13 +129,13 @@ impl Agent {
         // What needs no model: a tapped option, or a bare answer to the question just asked.
         let mut fresh: Vec<String> = Vec::new();
         let mut skip_model = false;
-        if let Some(mut fr) = s.dialogue.stack.pop() {
+        if let Some(mut fr) = s.conv.dialogue.stack.pop() {
             if let (Some(flow), Some(asking)) = (self.flow(&fr.flow), fr.asking.clone()) {
                 if let Some(def) = flow.slot(&asking).cloned() {
-                    let tapped = s.offered_replies.iter().find(|(r, _)| r == text.trim()).map(|(_, id)| id.clone());
+                    let tapped = s.conv.offered_replies.iter().find(|(r, _)| r == text.trim()).map(|(_, id)| id.clone());
                     match def.kind {
                         SlotKind::Choice => {
-                            let opts = slot_options(&s.orders, &flow, &fr, &def);
+                            let opts = slot_options(&s.conv.orders, &flow, &fr, &def);
                             let pick = tapped
                                 .and_then(|id| opts.iter().position(|o| o.id == id))
                                 .or_else(|| short(text).then(|| value::ordinal(text).filter(|n| *n <= opts.len()).map(|n| n - 1)).flatten())
@@ -157,9 +157,9 @@ impl Agent {
                     }
                 }
             }
-            s.dialogue.stack.push(fr);
+            s.conv.dialogue.stack.push(fr);
         }
-        s.dialogue.note("user", text);
+        s.conv.dialogue.note("user", text);
         if !skip_model {
             let handled = self.commands_turn(sid, s, lang, text, today, &mut fresh, tx).await?;
             if let Some(h) = handled {
@@ -178,18 +178,19 @@ impl Agent {
         let all = tools.flows();
         // Candidates: flows of the apps the message names, and those on the stack; all when none is named.
         let named = super::route::apps_named(&tools, text);
-        // Candidates: the flows of the apps the message names, and those on the
-        // stack; with none named, the stack's alone, or every flow when idle.
-        let on_stack = |f: &Flow| s.dialogue.stack.iter().any(|fr| fr.flow == f.def.id);
+        // Candidates: the flows of the apps the message names (manifest
+        // keywords), and those on the stack; when neither, the flows whose
+        // examples share words with the message (often none: chat).
+        let on_stack = |f: &Flow| s.conv.dialogue.stack.iter().any(|fr| fr.flow == f.def.id);
         let mut cands: Vec<&Flow> = all.iter().copied().filter(|f| named.contains(&f.app) || on_stack(f)).collect();
         if cands.is_empty() {
-            cands = all.clone();
+            cands = crate::dialogue::similar(text, &all);
         }
         // Options on screen for the question being asked.
-        let (options, n_options): (Vec<String>, usize) = match s.dialogue.top().and_then(|fr| Some((fr, self.flow(&fr.flow)?))) {
+        let (options, n_options): (Vec<String>, usize) = match s.conv.dialogue.top().and_then(|fr| Some((fr, self.flow(&fr.flow)?))) {
             Some((fr, flow)) => match fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice) {
                 Some(def) => {
-                    let o = slot_options(&s.orders, &flow, fr, def);
+                    let o = slot_options(&s.conv.orders, &flow, fr, def);
                     (o.iter().map(|o| o.labels.first().cloned().unwrap_or_else(|| o.id.clone())).collect(), o.len())
                 }
                 None => (Vec::new(), 0),
@@ -211,9 +212,10 @@ impl Agent {
         }
         // Flows may be started when the message names their app, or when none
         // runs; a running flow is only resumed by name.
-        let startable: Vec<String> = cands.iter().filter(|f| named.contains(&f.app) || s.dialogue.stack.is_empty()).map(|f| f.def.id.clone()).collect();
-        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.dialogue.stack.is_empty() && crate::dialogue::says_stop(text) };
-        let prompt = crate::dialogue::command_prompt(&cands, &s.dialogue, &options, text);
+        let idle_unnamed = named.is_empty() && s.conv.dialogue.stack.is_empty();
+        let startable: Vec<String> = cands.iter().filter(|f| named.contains(&f.app) || idle_unnamed).map(|f| f.def.id.clone()).collect();
+        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.conv.dialogue.stack.is_empty() && crate::dialogue::says_stop(text) };
+        let prompt = crate::dialogue::command_prompt(&cands, &s.conv.dialogue, &options, text);
         let req = GenRequest {
             session: Some(format!("{sid}#commands")),
             messages: vec![Message::system(crate::dialogue::COMMAND_SYSTEM.to_owned()), Message::user(prompt)],
@@ -239,36 +241,36 @@ impl Agent {
                 Command::Start { flow } => {
                     let Some(f) = self.flow(&flow) else { continue };
                     acted = true;
-                    match s.dialogue.stack.iter().position(|fr| fr.flow == flow) {
-                        Some(i) if i + 1 == s.dialogue.stack.len() => {}
+                    match s.conv.dialogue.stack.iter().position(|fr| fr.flow == flow) {
+                        Some(i) if i + 1 == s.conv.dialogue.stack.len() => {}
                         Some(i) => {
-                            let fr = s.dialogue.stack.remove(i);
-                            s.dialogue.stack.push(fr);
+                            let fr = s.conv.dialogue.stack.remove(i);
+                            s.conv.dialogue.stack.push(fr);
                         }
                         None => {
                             let mut fr = Frame::new(&f);
                             // What the last answer of this app established (the trip
                             // just priced) carries into its next task.
-                            if let Some(c) = s.dialogue.carried.remove(&f.app) {
+                            if let Some(c) = s.conv.dialogue.carried.remove(&f.app) {
                                 for (k, v) in c {
                                     if f.slot(&k).is_some_and(|d| d.kind != SlotKind::Choice) {
                                         fr.slots.insert(k, v);
                                     }
                                 }
                             }
-                            s.dialogue.stack.push(fr);
+                            s.conv.dialogue.stack.push(fr);
                             started.push(flow);
                         }
                     }
                 }
                 Command::Set { slot, value: v } => {
                     // The newest frame that has the slot.
-                    let Some(i) = s.dialogue.stack.iter().rposition(|fr| self.flow(&fr.flow).is_some_and(|f| f.slot(&slot).is_some())) else { continue };
-                    let flow = self.flow(&s.dialogue.stack[i].flow).expect("checked above");
+                    let Some(i) = s.conv.dialogue.stack.iter().rposition(|fr| self.flow(&fr.flow).is_some_and(|f| f.slot(&slot).is_some())) else { continue };
+                    let flow = self.flow(&s.conv.dialogue.stack[i].flow).expect("checked above");
                     let def = flow.slot(&slot).expect("checked above").clone();
-                    let fr = &mut s.dialogue.stack[i];
+                    let fr = &mut s.conv.dialogue.stack[i];
                     if def.kind == SlotKind::Choice {
-                        let opts = slot_options(&s.orders, &flow, fr, &def);
+                        let opts = slot_options(&s.conv.orders, &flow, fr, &def);
                         if let Some(k) = value::option_named(&v, &opts).or_else(|| value::option_named(text, &opts)) {
                             choose(fr, &slot, &opts[k]);
                             fresh.push(slot);
@@ -298,10 +300,10 @@ impl Agent {
                     }
                 }
                 Command::Pick { n } => {
-                    let Some(fr) = s.dialogue.stack.last_mut() else { continue };
+                    let Some(fr) = s.conv.dialogue.stack.last_mut() else { continue };
                     let Some(flow) = self.flow(&fr.flow) else { continue };
                     let Some(def) = fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice).cloned() else { continue };
-                    let opts = slot_options(&s.orders, &flow, fr, &def);
+                    let opts = slot_options(&s.conv.orders, &flow, fr, &def);
                     // An option named in full in the words wins over the model's number.
                     let n = value::option_named_fully(text, &opts).map(|i| i + 1).unwrap_or(n);
                     if let Some(o) = opts.get(n - 1) {
@@ -311,7 +313,7 @@ impl Agent {
                     }
                 }
                 Command::Cancel => {
-                    if let Some(fr) = s.dialogue.stack.pop() {
+                    if let Some(fr) = s.conv.dialogue.stack.pop() {
                         acted = true;
                         self.drop_pending(sid, s, "the person cancelled the task")?;
                         let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
@@ -325,7 +327,7 @@ impl Agent {
             }
         }
         // Code reads what the model left out, for a flow just started or a question just asked.
-        if let Some(mut top) = s.dialogue.stack.pop() {
+        if let Some(mut top) = s.conv.dialogue.stack.pop() {
             let fr = &mut top;
             if let Some(flow) = self.flow(&fr.flow) {
                 let new = started.contains(&fr.flow);
@@ -350,20 +352,31 @@ impl Agent {
                         }
                     }
                 }
+                // Where the words say which place is the start and which the end
+                // ("from the Bund to Hongqiao", "서울에서 부산 가는"), they win over
+                // the model's order.
+                for d in flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place && d.role.is_some()) {
+                    if let Some(p) = value::place_in_role(text, d.role.as_deref().unwrap_or_default()) {
+                        if fr.slots.get(&d.name).and_then(Value::as_str).is_some_and(|v| cities::fold(v) != cities::fold(&p)) && fresh.contains(&d.name) {
+                            fr.slots.insert(d.name.clone(), Value::String(p));
+                        }
+                    }
+                }
                 for d in &flow.def.slots {
                     if fr.slots.contains_key(&d.name) {
                         continue;
                     }
                     let asked = fr.asking.as_deref() == Some(d.name.as_str());
-                    if !(new || asked) {
-                        continue;
-                    }
+                    // Required dates, times and named values are read in any message
+                    // to the flow; the rest only in the message that starts it or
+                    // answers their question.
                     let v = match d.kind {
-                        SlotKind::Date | SlotKind::Time | SlotKind::Enum => value::from_message(d, text, today),
-                        SlotKind::Count => value::from_message(d, &rest, today),
-                        SlotKind::Place if (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
+                        SlotKind::Date | SlotKind::Time | SlotKind::Enum if d.required || new || asked => value::from_message(d, text, today),
+                        SlotKind::Count if new || asked => value::from_message(d, &rest, today),
+                        SlotKind::Place if d.role.is_some() && unknown.is_empty() => value::place_in_role(text, d.role.as_deref().unwrap_or_default()).map(Value::String),
+                        SlotKind::Place if (new || asked) && (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
                         SlotKind::Choice if asked => {
-                            let opts = slot_options(&s.orders, &flow, fr, d);
+                            let opts = slot_options(&s.conv.orders, &flow, fr, d);
                             value::option_named(text, &opts).map(|i| {
                                 fr.chosen.insert(d.name.clone(), opts[i].data.clone());
                                 Value::String(opts[i].id.clone())
@@ -379,7 +392,7 @@ impl Agent {
                     }
                 }
             }
-            s.dialogue.stack.push(top);
+            s.conv.dialogue.stack.push(top);
         }
         for p in &problems {
             self.tell(s, tx, p.clone()).await;
@@ -404,7 +417,7 @@ impl Agent {
             }
             self.chat_reply(sid, s, lang, text, tx).await?;
             // A flow in progress resumes: its question (or quote) again.
-            return Ok(if s.dialogue.stack.is_empty() { Some(true) } else { None });
+            return Ok(if s.conv.dialogue.stack.is_empty() { Some(true) } else { None });
         }
         Ok(None)
     }
@@ -413,7 +426,7 @@ impl Agent {
     /// popped and the one below resumes.
     pub(super) async fn run_stack(&self, sid: &str, s: &mut Session, lang: Lang, fresh: &[String], said: &str, tx: &Tx) -> Result<(), String> {
         let mut resumed = false;
-        while let Some(mut fr) = s.dialogue.stack.pop() {
+        while let Some(mut fr) = s.conv.dialogue.stack.pop() {
             let Some(flow) = self.flow(&fr.flow) else { continue };
             if resumed {
                 let t = say(lang, Say::Resume(flow.def.description.get(lang.code())));
@@ -424,13 +437,13 @@ impl Agent {
                 Outcome::Finished => {
                     if fr.results.values().next().is_some() && flow.def.steps.iter().all(|st| st.quote.is_none()) {
                         let kept: std::collections::BTreeMap<String, Value> = fr.slots.iter().filter(|(k, _)| !fr.chosen.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-                        s.dialogue.carried.insert(fr.app.clone(), kept);
+                        s.conv.dialogue.carried.insert(fr.app.clone(), kept);
                     }
                     resumed = true;
                     continue;
                 }
                 Outcome::Asked | Outcome::Waiting | Outcome::Stopped => {
-                    s.dialogue.stack.push(fr);
+                    s.conv.dialogue.stack.push(fr);
                     return Ok(());
                 }
             }
@@ -455,7 +468,7 @@ impl Agent {
                         // Its call was skipped by a condition.
                         continue;
                     }
-                    let opts = slot_options(&s.orders, flow, fr, &def);
+                    let opts = slot_options(&s.conv.orders, flow, fr, &def);
                     if let Some(v) = fr.slots.get(c).and_then(Value::as_str) {
                         if let Some(o) = opts.iter().find(|o| o.id == v) {
                             fr.chosen.insert(c.clone(), o.data.clone());
@@ -550,7 +563,7 @@ impl Agent {
                 match r {
                     Ok(v) => {
                         self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args, "flow": fr.flow}), "ok")?;
-                        s.evidence.add_result(&tool.app, t, &v);
+                        s.conv.evidence.add_result(&tool.app, t, &v);
                         emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: true, detail: String::new() }).await;
                         fr.results.insert(name.clone(), (args, v));
                         if step.show || step.end {
@@ -583,7 +596,7 @@ impl Agent {
                     return Ok(Outcome::Stopped);
                 }
                 self.quote(sid, s, lang, &tool, args, true, tx).await?;
-                if s.pending.is_some() {
+                if s.gate.pending.is_some() {
                     fr.quoted = true;
                     return Ok(Outcome::Waiting);
                 }
@@ -613,8 +626,8 @@ impl Agent {
         let Some(kind) = &tool.def.card else { return };
         let card = present::card(kind, &tool_name, &tool.app, result, lang);
         if !card.options.is_empty() {
-            s.offered = card.options.iter().map(|o| o.id.clone()).collect();
-            s.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
+            s.conv.offered = card.options.iter().map(|o| o.id.clone()).collect();
+            s.conv.offered_replies = card.options.iter().map(|o| (o.reply.clone(), o.id.clone())).collect();
         }
         fr.shown.push(key);
         emit(tx, AgentEvent::Card(card)).await;
@@ -622,23 +635,23 @@ impl Agent {
 
     /// The assistant's own words, to the person and to the command prompt.
     pub(super) async fn tell(&self, s: &mut Session, tx: &Tx, text: String) {
-        s.dialogue.note("assistant", &text);
+        s.conv.dialogue.note("assistant", &text);
         emit(tx, AgentEvent::Notice { text }).await;
     }
 
     /// A confirmation still open is void (the task was cancelled or changed).
     pub(super) fn drop_pending(&self, sid: &str, s: &mut Session, why: &str) -> Result<(), String> {
-        if let Some(p) = s.pending.take() {
+        if let Some(p) = s.gate.pending.take() {
             self.audit_row(sid, "user", "superseded", Some(&p.tool.def.name), json!({"summary": p.req.summary, "amount": p.req.amount}), why)?;
         }
-        if let Some(fr) = s.dialogue.stack.last_mut() {
+        if let Some(fr) = s.conv.dialogue.stack.last_mut() {
             fr.quoted = false;
         }
         Ok(())
     }
 
     fn count(&self, s: &mut Session, g: &crate::dialogue::generate::Generated) {
-        let st = &mut s.stats;
+        let st = &mut s.turn.stats;
         st.model_rounds += 1;
         st.prompt_tokens += g.prompt_tokens;
         st.cached_tokens += g.cached_tokens;
@@ -662,7 +675,7 @@ impl Agent {
              Today is {}.",
             crate::world::calendar::date_text(self.opts.clock.now_s().div_euclid(86_400))
         );
-        if let Some(fr) = s.dialogue.top() {
+        if let Some(fr) = s.conv.dialogue.top() {
             if let Some((_, r)) = fr.results.values().last() {
                 let mut ctx = present::compact(r).to_string();
                 ctx = ctx.chars().take(600).collect();
@@ -670,13 +683,13 @@ impl Agent {
             }
         }
         let mut messages = vec![Message::system(system)];
-        for (role, t) in s.dialogue.recent.iter().rev().skip(1).take(2).rev() {
+        for (role, t) in s.conv.dialogue.recent.iter().rev().skip(1).take(2).rev() {
             messages.push(if role == "user" { Message::user(t.clone()) } else { Message::assistant(t.clone()) });
         }
         messages.push(Message::user(text.to_owned()));
         let (ttx, mut trx) = tokio::sync::mpsc::channel::<String>(64);
         let req = GenRequest { session: Some(format!("{sid}#chat")), messages, grammar: None, max_tokens: 80, sampling: self.opts.sampling, lang: lang.code().into() };
-        let started = s.started;
+        let started = s.turn.started;
         let fwd = async {
             let mut first = None;
             let mut all = String::new();
@@ -692,11 +705,11 @@ impl Agent {
         let (g, (first, all)) = tokio::join!(self.generator.generate(req, Some(ttx)), fwd);
         let g = g?;
         self.count(s, &g);
-        if s.stats.first_token_ms.is_none() {
-            s.stats.first_token_ms = first;
+        if s.turn.stats.first_token_ms.is_none() {
+            s.turn.stats.first_token_ms = first;
         }
         self.audit_row(sid, "model", "chat", None, json!({"chars": all.chars().count()}), "answered")?;
-        s.dialogue.note("assistant", all.trim());
+        s.conv.dialogue.note("assistant", all.trim());
         Ok(())
     }
 }

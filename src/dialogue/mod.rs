@@ -274,3 +274,38 @@ pub fn says_stop(text: &str) -> bool {
     const CJK: &[&str] = &["取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "别", "停", "취소", "그만", "됐어", "안 할래", "필요 없", "안 해", "말래", "관둘"];
     EN.iter().any(|w| t.contains(w)) || CJK.iter().any(|w| t.contains(w))
 }
+
+/// Pieces of text for matching: Latin words of 4+ letters, and two-character
+/// runs of Chinese or Korean.
+fn pieces(text: &str) -> Vec<String> {
+    const STOP: &[&str] = &["please", "want", "would", "like", "need", "could", "with", "from", "that", "this", "have", "some", "what", "when", "where", "there", "your", "about", "帮我", "我想", "一下", "可以", "주세요", "해줘", "좀 "];
+    let mut out = Vec::new();
+    for w in text.to_lowercase().split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        if w.is_ascii() {
+            if w.len() >= 4 && !STOP.contains(&w) {
+                out.push(w.trim_end_matches('s').to_owned());
+            }
+        } else {
+            let cs: Vec<char> = w.chars().filter(|c| !c.is_ascii()).collect();
+            out.extend(cs.windows(2).map(|p| p.iter().collect::<String>()).filter(|p| !STOP.contains(&p.as_str())));
+        }
+    }
+    out
+}
+
+/// Flows whose examples or description share words with the message: the
+/// candidates when no app's keywords are in it.
+pub fn similar<'a>(text: &str, flows: &[&'a Flow]) -> Vec<&'a Flow> {
+    let want = pieces(text);
+    flows
+        .iter()
+        .copied()
+        .filter(|f| {
+            let mut have = pieces(&f.def.examples.join(" "));
+            for l in ["en", "zh", "ko"] {
+                have.extend(pieces(f.def.description.get(l)));
+            }
+            want.iter().any(|w| have.contains(w))
+        })
+        .collect()
+}

@@ -73,7 +73,7 @@ pub fn counts_in(message: &str) -> Vec<i64> {
         let digits: String = w.chars().take_while(|c| c.is_ascii_digit()).collect();
         let rest: String = w.chars().skip_while(|c| c.is_ascii_digit()).collect();
         // "3", "3份", "2장", "2개", "2x": a count; "06:25", "G6127", "2026-11-23": not.
-        let unit = rest.is_empty() || ["份", "个", "張", "张", "장", "개", "명", "位", "人", "x", "×", "杯", "瓶", "箱", "盒", "斤", "碗", "portions", "tickets", "kg", "公斤", "千克", "킬로", "팩", "봉지", "병"].iter().any(|u| rest.starts_with(u));
+        let unit = rest.is_empty() || ["x", "×", "portions", "tickets", "kg", "公斤", "千克", "킬로"].iter().chain(COUNTERS).any(|u| rest.starts_with(u));
         if !digits.is_empty() && unit {
             if let Ok(n) = digits.parse() {
                 out.push(n);
@@ -311,6 +311,12 @@ pub fn places_in(message: &str) -> Vec<String> {
     let m = fold(message);
     let mut out: Vec<String> = Vec::new();
     for c in cities::all() {
+        for n in c.name.all() {
+            let f = fold(n);
+            if f.chars().count() >= 2 && m.contains(&f) && !out.iter().any(|o| fold(o).contains(&f)) {
+                out.push(n.to_owned());
+            }
+        }
         for p in c.places {
             for n in p.name.all().into_iter().chain(p.aliases.iter().copied()) {
                 // "Shanghai Hongqiao Railway Station" is also said without its city.
@@ -333,6 +339,35 @@ pub fn places_in(message: &str) -> Vec<String> {
         }
     }
     kept
+}
+
+/// The place the words give a role: `origin` ("from X", "从X", "X에서",
+/// "X出发") or `destination` ("to Y", "去Y", "到Y", "Y까지", "Y로", "Y 가는").
+/// Only when exactly one named place has the role.
+pub fn place_in_role(message: &str, role: &str) -> Option<String> {
+    let lower = message.to_lowercase();
+    let (before, after): (&[&str], &[&str]) = match role {
+        "origin" => (&["from ", "从", "由"], &["에서", "出发", " 출발"]),
+        "destination" => (&["to ", "去", "到", "往", "至"], &["까지", "으로", "로 ", "로,", "行", " 가는", "가는"]),
+        _ => return None,
+    };
+    let mut hits: Vec<String> = Vec::new();
+    for p in places_in(message) {
+        let pl = p.to_lowercase();
+        let Some(i) = lower.find(&pl) else { continue };
+        let head = lower[..i].trim_end_matches([' ', '的']);
+        let tail = &lower[i + pl.len()..];
+        let cue_before = before.iter().any(|c| head.ends_with(c.trim_end()) && (c.is_ascii() || !c.ends_with(' ')));
+        let cue_after = after.iter().any(|c| tail.starts_with(c) || tail.trim_start().starts_with(c.trim()));
+        if cue_before || cue_after {
+            // In the person's own spelling.
+            hits.push(message.get(i..i + pl.len()).map(str::to_owned).unwrap_or(p));
+        }
+    }
+    match hits.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
 }
 
 /// An option on screen: its value, its names in every language, the whole object.
@@ -517,6 +552,11 @@ mod tests {
         // A translation of the place the message names is that place, in the person's words.
         assert_eq!(read(&s, "Pudong Airport", "帮我叫辆出租车去浦东机场", 0), Ok(json!("浦东机场")));
         assert_eq!(places_in("from Hongqiao Railway Station to People's Square"), vec!["Hongqiao Railway Station".to_string(), "People's Square".to_string()]);
+        assert_eq!(place_in_role("from the Bund to Hongqiao Railway Station", "origin").as_deref(), Some("the Bund"));
+        assert_eq!(place_in_role("从外滩到虹桥火车站", "destination").as_deref(), Some("虹桥火车站"));
+        assert_eq!(place_in_role("12월 5일에 서울에서 부산 가는 KTX", "origin").as_deref(), Some("서울"));
+        assert_eq!(place_in_role("12월 5일에 서울에서 부산 가는 KTX", "destination").as_deref(), Some("부산"));
+        assert_eq!(place_in_role("명동에서 강남역까지 택시", "destination").as_deref(), Some("강남역"));
     }
 
     #[test]

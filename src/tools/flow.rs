@@ -89,6 +89,10 @@ pub struct SlotDef {
     /// a number in it: `[0-9]`).
     #[serde(default)]
     pub pattern: Option<String>,
+    /// `place`: `origin` or `destination`; code then reads the place from
+    /// the words around it ("from X", "X에서", "从X"; "to Y", "Y까지", "去Y").
+    #[serde(default)]
+    pub role: Option<String>,
 }
 
 /// A choice slot's `from` that picks among the orders confirmed in this
@@ -278,6 +282,11 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
                 return Err(at(format!("slot `{}`: `pattern` belongs to text slots", s.name)));
             }
             regex::Regex::new(p).map_err(|e| at(format!("slot `{}`: `pattern` is not a valid regular expression: {e}", s.name)))?;
+        }
+        if let Some(r) = &s.role {
+            if s.kind != SlotKind::Place || !matches!(r.as_str(), "origin" | "destination") {
+                return Err(at(format!("slot `{}`: `role` is `origin` or `destination`, on place slots", s.name)));
+            }
         }
         if s.kind != SlotKind::Enum && !s.values.is_empty() {
             return Err(at(format!("slot `{}` has `values` but is not an enum", s.name)));
