@@ -34,8 +34,8 @@
 //!        │                │    the top flow's steps: ask · call · card · quote; a flow stack
 //!        │                │    for interruptions; the model writes only chat replies
 //!        │                ├─ generic path (apps without flows): model rounds of tool calls;
-//!        │                │    route (manifest `keywords`), ground (arguments from the user
-//!        │                │    or tool results, ids narrowed in the grammar)
+//!        │                │    route (manifest `keywords`), dialogue::ground (arguments from
+//!        │                │    the user or tool results, ids narrowed in the grammar)
 //!        │                ├─ confirmation gate: quote → token → user's Confirm → run → pay
 //!        │                ├─ present: cards, money, the agent's own sentences (en/zh/ko)
 //!        │                └─ audit: every call, confirmation and payment in SQLite
@@ -102,13 +102,15 @@
 //! - [`tools`]: mini-program manifests (`tools/*.json`) and their flows
 //!   (`tools::flow`, checked at load), argument validation, the tolerant
 //!   tool-call parser and the llguidance grammar.
-//! - [`agent`]: per-session state, the flow executor (`agent/flows.rs`),
-//!   the generic tool-calling loop for apps without flows (routing,
-//!   grounding), the confirmation gate, cards.
+//! - [`agent`]: per-session state (the conversation, the input being
+//!   handled, the gate), the flow executor (`agent/flows.rs`), the generic
+//!   tool-calling loop for apps without flows (routing), the confirmation
+//!   gate, cards.
 //! - [`dialogue`]: the dialogue manager's parts: the flow stack, the
 //!   command prompt and grammar, reading slot values from the person's
-//!   words, the executor's reply templates, and the `Generator` seam (the
-//!   engine, or a scripted generator in unit tests).
+//!   words (`value`, on `ground`: what the words and tool results
+//!   establish), the executor's reply templates, and the `Generator` seam
+//!   (the engine, or a scripted generator in unit tests).
 //! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
 //! - [`audit`]: the append-only audit log.
 //! - [`memory`]: memories per user, "my usual", the Now feed, embeddings and

@@ -454,7 +454,6 @@ impl Agent {
     /// The frame's steps in order, from the first, until one needs the person.
     #[allow(clippy::too_many_arguments)]
     async fn advance(&self, sid: &str, s: &mut Session, lang: Lang, flow: &Flow, fr: &mut Frame, fresh: &[String], said: &str, tx: &Tx) -> Result<Outcome, String> {
-        let tools = self.tools();
         fr.asking = None;
         for step in &flow.def.steps {
             if !when_ok(&step.when, fr) {
@@ -537,13 +536,7 @@ impl Agent {
                 if fr.results.get(&name).is_some_and(|(a, _)| a == &args) {
                     continue;
                 }
-                let Some(tool) = tools.get(t).cloned() else { return Err(format!("tool {t} vanished")) };
-                emit(tx, AgentEvent::ToolCall { tool: t.clone(), arguments: Value::Object(args.clone()) }).await;
-                if let Err(e) = tool.validate(&args) {
-                    self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args}), &format!("rejected: {e}"))?;
-                    emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: false, detail: e }).await;
-                    return Ok(Outcome::Stopped);
-                }
+                let Some(tool) = self.announce(sid, t, &args, tx).await? else { return Ok(Outcome::Stopped) };
                 let endpoint = tool.def.endpoint.clone().ok_or_else(|| format!("`{t}` has no endpoint"))?;
                 let mut r = self.adapter.call(CallRequest { tool: &tool, endpoint: &endpoint, args: &args, idempotency_key: None, check_result: true, confirmed: None }).await;
                 // Found nothing: drop the optional slots the step may relax, one by one.
@@ -588,13 +581,7 @@ impl Agent {
                 continue;
             }
             if let Some(t) = &step.quote {
-                let Some(tool) = tools.get(t).cloned() else { return Err(format!("tool {t} vanished")) };
-                emit(tx, AgentEvent::ToolCall { tool: t.clone(), arguments: Value::Object(args.clone()) }).await;
-                if let Err(e) = tool.validate(&args) {
-                    self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args}), &format!("rejected: {e}"))?;
-                    emit(tx, AgentEvent::ToolResult { tool: t.clone(), ok: false, detail: e }).await;
-                    return Ok(Outcome::Stopped);
-                }
+                let Some(tool) = self.announce(sid, t, &args, tx).await? else { return Ok(Outcome::Stopped) };
                 self.quote(sid, s, lang, &tool, args, true, tx).await?;
                 if s.gate.pending.is_some() {
                     fr.quoted = true;
@@ -651,13 +638,20 @@ impl Agent {
     }
 
     fn count(&self, s: &mut Session, g: &crate::dialogue::generate::Generated) {
-        let st = &mut s.turn.stats;
-        st.model_rounds += 1;
-        st.prompt_tokens += g.prompt_tokens;
-        st.cached_tokens += g.cached_tokens;
-        st.completion_tokens += g.completion_tokens;
-        st.prefill_ms += g.prefill_ms;
-        st.decode_ms += g.decode_ms;
+        s.turn.stats.add_round(g.prompt_tokens, g.cached_tokens, g.completion_tokens, g.prefill_ms, g.decode_ms);
+    }
+
+    /// Shows the call about to be made and checks its arguments against the
+    /// tool's schema; `None` when they do not fit (told in the audit log).
+    async fn announce(&self, sid: &str, t: &str, args: &Map<String, Value>, tx: &Tx) -> Result<Option<std::sync::Arc<crate::tools::Tool>>, String> {
+        let Some(tool) = self.tools().get(t).cloned() else { return Err(format!("tool {t} vanished")) };
+        emit(tx, AgentEvent::ToolCall { tool: t.to_owned(), arguments: Value::Object(args.clone()) }).await;
+        if let Err(e) = tool.validate(args) {
+            self.audit_row(sid, "system", "tool_call", Some(t), json!({"arguments": args}), &format!("rejected: {e}"))?;
+            emit(tx, AgentEvent::ToolResult { tool: t.to_owned(), ok: false, detail: e }).await;
+            return Ok(None);
+        }
+        Ok(Some(tool))
     }
 
     /// Small talk and questions: the model answers in a few words, with a

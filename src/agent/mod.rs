@@ -27,7 +27,8 @@ mod flow_tests;
 mod flow_tests_booking;
 #[cfg(test)]
 mod flow_tests_mobility;
-pub mod ground;
+/// Grounding lives with the dialogue manager, where it is slot validation.
+pub use crate::dialogue::ground;
 mod personal;
 pub mod present;
 pub mod route;
@@ -168,6 +169,18 @@ pub struct TurnStats {
     /// From the input arriving to the first model token.
     pub first_token_ms: Option<f64>,
     pub total_ms: f64,
+}
+
+impl TurnStats {
+    /// Adds one model round's usage.
+    fn add_round(&mut self, prompt: usize, cached: usize, completion: usize, prefill_ms: f64, decode_ms: f64) {
+        self.model_rounds += 1;
+        self.prompt_tokens += prompt;
+        self.cached_tokens += cached;
+        self.completion_tokens += completion;
+        self.prefill_ms += prefill_ms;
+        self.decode_ms += decode_ms;
+    }
 }
 
 struct Pending {
@@ -663,12 +676,7 @@ impl Agent {
                 }
                 Event::Done(u) => {
                     let st = &mut s.turn.stats;
-                    st.model_rounds += 1;
-                    st.prompt_tokens += u.prompt_tokens;
-                    st.cached_tokens += u.cached_tokens;
-                    st.completion_tokens += u.completion_tokens;
-                    st.prefill_ms += u.prefill_ms;
-                    st.decode_ms += u.decode_ms;
+                    st.add_round(u.prompt_tokens, u.cached_tokens, u.completion_tokens, u.prefill_ms, u.decode_ms);
                     if st.first_token_ms.is_none() {
                         st.first_token_ms = Some(s.turn.started.elapsed().as_secs_f64() * 1000.0 - u.decode_ms);
                     }

@@ -19,6 +19,7 @@
 
 pub mod command;
 pub mod generate;
+pub mod ground;
 pub mod value;
 
 use crate::prompt::Lang;

@@ -2,7 +2,7 @@
 //! person's message says it (grounding as validation), and typed values
 //! are read by code (numbers, dates, times, places, options).
 
-use crate::agent::ground::{contains_word, numbers_in, Evidence, DAY_PARTS, NUMBER_WORDS};
+use super::ground::{contains_word, numbers_in, Evidence, DAY_PARTS, NUMBER_WORDS};
 use crate::tools::flow::{SlotDef, SlotKind};
 use crate::world::calendar::civil_from_days;
 use crate::world::cities::{self, fold};
@@ -210,7 +210,7 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
             // The value as a whole, or its longest comma-separated part, must
             // be in the words (a model pads "People's Square, 200 Renmin Road").
             let fits = |v: &str| fold(message).contains(&fold(v)) && !fold(v).is_empty() && slot.pattern.as_deref().is_none_or(|p| regex::Regex::new(p).is_ok_and(|r| r.is_match(v)));
-            let tidy = crate::agent::ground::tidy(value);
+            let tidy = super::ground::tidy(value);
             if fits(&tidy) {
                 return Ok(Value::String(tidy));
             }
