@@ -395,3 +395,85 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::tools::parse_manifest;
+    use serde_json::{json, Value};
+    use std::path::Path;
+
+    /// A manifest with one search tool, one confirmed tool and `flows`.
+    fn manifest(flows: Value) -> String {
+        json!({
+            "app": "shop",
+            "title": {"en": "Shop"},
+            "base_url": "http://127.0.0.1:1",
+            "tools": [
+                {"name": "shop_search", "description": {"en": "Find items"}, "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}, "confirm": false, "endpoint": {"method": "GET", "path": "/items"}},
+                {"name": "shop_buy", "description": {"en": "Buy an item"}, "parameters": {"type": "object", "properties": {"item_id": {"type": "string"}, "n": {"type": "integer"}}, "required": ["item_id"]}, "confirm": true, "endpoint": {"method": "POST", "path": "/orders"}, "quote": {"method": "POST", "path": "/orders/quote"}}
+            ],
+            "flows": flows
+        })
+        .to_string()
+    }
+
+    fn good() -> Value {
+        json!([{
+            "id": "buy",
+            "description": {"en": "buy an item"},
+            "slots": [
+                {"name": "what", "type": "text", "ask": {"en": "What would you like?"}},
+                {"name": "item", "type": "choice", "from": "found", "hint": "what", "ask": {"en": "Which one?"}},
+                {"name": "n", "type": "count", "default": 1}
+            ],
+            "steps": [
+                {"collect": "what"},
+                {"call": "shop_search", "as": "found", "args": {"q": "$what"}},
+                {"collect": "item"},
+                {"quote": "shop_buy", "args": {"item_id": "$item", "n": "$n"}}
+            ]
+        }])
+    }
+
+    fn error(edit: impl FnOnce(&mut Value)) -> String {
+        let mut f = good();
+        edit(&mut f);
+        match parse_manifest(&manifest(f), Path::new("shop.json")) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_valid_flow_loads_and_its_app_has_flows() {
+        let tools = parse_manifest(&manifest(good()), Path::new("shop.json")).unwrap();
+        let set = crate::tools::ToolSet::from_tools(tools);
+        assert!(set.has_flows("shop"));
+        assert_eq!(set.flow("buy").map(|f| f.app.as_str()), Some("shop"));
+    }
+
+    #[test]
+    fn broken_flows_are_refused_with_the_flow_and_the_reason() {
+        let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+            (Box::new(|f| f[0]["steps"][3] = json!({"call": "shop_buy", "args": {"item_id": "$item"}})), "use `quote`"),
+            (Box::new(|f| f[0]["steps"][3] = json!({"quote": "shop_search", "args": {"q": "$what"}})), "not marked `confirm`"),
+            (Box::new(|f| f[0]["steps"][3]["args"] = json!({"item_id": "$nothing"})), "`$nothing` is not a slot"),
+            (Box::new(|f| f[0]["steps"][3]["args"] = json!({"colour": "red", "item_id": "$item"})), "has no parameter `colour`"),
+            (Box::new(|f| f[0]["slots"][0]["ask"] = Value::Null), "needs an `ask`"),
+            (Box::new(|f| f[0]["slots"][1]["from"] = json!("nowhere")), "no call step is named `nowhere`"),
+            (Box::new(|f| { f[0]["steps"].as_array_mut().unwrap().remove(2); }), "quotes with `$item` before a step collects it"),
+            (Box::new(|f| { f[0]["slots"].as_array_mut().unwrap().push(json!({"name": "note", "type": "text", "ask": {"en": "Any note?"}})); }), "required slot `note` is never collected"),
+            (Box::new(|f| f[0]["steps"][0] = json!({"collect": "what", "call": "shop_search"})), "exactly one of"),
+            (Box::new(|f| f[0]["slots"][0]["pattern"] = json!("[0-9")), "not a valid regular expression"),
+            (Box::new(|f| f[0]["id"] = json!("Buy Now")), "flow id"),
+            (Box::new(|f| f[0]["steps"][2] = json!({"call": "teleport"})), "not a tool of app `shop`"),
+            (Box::new(|f| { let c = f[0].clone(); f.as_array_mut().unwrap().push(c); }), "declared twice"),
+        ];
+        for (edit, want) in cases {
+            let e = error(|f| {
+                edit(f);
+            });
+            assert!(e.contains("shop.json") && e.contains(want), "wanted {want:?} in: {e}");
+        }
+    }
+}
