@@ -242,21 +242,11 @@ async fn train_tickets_are_searched_booked_and_paid() {
     book_two_train_tickets(TRAIN_DAY).await;
 }
 
-/// Known failure (issue 24, the dialogue manager), kept so it cannot be
-/// forgotten: `cargo test -- --ignored known_failure` runs it. With
-/// "today" 2026-12-08 (and 2026-12-07, when issue 21 found it) greedy Qwen
-/// invents an 08:00–09:00 window, shows the one train it finds, and after
-/// the person picks it searches trains again, then shows, then fails to
-/// book ("no confirmation"). It passes at 2026-12-05, 06, 09, 10, 11 and
-/// 12. It is ignored rather than expected to fail because it is not even
-/// stable at one instant: it failed in three runs and booked in a fourth,
-/// with the same code and date. What else varies from run to run is not
-/// known yet (candidates: random ids in tool results, and KV-cache reuse
-/// or eviction under the other tests' load). The model picks every step
-/// among 25 tools; the flows of issue 24 take that away.
+/// The same booking on 2026-12-08, where the tool-calling agent failed in
+/// three runs of four (issue 21). With the flows the model only reads the
+/// request; code searches, shows the trains, books the one picked.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known failure, issue 24: the agent often fails to book this train at this instant"]
-async fn known_failure_train_booking_on_2026_12_08() {
+async fn train_tickets_are_booked_on_2026_12_08_too() {
     book_two_train_tickets("2026-12-08T12:00:00+08:00").await;
 }
 
