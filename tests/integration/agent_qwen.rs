@@ -357,3 +357,45 @@ async fn requests_reach_the_mini_program_they_name() {
     assert!(called >= 2, "only {called} of 3 requests made a call");
     w.sb.stop().await;
 }
+
+/// Groceries through the mart's flow: a question, then the amount and the
+/// address; the order is for exactly what was said and paid once.
+#[tokio::test(flavor = "multi_thread")]
+async fn groceries_are_found_ordered_and_paid() {
+    let w = World::new().await;
+    let s = "mart";
+    let ev = w.say(s, "Does the grocery store in Shanghai have bananas?").await;
+    assert!(confirmation(&ev).is_none(), "{}", show("events", &ev));
+    assert!(ev.iter().any(|e| matches!(e, AgentEvent::ToolCall { tool, .. } if tool == "mart_search_products")), "{}", show("events", &ev));
+    let ev = w.say(s, "Great, 2 kg please, delivered to 10 Fuzhou Road.").await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("no confirmation{}", show("events", &ev)));
+    assert_eq!(c.tool, "mart_order");
+    assert!(c.summary.contains("10 Fuzhou Road"), "{}", c.summary);
+    confirm_and_check(&w, s, &c, Service::Mart).await;
+    w.sb.stop().await;
+}
+
+/// A bike near a place through the bike's flow: found, unlocked after the
+/// person's yes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bike_is_found_and_unlocked_after_the_yes() {
+    let w = World::new().await;
+    let s = "bike";
+    let ev = w.say(s, "Unlock a shared bike near People's Square for me.").await;
+    let c = match confirmation(&ev) {
+        Some(c) => c,
+        None => {
+            // Several bikes: the person taps the first.
+            let pick = first_option(&ev).unwrap_or_else(|| panic!("no bike card{}", show("events", &ev)));
+            let ev = w.say(s, &pick).await;
+            confirmation(&ev).unwrap_or_else(|| panic!("no confirmation after the pick{}", show("events", &ev)))
+        }
+    };
+    assert_eq!(c.tool, "bike_unlock");
+    let ev = w.agent.run(s, Input::Confirm { token: c.token.clone() }).await;
+    assert!(ev.iter().any(|e| matches!(e, AgentEvent::Order { app, .. } if app == "bike")), "{}", show("events", &ev));
+    // A second confirm with the same token does nothing.
+    let again = w.agent.run(s, Input::Confirm { token: c.token.clone() }).await;
+    assert!(!again.iter().any(|e| matches!(e, AgentEvent::Order { .. })), "{}", show("events", &again));
+    w.sb.stop().await;
+}
