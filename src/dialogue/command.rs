@@ -146,20 +146,9 @@ pub fn grammar(a: &Allowed) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llguidance::api::TopLevelGrammar;
-    use llguidance::{Matcher, ParserFactory};
 
     fn run(lark: &str, text: &str) -> Option<bool> {
-        let env = toktrie::ApproximateTokEnv::single_byte_env();
-        let mut factory = ParserFactory::new_simple(&env).unwrap();
-        factory.set_stderr_log_level(0);
-        let parser = factory.create_parser(TopLevelGrammar::from_lark(lark.to_owned())).unwrap();
-        let mut m = Matcher::new(Ok(parser));
-        assert!(m.get_error().is_none(), "{:?}", m.get_error());
-        for b in text.bytes() {
-            m.consume_token(b as u32).ok()?;
-        }
-        Some(m.is_accepting().unwrap_or(false))
+        crate::tools::grammar::run_bytes(lark, text).unwrap()
     }
 
     fn allowed() -> Allowed {

@@ -117,23 +117,10 @@ impl Scripted {
 
 /// Whether `text` is a complete reply under a Lark grammar (bytes as tokens).
 pub fn matches_grammar(lark: &str, text: &str) -> Result<(), String> {
-    use llguidance::api::TopLevelGrammar;
-    use llguidance::{Matcher, ParserFactory};
-    let env = toktrie::ApproximateTokEnv::single_byte_env();
-    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
-    factory.set_stderr_log_level(0);
-    let parser = factory.create_parser(TopLevelGrammar::from_lark(lark.to_owned())).map_err(|e| e.to_string())?;
-    let mut m = Matcher::new(Ok(parser));
-    if let Some(e) = m.get_error() {
-        return Err(e);
-    }
-    for (i, b) in text.bytes().enumerate() {
-        m.consume_token(b as u32).map_err(|e| format!("byte {i} of {text:?} is refused: {e}"))?;
-    }
-    if m.is_accepting().unwrap_or(false) {
-        Ok(())
-    } else {
-        Err(format!("{text:?} is unfinished under the grammar"))
+    match crate::tools::grammar::run_bytes(lark, text)? {
+        Some(true) => Ok(()),
+        Some(false) => Err(format!("{text:?} is unfinished under the grammar")),
+        None => Err(format!("{text:?} is refused by the grammar")),
     }
 }
 

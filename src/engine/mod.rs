@@ -443,11 +443,16 @@ impl Worker {
         })
     }
 
-    fn constraint(&mut self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, EngineError> {
+    /// The constraint factory, built on first use.
+    fn factory(&mut self) -> Result<&ConstraintFactory, EngineError> {
         if self.constraints.is_none() {
             self.constraints = Some(ConstraintFactory::new(self.tok.clone(), self.info.n_vocab)?);
         }
-        Ok(self.constraints.as_ref().expect("built above").for_tools(tools, require_call)?)
+        Ok(self.constraints.as_ref().expect("built above"))
+    }
+
+    fn constraint(&mut self, tools: &ToolSet, require_call: bool) -> Result<ToolConstraint, EngineError> {
+        Ok(self.factory()?.for_tools(tools, require_call)?)
     }
 
     /// The scheduler: admits queued requests (oldest first) while the batch
@@ -588,12 +593,7 @@ impl Worker {
         // Idle sessions' caches give way to running requests.
         self.pool.shrink_to(self.kv_budget.saturating_sub(reserved + reserve));
         let constraint = match (&tools, req.constrain_tools) {
-            _ if req.grammar.is_some() => {
-                if self.constraints.is_none() {
-                    self.constraints = Some(ConstraintFactory::new(self.tok.clone(), self.info.n_vocab)?);
-                }
-                Some(self.constraints.as_ref().expect("built above").for_lark(req.grammar.as_deref().unwrap_or_default())?)
-            }
+            _ if req.grammar.is_some() => Some(self.factory()?.for_lark(req.grammar.as_deref().unwrap_or_default())?),
             (Some(t), true) => match &req.grammar_tools {
                 Some(g) => Some(self.constraint(g, req.require_call)?),
                 None => Some(self.constraint(t, req.require_call)?),

@@ -200,6 +200,27 @@ body: %json {schema}
     )
 }
 
+/// Runs a Lark grammar over `text` one byte per token, without a model:
+/// `Err` when the grammar does not build, `Ok(None)` when a byte is refused,
+/// else whether the whole text is a complete reply. Tests, and the scripted
+/// generator's check of its replies, use it.
+pub fn run_bytes(lark: &str, text: &str) -> Result<Option<bool>, String> {
+    let env = toktrie::ApproximateTokEnv::single_byte_env();
+    let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+    factory.set_stderr_log_level(0);
+    let parser = factory.create_parser(TopLevelGrammar::from_lark(lark.to_owned())).map_err(|e| e.to_string())?;
+    let mut m = Matcher::new(Ok(parser));
+    if let Some(e) = m.get_error() {
+        return Err(e);
+    }
+    for b in text.bytes() {
+        if m.consume_token(b as u32).is_err() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(m.is_accepting().unwrap_or(false)))
+}
+
 /// Per-reply constraint state: masks logits and follows sampled tokens.
 pub struct ToolConstraint {
     matcher: Matcher,
@@ -271,20 +292,8 @@ mod tests {
         ToolSet::from_tools(vec![Tool::new("t", def).unwrap()])
     }
 
-    /// Runs the grammar over `text` with a one-byte-per-token vocabulary (no
-    /// model needed): `None` when a byte is rejected, else whether the
-    /// whole text is a complete reply.
     fn run(lark: String, text: &str) -> Option<bool> {
-        let env = toktrie::ApproximateTokEnv::single_byte_env();
-        let mut factory = ParserFactory::new_simple(&env).unwrap();
-        factory.set_stderr_log_level(0);
-        let parser = factory.create_parser(TopLevelGrammar::from_lark(lark)).unwrap();
-        let mut m = Matcher::new(Ok(parser));
-        assert!(m.get_error().is_none(), "{:?}", m.get_error());
-        for b in text.bytes() {
-            m.consume_token(b as u32).ok()?;
-        }
-        Some(m.is_accepting().unwrap_or(false))
+        run_bytes(&lark, text).unwrap()
     }
 
     const CALL: &str = r#"<tool_call>
