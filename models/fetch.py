@@ -2,7 +2,7 @@
 """Fetch Errand's models into the local model cache, verified by sha256.
 
 Usage:
-    python3 models/fetch.py                 # every model in models/catalog.toml
+    python3 models/fetch.py                 # every model in models/catalog.toml not marked optional
     python3 models/fetch.py NAME [NAME ...] # just these
     python3 models/fetch.py --list          # what the catalog holds and what is present
     python3 models/fetch.py --hf OWNER/REPO FILE [--revision REV] [--sha256 HEX]
@@ -263,7 +263,7 @@ def load_catalog() -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="*", help="model names from models/catalog.toml (default: all)")
+    ap.add_argument("names", nargs="*", help="model names from models/catalog.toml (default: all but the optional ones)")
     ap.add_argument("--list", action="store_true", help="list the catalog and what is present")
     ap.add_argument("--hf", nargs=2, metavar=("REPO", "FILE"), help="fetch one file from the Hugging Face Hub")
     ap.add_argument("--revision", default="main", help="with --hf: branch, tag or commit")
@@ -290,9 +290,10 @@ def main() -> int:
     if args.list:
         for m in catalog["models"]:
             present = all((root / m["name"] / f["name"]).is_file() for f in m["files"])
-            print(f"{m['name']:32} {m['role']:10} {'present' if present else 'missing':8} {m['description']}")
+            state = "present" if present else ("optional" if m.get("optional") else "missing")
+            print(f"{m['name']:32} {m['role']:10} {state:8} {m['description']}")
         return 0
-    names = args.names or list(by_name)
+    names = args.names or [m["name"] for m in catalog["models"] if not m.get("optional")]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         log(f"error: unknown model(s) {', '.join(unknown)}; the catalog has: {', '.join(by_name)}")

