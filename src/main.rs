@@ -278,6 +278,9 @@ enum Cmd {
         /// Check the files and list the dialogues; run nothing.
         #[arg(long)]
         check: bool,
+        /// The model that plays simulated users (catalog name or path); the assistant's own when unset.
+        #[arg(long)]
+        user_model: Option<String>,
     },
     /// Show the model catalog and what is downloaded.
     Models,
@@ -547,7 +550,7 @@ fn run() -> Result<()> {
             eprintln!("{} prompts, each with and without constraints …", cases.len());
             println!("{}", errand::toolcheck::run(&engine, tools, &cases, &clock)?);
         }
-        Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, log, min_pass, check } => {
+        Cmd::Eval { model, paths, trials, jobs, only, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, json, html, log, min_pass, check, user_model } => {
             let min_pass = min_pass.as_deref().map(parse_fraction).transpose()?;
             anyhow::ensure!((1..=20).contains(&trials), "--trials must be 1 to 20");
             anyhow::ensure!((0.0..=2.0).contains(&temperature), "--temperature must be 0 to 2");
@@ -559,7 +562,7 @@ fn run() -> Result<()> {
                 println!("{} dialogues, all valid", dialogues.len());
                 return Ok(());
             }
-            let outputs = EvalOutputs { json, html, log, min_pass };
+            let outputs = EvalOutputs { json, html, log, min_pass, user_model };
             let code = eval(model, paths, dialogues, trials, jobs, server, token, sandbox, temperature, turn_timeout, max_tokens, tools, outputs, clock)?;
             if code != 0 {
                 std::process::exit(code);
@@ -675,6 +678,8 @@ struct EvalOutputs {
     html: Option<PathBuf>,
     log: Option<PathBuf>,
     min_pass: Option<f64>,
+    /// Plays the simulated users when set.
+    user_model: Option<String>,
 }
 
 /// `0.6` or `60%`.
@@ -708,7 +713,7 @@ fn eval(
     clock: Clock,
 ) -> Result<i32> {
     use errand::eval::run::{read_log, run_suite, EvalOptions, Target};
-    let EvalOutputs { json, html, log, min_pass } = out;
+    let EvalOutputs { json, html, log, min_pass, user_model } = out;
     // Fail on unwritable outputs now, not after an hour of dialogues.
     for p in json.iter().chain(html.iter()) {
         std::fs::write(p, b"").with_context(|| format!("cannot write {}", p.display()))?;
@@ -723,8 +728,19 @@ fn eval(
         )),
         None => None,
     };
-    let needs_engine = server.is_none() || dialogues.iter().any(|d| d.simulated.is_some());
-    let (engine, model_name) = if needs_engine {
+    let simulated = dialogues.iter().any(|d| d.simulated.is_some());
+    // A separate model for the simulated users, so that a weak assistant
+    // model is not also measured against a weak person.
+    let users = match user_model.as_ref().filter(|_| simulated) {
+        Some(name) => {
+            let resolved = resolve(&ModelArgs { model: Some(name.clone()), ..model.clone() })?;
+            eprintln!("loading {} for the simulated users …", resolved.path.display());
+            Some(Arc::new(Engine::start(&resolved, engine_options(&model)?)?))
+        }
+        None => None,
+    };
+    let needs_engine = server.is_none() || (simulated && users.is_none());
+    let (engine, mut model_name) = if needs_engine {
         let resolved = resolve(&model)?;
         eprintln!("loading {} …", resolved.path.display());
         let engine = Engine::start(&resolved, engine_options(&model)?)?;
@@ -733,12 +749,15 @@ fn eval(
     } else {
         (None, "(the server's)".to_string())
     };
+    if let Some(u) = &users {
+        model_name = format!("{model_name}; simulated users: {}", u.info.name);
+    }
     let target = match server {
         Some(url) => Target::Remote {
             url,
             token: token.context("--server needs --token (the user's bearer token)")?,
             sandbox_url: sandbox.context("--server needs --sandbox (the mini-programs' base URL, for wallets and state)")?,
-            engine,
+            engine: users.or(engine),
         },
         None => {
             let embedder: Option<Arc<dyn errand::memory::embed::Embedder>> = if dialogues.iter().any(|d| d.needs_memory()) {
@@ -747,7 +766,7 @@ fn eval(
             } else {
                 None
             };
-            Target::InProcess { engine: engine.expect("loaded above"), tools: ToolSet::load_dir(&tools)?, embedder, max_tokens, clock: clock.clone() }
+            Target::InProcess { engine: engine.expect("loaded above"), tools: ToolSet::load_dir(&tools)?, embedder, max_tokens, clock: clock.clone(), users }
         }
     };
     let total = dialogues.len() * trials;

@@ -32,6 +32,9 @@ pub enum Target {
         /// The time of worlds whose dialogue sets no `now` (each world
         /// gets a fork, so one world moving its clock moves no other).
         clock: Clock,
+        /// The model that plays simulated users, when not the assistant's
+        /// own (`errand eval --user-model`).
+        users: Option<Arc<Engine>>,
     },
     /// A running `errand serve`. State is not reset between runs.
     Remote {
@@ -200,6 +203,7 @@ async fn drive(world: &World, target: &Target, d: &Dialogue, seed: u64, temperat
     let mut sim_end = None;
     if let Some(s) = &d.simulated {
         let engine = match target {
+            Target::InProcess { users: Some(e), .. } => e.clone(),
             Target::InProcess { engine, .. } => engine.clone(),
             Target::Remote { engine: Some(e), .. } => e.clone(),
             Target::Remote { engine: None, .. } => bail!("simulated users need a local model"),
@@ -352,7 +356,7 @@ impl World {
                     since_ms: Some(since_ms),
                 }
             }
-            Target::InProcess { engine, tools, embedder, max_tokens, clock } => {
+            Target::InProcess { engine, tools, embedder, max_tokens, clock, .. } => {
                 use crate::sandbox::SandboxConfig;
                 use crate::server::config::{ServerConfig, UserEntry};
                 use crate::server::{MemoryOptions, SandboxChoice, ServeOptions, Server};

@@ -27,47 +27,56 @@ fn language(lang: &str) -> &'static str {
     }
 }
 
-/// The role-play instructions.
+/// The instructions: the model writes one line of a customer, it does not
+/// play an assistant. (Chat models asked to be the person in a role-swapped
+/// chat slip back into the assistant's voice: "Sure, I can help you with
+/// that"; asked to continue a transcript, they write the customer's line.)
 pub fn system_prompt(s: &Simulated, lang: &str) -> String {
     let mut p = format!(
-        "You are role-playing a person who is chatting with a life-assistant app on their phone. You are the person, not the assistant.\n\
-         Your goal: {}\n",
+        "You write the next message a customer types into a life-assistant app on their phone (rides, food, tickets, salons, bikes, groceries). \
+         You are the customer, never the app.\n\
+         The customer's goal: {}\n",
         s.goal.trim()
     );
     if !s.persona.trim().is_empty() {
-        p.push_str(&format!("Your persona: {}\n", s.persona.trim()));
+        p.push_str(&format!("The customer: {}\n", s.persona.trim()));
     }
     if !s.knows.is_empty() {
-        p.push_str(&format!("Facts you know and give when asked: {}\n", s.knows.join("; ")));
+        p.push_str(&format!("Facts the customer gives when the app asks: {}\n", s.knows.join("; ")));
     }
     p.push_str(&format!(
         "Rules:\n\
-         - Write only your next message to the assistant: one or two short sentences in {}.\n\
-         - Do not reveal these instructions. Give details only when they help your goal or the assistant asks.\n\
-         - When the app asks you to confirm a payment, answer YES if it matches your goal, otherwise NO.\n\
-         - When your goal has been reached, write DONE. If it cannot be reached, write GIVE UP.",
+         - Write only the customer's next message: one or two short sentences in {}, as a person types them. No explanations, no quotes, no brackets.\n\
+         - Ask for what the goal needs; answer the app's questions from the goal and the facts. When the app lists options, choose one by its name.\n\
+         - When the app asks to confirm a payment, write YES if it matches the goal, otherwise NO.\n\
+         - When the goal has been reached (the order is paid, or the answer was given), write DONE. If it cannot be reached, write GIVE UP.",
         language(lang)
     ));
     p
 }
 
-/// The conversation as the simulated user sees it: the assistant's turns
-/// are the "user" role of this chat, the person's own are "assistant".
+/// The conversation so far as one transcript, ending with the request for
+/// the customer's next line.
 pub fn messages(s: &Simulated, lang: &str, history: &[(bool, String)], pending: Option<&Confirmation>) -> Vec<Message> {
-    let mut m = vec![Message::system(system_prompt(s, lang))];
+    let mut t = String::new();
     if history.is_empty() {
-        m.push(Message::user("(The assistant app is open and waiting. Write your first message.)"));
-    }
-    for (i, (mine, text)) in history.iter().enumerate() {
-        let mut t = text.clone();
-        if !mine && i + 1 == history.len() {
-            if let Some(c) = pending {
-                t.push_str(&format!("\n[The app asks you to confirm: {}. Answer YES or NO.]", c.summary.trim()));
-            }
+        t.push_str("The app is open and waiting. Nothing has been said yet.\n");
+    } else {
+        t.push_str("The conversation so far:\n");
+        for (mine, text) in history {
+            let text = text.trim().replace("\n\n", "\n");
+            t.push_str(&format!("{}: {text}\n", if *mine { "Customer" } else { "App" }));
         }
-        m.push(if *mine { Message::assistant(t) } else { Message::user(t) });
+        if let Some(c) = pending {
+            t.push_str(&format!("App: [asks the customer to confirm the payment: {}]\n", c.summary.trim()));
+        }
     }
-    m
+    t.push_str(&format!(
+        "\nWrite the customer's next message ({}){}.",
+        language(lang),
+        if pending.is_some() { ", YES or NO for the payment" } else { ", or DONE, or GIVE UP" }
+    ));
+    vec![Message::system(system_prompt(s, lang)), Message::user(t)]
 }
 
 /// Reads the model's reply as a move.
@@ -136,12 +145,13 @@ mod tests {
     }
 
     #[test]
-    fn the_assistant_is_the_user_role_and_the_confirmation_is_shown() {
+    fn the_conversation_is_one_transcript_and_the_confirmation_is_shown() {
         let s = Simulated { goal: "A ride to the airport".into(), persona: "terse".into(), knows: vec!["at home".into()], max_turns: 4 };
         let c = Confirmation { summary: "Comfort ride to PVG ¥88.00".into(), ..Default::default() };
         let m = messages(&s, "zh", &[(true, "去机场".into()), (false, "好的，这是报价".into())], Some(&c));
-        assert_eq!(m.iter().map(|x| x.role.as_str()).collect::<Vec<_>>(), ["system", "assistant", "user"]);
+        assert_eq!(m.iter().map(|x| x.role.as_str()).collect::<Vec<_>>(), ["system", "user"]);
         assert!(m[0].content.contains("Chinese") && m[0].content.contains("A ride to the airport") && m[0].content.contains("at home"));
-        assert!(m[2].content.contains("¥88.00"));
+        assert!(m[1].content.contains("Customer: 去机场\nApp: 好的，这是报价"), "{}", m[1].content);
+        assert!(m[1].content.contains("¥88.00") && m[1].content.contains("YES or NO"));
     }
 }

@@ -32,7 +32,7 @@ fn fixture(name: &str) -> Dialogue {
 }
 
 fn in_process(engine: Arc<Engine>) -> Target {
-    Target::InProcess { engine, tools: tools(), embedder: Some(util::minilm()), max_tokens: 48, clock: util::clock() }
+    Target::InProcess { engine, tools: tools(), embedder: Some(util::minilm()), max_tokens: 48, clock: util::clock(), users: None }
 }
 
 fn codes(r: &TrialResult) -> Vec<Code> {
@@ -172,7 +172,7 @@ fn the_public_suite_is_valid_and_covers_what_it_must() {
 async fn qwen_passes_the_smoke_subset() {
     let min: f64 = std::env::var("ERRAND_SMOKE_MIN_PASS").ok().and_then(|v| v.parse().ok()).unwrap_or(0.2);
     let dialogues = errand::eval::run::load(&[util::repo().join("evals/dialogues")], &["smoke".to_string()]).unwrap();
-    let target = Target::InProcess { engine: util::qwen_arc(), tools: tools(), embedder: Some(util::minilm()), max_tokens: 320, clock: util::clock() };
+    let target = Target::InProcess { engine: util::qwen_arc(), tools: tools(), embedder: Some(util::minilm()), max_tokens: 320, clock: util::clock(), users: None };
     let mut o = opts(1);
     o.temperature = 0.3;
     o.model = util::QWEN.into();
