@@ -37,7 +37,7 @@ pub enum Command {
 }
 
 /// Most commands one message gives.
-pub const MAX_COMMANDS: usize = 6;
+pub const MAX_COMMANDS: usize = 8;
 
 /// Reads the model's lines; lines that are no command are skipped (the
 /// grammar makes them rare), as are repeats.
@@ -92,6 +92,48 @@ pub struct Allowed {
     pub options: usize,
     /// `cancel` allowed: a flow runs and the words ask to stop.
     pub active: bool,
+    /// What a free value may be: the stretches of the message ([`spans`]).
+    /// Empty: any short text.
+    pub spans: Vec<String>,
+}
+
+/// Longest span, in characters.
+const SPAN_CHARS: usize = 40;
+/// Longest span of Chinese, Japanese or Korean characters.
+const SPAN_CJK: usize = 16;
+
+fn cjk(c: char) -> bool {
+    matches!(c as u32, 0x3040..=0x30ff | 0x3400..=0x4dbf | 0x4e00..=0x9fff | 0xac00..=0xd7af | 0xf900..=0xfaff)
+}
+
+/// The stretches of a message a slot value may be: a value is always the
+/// person's own words, so the grammar lets the model copy, not write.
+///
+/// A stretch starts at a word (or at any Chinese, Japanese or Korean
+/// character: there words run together, and Korean particles stick to the
+/// word before them) and ends at a word's end (or, again, after any such
+/// character), without the punctuation around it.
+pub fn spans(message: &str) -> Vec<String> {
+    let chars: Vec<char> = message.chars().filter(|c| *c != '\n').collect();
+    let edge = |c: char| c.is_whitespace() || (c.is_ascii_punctuation() && !"'&-#/".contains(c)) || "，。！？、；：“”‘’（）《》「」".contains(c);
+    let starts_at = |i: usize| !edge(chars[i]) && (i == 0 || edge(chars[i - 1]) || cjk(chars[i]) || cjk(chars[i - 1]));
+    let ends_at = |j: usize| !edge(chars[j]) && (j + 1 == chars.len() || edge(chars[j + 1]) || cjk(chars[j]) || cjk(chars[j + 1]));
+    let mut out: Vec<String> = Vec::new();
+    for i in (0..chars.len()).filter(|&i| starts_at(i)) {
+        for j in i..chars.len().min(i + SPAN_CHARS) {
+            if !ends_at(j) {
+                continue;
+            }
+            let s: String = chars[i..=j].iter().collect();
+            if s.chars().filter(|c| cjk(*c)).count() > SPAN_CJK {
+                break;
+            }
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
 }
 
 /// Escapes text for a Lark regular expression between slashes.
@@ -120,13 +162,23 @@ pub fn grammar(a: &Allowed) -> String {
             alts.push(format!("clarify ({0}) ({0})", f.join("|")));
         }
     }
+    // Free values: the message's own stretches, written once for all the
+    // slots that take them.
+    let mut free: Vec<String> = Vec::new();
     for s in &a.slots {
         let value = match (&s.values, s.digits) {
             (Some(v), _) if !v.is_empty() => format!("({})", v.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")),
             (_, true) => "[1-9][0-9]?".to_owned(),
-            _ => "[^\\n ][^\\n]{0,59}".to_owned(),
+            _ => {
+                free.push(escape(&s.name));
+                continue;
+            }
         };
         alts.push(format!("set {} {value}", escape(&s.name)));
+    }
+    if !free.is_empty() {
+        let value = if a.spans.is_empty() { "[^\\n ][^\\n]{0,59}".to_owned() } else { format!("({})", a.spans.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")) };
+        alts.push(format!("set ({}) {value}", free.join("|")));
     }
     if a.options > 0 {
         let n = a.options.min(20);
@@ -161,6 +213,7 @@ mod tests {
             ],
             options: 3,
             active: true,
+            spans: Vec::new(),
         }
     }
 
@@ -196,6 +249,28 @@ mod tests {
     }
 
     #[test]
+    fn free_values_are_stretches_of_the_message() {
+        let sp = spans("Order two kung pao chicken, to 200 Renmin Road.");
+        for s in ["Order", "kung pao chicken", "200 Renmin Road", "two kung pao chicken"] {
+            assert!(sp.contains(&s.to_owned()), "{s}: {sp:?}");
+        }
+        // Not mid-word, and not with the punctuation around it.
+        assert!(!sp.iter().any(|s| s == "ung pao" || s.ends_with(',') || s.ends_with('.')), "{sp:?}");
+        // Chinese runs together; Korean particles stick to their word.
+        let sp = spans("帮我在静安寺附近点两份小笼包");
+        assert!(sp.contains(&"静安寺".to_owned()) && sp.contains(&"小笼包".to_owned()), "{sp:?}");
+        let sp = spans("테헤란로 152로 보내 줘");
+        assert!(sp.contains(&"테헤란로 152".to_owned()) && sp.contains(&"테헤란로".to_owned()), "{sp:?}");
+        let g = grammar(&Allowed { spans: spans("to 200 Renmin Road, please"), ..allowed() });
+        assert_eq!(run(&g, "set place 200 Renmin Road"), Some(true));
+        // Words the person did not say cannot be written.
+        assert_eq!(run(&g, "set place 8 Julu Road"), None);
+        assert_eq!(run(&g, "set place People's Square"), None);
+        // Enum values and counts keep their own rules.
+        assert_eq!(run(&g, "set vehicle_class comfort\nset quantity 2"), Some(true));
+    }
+
+    #[test]
     fn lines_parse_into_commands() {
         let c = parse("start order_food\nset place People's Square\nset dish  kung pao chicken \npick 2\ncancel\nclarify a b\nchat\nnone\nbogus\nset x\npick 0");
         assert_eq!(
@@ -207,8 +282,12 @@ mod tests {
                 Command::Pick { n: 2 },
                 Command::Cancel,
                 Command::Clarify { flows: vec!["a".into(), "b".into()] },
+                Command::Chat,
+                Command::CannotHandle,
             ]
         );
+        assert_eq!(parse(&"chat\nnone\n".repeat(3).replace("chat\nnone", "set a 1\nset b 2\nset c 3")).len(), 3);
+        assert_eq!(parse(&(1..=12).map(|i| format!("set s{i} v")).collect::<Vec<_>>().join("\n")).len(), MAX_COMMANDS);
         assert_eq!(parse("chat\nchat"), vec![Command::Chat]);
     }
 }
