@@ -1140,6 +1140,9 @@ impl Agent {
                     let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
                     p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
+                    // The unpaid order is the person's: it is recorded and
+                    // followed, so a friend paying it through a link shows.
+                    emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: order.clone() }).await;
                     s.gate.pending = Some(p);
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());
