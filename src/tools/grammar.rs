@@ -40,10 +40,12 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// Bytes to tokens, as the parser asks when the grammar forces bytes.
+    /// Forced bytes may end or start inside a character (the rest of "블"
+    /// after its first two bytes): those are tokenized byte by byte, not
+    /// turned into U+FFFD, whose token the grammar would then let through.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.tok
-            .encode(&String::from_utf8_lossy(s), false)
-            .unwrap_or_default()
+        self.trie.tokenize_with_greedy_fallback(s, |t| self.tok.encode(t, false).unwrap_or_default())
     }
 }
 
