@@ -1,7 +1,7 @@
 //! Flow tests for mobility (scripted generator, real sandbox services).
 //!
 //! The ride flows (`book_ride`, `ride_price`, `cancel_ride`) and the bike
-//! flows (`find_bikes`, `unlock_bike`, `unlock_bike_by_code`, `lock_bike`)
+//! flows (`find_bikes`, `unlock_bike` (near a place or by the code on the bike), `lock_bike`)
 //! of `tools/ride.json` and `tools/bike.json`, against the sandbox's ride,
 //! bike and payment services (clock pinned at 2026-12-08T12:00+08:00, the
 //! `demo` wallet pays).
@@ -265,13 +265,13 @@ async fn a_bike_is_found_unlocked_and_locked_and_only_the_lock_pays() {
 #[tokio::test]
 async fn a_bike_is_unlocked_by_its_code() {
     let w = World::new().await;
-    let ev = w.say("帮我开锁这辆共享单车，车身编号SH-0022。", Some("start unlock_bike_by_code\nset bike_code SH-0022")).await;
+    let ev = w.say("帮我开锁这辆共享单车，车身编号SH-0022。", Some("start unlock_bike\nset bike_code SH-0022")).await;
     assert_eq!(calls(&ev), vec![("bike_unlock".to_string(), json!({"bike_code": "SH-0022"}))]);
     let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
     assert_eq!((c.tool.as_str(), c.amount, c.currency.as_str()), ("bike_unlock", 150, "CNY"));
     // Asked when missing; the bare answer is the code.
     let w = World::new().await;
-    let ev = w.say("Unlock a bike for me by its code", Some("start unlock_bike_by_code")).await;
+    let ev = w.say("Unlock a bike for me by its code", Some("start unlock_bike")).await;
     assert!(words(&ev).contains("code on the bike"), "{}", words(&ev));
     let ev = w.say("SE-0008", Some("set bike_code SE-0008")).await;
     let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
@@ -370,7 +370,7 @@ async fn a_booking_after_a_price_question_keeps_the_trip() {
 async fn the_second_bike_is_locked_without_asking_which() {
     let w = World::new().await;
     for code in ["SH-0008", "SH-0009"] {
-        let ev = w.say(&format!("Unlock bike {code}"), Some(&format!("start unlock_bike_by_code\nset bike_code {code}"))).await;
+        let ev = w.say(&format!("Unlock bike {code}"), Some(&format!("start unlock_bike\nset bike_code {code}"))).await;
         let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
         w.confirm(&c.token).await;
         let ev = w.say("Lock the bike", Some("start lock_bike")).await;

@@ -183,6 +183,12 @@ impl Agent {
         // examples share words with the message (often none: chat).
         let on_stack = |f: &Flow| s.conv.dialogue.stack.iter().any(|fr| fr.flow == f.def.id);
         let mut cands: Vec<&Flow> = all.iter().copied().filter(|f| named.contains(&f.app) || on_stack(f)).collect();
+        // Within an app, the flows whose own words the message has ("refund",
+        // 开锁, 취소) are its candidates; when none has them, all its flows are.
+        let lower = text.to_lowercase();
+        let pointed = |f: &Flow| f.def.keywords.iter().any(|k| super::route::mentions(&lower, &k.to_lowercase()));
+        let apps_pointed: Vec<String> = cands.iter().filter(|f| pointed(f)).map(|f| f.app.clone()).collect();
+        cands.retain(|f| on_stack(f) || !apps_pointed.contains(&f.app) || pointed(f));
         if cands.is_empty() {
             cands = crate::dialogue::similar(text, &all);
         }

@@ -306,7 +306,10 @@ pub fn similar<'a>(text: &str, flows: &[&'a Flow]) -> Vec<&'a Flow> {
             for l in ["en", "zh", "ko"] {
                 have.extend(pieces(f.def.description.get(l)));
             }
-            want.iter().any(|w| have.contains(w))
+            // Two pieces in common, not one: a lone "얼마" (how much) in a
+            // sum is no ride.
+            let shared: std::collections::BTreeSet<&String> = want.iter().filter(|w| have.contains(*w)).collect();
+            shared.len() >= 2
         })
         .collect()
 }

@@ -180,6 +180,11 @@ pub struct FlowDef {
     /// and the model's examples read them.
     #[serde(default)]
     pub examples: Vec<String>,
+    /// Words, in any language, that point at this flow rather than at the
+    /// app's others ("refund", 退票, 환불). Among an app's flows, those whose
+    /// words a message has are its candidates; when none has them, all are.
+    #[serde(default)]
+    pub keywords: Vec<String>,
     pub slots: Vec<SlotDef>,
     pub steps: Vec<Step>,
 }
@@ -350,8 +355,10 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
                 return Err(at(format!("step {n}: `relax` names `{r}`, which is not an optional slot")));
             }
         }
+        // The flow stops at the first quote it reaches, so quotes under a
+        // `when` (other ways to the same purchase) may come before the last.
         if is_quote {
-            quotes += 1;
+            quotes += usize::from(st.when.is_none());
             if st.end || st.show {
                 return Err(at(format!("step {n}: `end` and `show` belong to call steps")));
             }
@@ -386,7 +393,7 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
         }
     }
     if quotes > 1 {
-        return Err(at("has more than one quote step; a flow ends in at most one payment".into()));
+        return Err(at("has more than one quote step without `when`; a flow ends in at most one payment, so the others must be conditional".into()));
     }
     for s in &f.slots {
         if s.required && s.default.is_none() && !collected.contains(&s.name.as_str()) {
