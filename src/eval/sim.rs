@@ -30,35 +30,30 @@ fn language(lang: &str) -> &'static str {
 /// The instructions: the model writes one line of a customer, it does not
 /// play an assistant. (Chat models asked to be the person in a role-swapped
 /// chat slip back into the assistant's voice: "Sure, I can help you with
-/// that"; asked to continue a transcript, they write the customer's line.)
-pub fn system_prompt(s: &Simulated, lang: &str) -> String {
-    let mut p = format!(
-        "You write the next message a customer types into a life-assistant app on their phone (rides, food, tickets, salons, bikes, groceries). \
-         You are the customer, never the app.\n\
-         The customer's goal: {}\n",
-        s.goal.trim()
-    );
-    if !s.persona.trim().is_empty() {
-        p.push_str(&format!("The customer: {}\n", s.persona.trim()));
-    }
-    if !s.knows.is_empty() {
-        p.push_str(&format!("Facts the customer gives when the app asks: {}\n", s.knows.join("; ")));
-    }
-    p.push_str(&format!(
-        "Rules:\n\
-         - Write only the customer's next message: one or two short sentences in {}, as a person types them. No explanations, no quotes, no brackets.\n\
-         - Ask for what the goal needs; answer the app's questions from the goal and the facts. When the app lists options, choose one by its name.\n\
-         - When the app asks to confirm a payment, write YES if it matches the goal, otherwise NO.\n\
-         - When the goal has been reached (the order is paid, or the answer was given), write DONE. If it cannot be reached, write GIVE UP.",
+/// that"; asked to continue a transcript whose goal they are handed in the
+/// same message, they write the customer's line.)
+pub fn system_prompt(lang: &str) -> String {
+    format!(
+        "You write what a customer types into a life-assistant app on their phone (rides, food, tickets, salons, bikes, groceries). \
+         You are the customer, never the app. Reply with the customer's message only: one or two short sentences in {}, as a person types them, \
+         with no explanations, quotes or brackets. Use the names and numbers of the goal and the facts exactly as given. \
+         When the app lists options, choose one by its name. When the app asks to confirm a payment, write YES if it matches the goal, otherwise NO. \
+         When the app says it is paid or booked, or has answered the goal's question, write DONE. If the goal cannot be reached, write GIVE UP.",
         language(lang)
-    ));
-    p
+    )
 }
 
-/// The conversation so far as one transcript, ending with the request for
-/// the customer's next line.
+/// The goal and the conversation so far in one message, ending with the
+/// request for the customer's next line.
 pub fn messages(s: &Simulated, lang: &str, history: &[(bool, String)], pending: Option<&Confirmation>) -> Vec<Message> {
-    let mut t = String::new();
+    let mut t = format!("What the customer wants (told to them as \"you\"):\n{}\n", s.goal.trim());
+    if !s.persona.trim().is_empty() {
+        t.push_str(&format!("The customer: {}\n", s.persona.trim()));
+    }
+    if !s.knows.is_empty() {
+        t.push_str(&format!("Facts the customer gives when the app asks: {}\n", s.knows.join("; ")));
+    }
+    t.push_str("(Another customer, whose goal was a taxi from Jing'an Temple to Pudong Airport, first wrote: \"Get me a taxi from Jing'an Temple to Pudong Airport.\")\n\n");
     if history.is_empty() {
         t.push_str("The app is open and waiting. Nothing has been said yet.\n");
     } else {
@@ -71,17 +66,21 @@ pub fn messages(s: &Simulated, lang: &str, history: &[(bool, String)], pending: 
             t.push_str(&format!("App: [asks the customer to confirm the payment: {}]\n", c.summary.trim()));
         }
     }
-    t.push_str(&format!(
-        "\nWrite the customer's next message ({}){}.",
-        language(lang),
-        if pending.is_some() { ", YES or NO for the payment" } else { ", or DONE, or GIVE UP" }
-    ));
-    vec![Message::system(system_prompt(s, lang)), Message::user(t)]
+    let what = if history.is_empty() {
+        "first message, a request to the app for what they want (not a question to the app about what it needs)"
+    } else if pending.is_some() {
+        "answer: YES or NO for the payment"
+    } else {
+        "next message, or DONE if the goal has been reached, or GIVE UP"
+    };
+    t.push_str(&format!("\nWrite the customer's {what} ({}).", language(lang)));
+    vec![Message::system(system_prompt(lang)), Message::user(t)]
 }
 
 /// Reads the model's reply as a move.
 pub fn read_move(text: &str, pending: bool) -> Move {
-    let t = text.trim();
+    // A message the model put in quotes is the message.
+    let t = text.trim().trim_matches(|c| matches!(c, '"' | '“' | '”' | '「' | '」')).trim();
     let up = t.to_uppercase();
     if up.contains("GIVE UP") || up.contains("GIVE_UP") {
         return Move::GiveUp;
@@ -132,6 +131,7 @@ mod tests {
     #[test]
     fn moves_are_read_in_three_languages() {
         assert_eq!(read_move("DONE", false), Move::Done);
+        assert_eq!(read_move("\"Get me a taxi.\"", false), Move::Say("Get me a taxi.".into()));
         assert_eq!(read_move("Thanks! DONE.", false), Move::Done);
         assert_eq!(read_move("Is it done yet?", false), Move::Say("Is it done yet?".into()));
         assert_eq!(read_move("I give up.", false), Move::GiveUp);
@@ -150,7 +150,7 @@ mod tests {
         let c = Confirmation { summary: "Comfort ride to PVG ¥88.00".into(), ..Default::default() };
         let m = messages(&s, "zh", &[(true, "去机场".into()), (false, "好的，这是报价".into())], Some(&c));
         assert_eq!(m.iter().map(|x| x.role.as_str()).collect::<Vec<_>>(), ["system", "user"]);
-        assert!(m[0].content.contains("Chinese") && m[0].content.contains("A ride to the airport") && m[0].content.contains("at home"));
+        assert!(m[0].content.contains("Chinese") && m[1].content.contains("A ride to the airport") && m[1].content.contains("at home"));
         assert!(m[1].content.contains("Customer: 去机场\nApp: 好的，这是报价"), "{}", m[1].content);
         assert!(m[1].content.contains("¥88.00") && m[1].content.contains("YES or NO"));
     }
