@@ -206,3 +206,34 @@ async fn cancel_and_interruption_use_the_stack() {
     let ev = w.confirm(&c.token).await;
     assert!(payments(&ev).is_empty());
 }
+
+/// food-correct-address-ko: the model copies the whole correction, and
+/// pads it with a stray "set dish 152". The new address is the part after
+/// 말고, and "152" of it fills no other slot (a new dish would have
+/// searched again and dropped the restaurant).
+#[tokio::test]
+async fn a_correction_copied_whole_changes_only_the_address() {
+    let w = World::new().await;
+    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 한 그릇 배달해 줘. 주소는 강남대로 396이야.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 1\nset address 강남대로 396")).await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(c.summary.contains("강남대로 396"), "{}", c.summary);
+    let ev = w.say("아, 주소를 잘못 말했어. 강남대로 말고 테헤란로 152로 보내 줘.", Some("set quantity 1\nset address 강남대로 말고 테헤란로 152\nset dish 152")).await;
+    assert!(!calls(&ev).iter().any(|(t, _)| t == "food_search_restaurants"), "{:?}", calls(&ev));
+    let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(again.summary.contains("테헤란로 152") && !again.summary.contains("강남대로"), "{}", again.summary);
+    assert_eq!(again.amount, c.amount);
+}
+
+/// A question in the middle of an order: the model's stray "set quantity 1"
+/// does not undo the two bowls, and the question gets an answer.
+#[tokio::test]
+async fn an_unsaid_one_does_not_replace_a_count() {
+    let w = World::new().await;
+    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 두 그릇 배달해 줘. 주소는 강남대로 396이야.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 2\nset address 강남대로 396")).await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(c.summary.contains("×2"), "{}", c.summary);
+    let ev = w.say_all("배달은 얼마나 걸려?", &["set quantity 1", "보통 30분 정도 걸려요."]).await;
+    assert!(words(&ev).contains("30분"), "{}", words(&ev));
+    let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert_eq!((again.summary.as_str(), again.amount), (c.summary.as_str(), c.amount));
+}

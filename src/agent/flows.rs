@@ -49,6 +49,12 @@ fn only_names(text: &str, o: &Opt) -> bool {
     })
 }
 
+/// Whether two values share their words: one holds the other.
+fn overlaps(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
+    !a.is_empty() && !b.is_empty() && (a.contains(&b) || b.contains(&a))
+}
+
 fn when_ok(w: &Option<When>, fr: &Frame) -> bool {
     let Some(w) = w else { return true };
     w.filled.iter().all(|s| fr.slots.contains_key(s))
@@ -239,6 +245,8 @@ impl Agent {
         let mut problems: Vec<String> = Vec::new();
         let mut started: Vec<String> = Vec::new();
         let mut unknown: Vec<String> = Vec::new();
+        // Text and place values taken from this message so far.
+        let mut taken: Vec<(SlotKind, String)> = Vec::new();
         if std::env::var_os("ERRAND_TRACE_COMMANDS").is_some() {
             eprintln!("[commands] {sid} {text:?} -> {:?}", g.text);
         }
@@ -285,7 +293,18 @@ impl Agent {
                         continue;
                     }
                     match value::read(&def, &v, text, today) {
+                        // A count of one needs no saying for an empty slot, but
+                        // it does not replace a count already given.
+                        Ok(Value::Number(n)) if n.as_i64() == Some(1) && fr.slots.contains_key(&slot) && !value::counts_in(text).contains(&1) => {}
+                        // One stretch of the words fills one slot: "152" of the
+                        // address just taken is no dish.
+                        Ok(Value::String(x)) if taken.iter().any(|(k, t)| (def.kind == SlotKind::Text || *k == SlotKind::Text) && overlaps(t, &x)) => {
+                            self.audit_row(sid, "model", "slot", None, json!({"slot": slot, "value": x, "rejected": "already taken for another slot"}), "not taken")?;
+                        }
                         Ok(val) => {
+                            if let (Value::String(x), SlotKind::Text | SlotKind::Place) = (&val, def.kind) {
+                                taken.push((def.kind, x.clone()));
+                            }
                             if fr.slots.get(&slot) != Some(&val) {
                                 clear(&flow, fr, &slot);
                                 fr.slots.insert(slot.clone(), val);

@@ -203,6 +203,32 @@ pub fn enum_in(slot: &SlotDef, message: &str) -> Option<String> {
 
 /// Checks a value the model proposed for `slot` against the message, and
 /// returns it in the form the flow's calls use.
+/// The new value of a correction copied whole ("강남대로 말고 테헤란로 152",
+/// "not Julu Road but 8 Fuzhou Road", "8 Fuzhou Road instead of Julu Road",
+/// "不是巨鹿路，是福州路8号"): the part that replaces the old one.
+pub fn corrected(value: &str) -> String {
+    let v = value.trim();
+    // The new value after the marker …
+    for m in [" 말고 ", "말고 ", " but ", "改成", "改为", "换成", "改到", "，是", ",是", "而是"] {
+        if let Some(i) = v.rfind(m) {
+            let after = v[i + m.len()..].trim();
+            if !after.is_empty() {
+                return after.to_owned();
+            }
+        }
+    }
+    // … or before it.
+    for m in [" instead of ", " rather than ", " 대신"] {
+        if let Some(i) = v.find(m) {
+            let before = v[..i].trim();
+            if !before.is_empty() {
+                return before.to_owned();
+            }
+        }
+    }
+    v.to_owned()
+}
+
 pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Value, Rejected> {
     let value = value.trim();
     match slot.kind {
@@ -210,7 +236,7 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
             // The value as a whole, or its longest comma-separated part, must
             // be in the words (a model pads "People's Square, 200 Renmin Road").
             let fits = |v: &str| fold(message).contains(&fold(v)) && !fold(v).is_empty() && slot.pattern.as_deref().is_none_or(|p| regex::Regex::new(p).is_ok_and(|r| r.is_match(v)));
-            let tidy = super::ground::tidy(value);
+            let tidy = super::ground::tidy(&corrected(value));
             if fits(&tidy) {
                 return Ok(Value::String(tidy));
             }
@@ -610,5 +636,15 @@ mod tests {
         assert_eq!(enum_in(&s, "the cheapest one"), Some("economy".into()));
         assert_eq!(read(&s, "comfort", "comfort please", 0), Ok(json!("comfort")));
         assert_eq!(read(&s, "comfort", "whatever", 0), Err(Rejected::NotSaid));
+    }
+
+    #[test]
+    fn a_correction_copied_whole_keeps_the_new_value() {
+        assert_eq!(corrected("강남대로 말고 테헤란로 152"), "테헤란로 152");
+        assert_eq!(corrected("not Julu Road but 8 Fuzhou Road"), "8 Fuzhou Road");
+        assert_eq!(corrected("8 Fuzhou Road instead of Julu Road"), "8 Fuzhou Road");
+        assert_eq!(corrected("不是巨鹿路，是福州路8号"), "福州路8号");
+        assert_eq!(corrected("地址改成南京西路5号"), "南京西路5号");
+        assert_eq!(corrected("200 Renmin Road"), "200 Renmin Road");
     }
 }
