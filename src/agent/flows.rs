@@ -49,10 +49,12 @@ fn only_names(text: &str, o: &Opt) -> bool {
     })
 }
 
-/// Whether two values share their words: one holds the other.
-fn overlaps(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim().to_lowercase(), b.trim().to_lowercase());
-    !a.is_empty() && !b.is_empty() && (a.contains(&b) || b.contains(&a))
+/// Whether `part` is a piece of `whole` (the "152" of "테헤란로 152"); a
+/// longer value that holds a shorter one ("王府井大街1号" after the place
+/// 王府井) is not.
+fn inside(part: &str, whole: &str) -> bool {
+    let (p, w) = (part.trim().to_lowercase(), whole.trim().to_lowercase());
+    !p.is_empty() && w.contains(&p)
 }
 
 fn when_ok(w: &Option<When>, fr: &Frame) -> bool {
@@ -298,7 +300,7 @@ impl Agent {
                         Ok(Value::Number(n)) if n.as_i64() == Some(1) && fr.slots.contains_key(&slot) && !value::counts_in(text).contains(&1) => {}
                         // One stretch of the words fills one slot: "152" of the
                         // address just taken is no dish.
-                        Ok(Value::String(x)) if taken.iter().any(|(k, t)| (def.kind == SlotKind::Text || *k == SlotKind::Text) && overlaps(t, &x)) => {
+                        Ok(Value::String(x)) if taken.iter().any(|(k, t)| (def.kind == SlotKind::Text || *k == SlotKind::Text) && inside(&x, t)) => {
                             self.audit_row(sid, "model", "slot", None, json!({"slot": slot, "value": x, "rejected": "already taken for another slot"}), "not taken")?;
                         }
                         Ok(val) => {

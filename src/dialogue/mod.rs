@@ -297,7 +297,14 @@ fn pieces(text: &str) -> Vec<String> {
 /// Flows whose examples or description share words with the message: the
 /// candidates when no app's keywords are in it.
 pub fn similar<'a>(text: &str, flows: &[&'a Flow]) -> Vec<&'a Flow> {
-    let want = pieces(text);
+    // The message's words, each as its pieces.
+    // Chinese runs its words together: there each piece counts as a word.
+    let han = |w: &str| w.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c));
+    let words: Vec<Vec<String>> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .flat_map(|w| if han(w) { pieces(w).into_iter().map(|p| vec![p]).collect() } else { vec![pieces(w)] })
+        .filter(|p| !p.is_empty())
+        .collect();
     flows
         .iter()
         .copied()
@@ -306,10 +313,25 @@ pub fn similar<'a>(text: &str, flows: &[&'a Flow]) -> Vec<&'a Flow> {
             for l in ["en", "zh", "ko"] {
                 have.extend(pieces(f.def.description.get(l)));
             }
-            // Two pieces in common, not one: a lone "얼마" (how much) in a
-            // sum is no ride.
-            let shared: std::collections::BTreeSet<&String> = want.iter().filter(|w| have.contains(*w)).collect();
-            shared.len() >= 2
+            // Two words in common, not one: a lone "얼마야" (how much is it)
+            // in a sum is no ride, though it gives two pieces.
+            words.iter().filter(|w| w.iter().any(|p| have.contains(p))).count() >= 2
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn similar_flows_share_two_words_with_the_message() {
+        let tools = crate::tools::ToolSet::load_dir(&crate::source_root().join("tools")).unwrap();
+        let all = tools.flows();
+        let ids = |t: &str| similar(t, &all).iter().map(|f| f.def.id.clone()).collect::<Vec<_>>();
+        // One word ("얼마야", how much) in common is no ride question.
+        assert!(ids("17 곱하기 23은 얼마야?").is_empty(), "{:?}", ids("17 곱하기 23은 얼마야?"));
+        assert!(ids("명동에서 강남역까지 가면 얼마야?").contains(&"ride_price".to_owned()));
+        assert!(ids("订后天上海到杭州的G6975二等座一张。").contains(&"book_train".to_owned()));
+    }
 }

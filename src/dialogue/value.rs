@@ -303,7 +303,13 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
             }
         }
         SlotKind::Time => {
-            let hm = time_in(value).or_else(|| time_in(message)).ok_or(Rejected::NotSaid)?;
+            // The message reads the same hour with its context ("오후 3시 반"
+            // for the model's "3시", "下午4点" for "4点"): its reading wins.
+            let hour = |hm: &str| hm.get(..2).and_then(|h| h.parse::<u32>().ok()).map(|h| h % 12);
+            let hm = match (time_in(value), time_in(message)) {
+                (Some(v), Some(m)) if hour(&v) == hour(&m) => m,
+                (v, m) => v.or(m).ok_or(Rejected::NotSaid)?,
+            };
             if time_said(&hm, message) {
                 Ok(Value::String(hm))
             } else {
@@ -646,5 +652,14 @@ mod tests {
         assert_eq!(corrected("不是巨鹿路，是福州路8号"), "福州路8号");
         assert_eq!(corrected("地址改成南京西路5号"), "南京西路5号");
         assert_eq!(corrected("200 Renmin Road"), "200 Renmin Road");
+    }
+
+    #[test]
+    fn a_time_copied_short_is_read_with_its_context() {
+        let slot: SlotDef = serde_json::from_value(serde_json::json!({"name": "time", "type": "time", "ask": {"en": "When?"}})).unwrap();
+        let m = "블로썸 살롱 명동점, 지우 디자이너로 오후 3시 반에 커트 예약해 줘.";
+        assert_eq!(read(&slot, "3시", m, 0), Ok(Value::String("15:30".into())));
+        assert_eq!(read(&slot, "4点", "不好意思，下午有个会，改成下午4点吧。", 0), Ok(Value::String("16:00".into())));
+        assert_eq!(read(&slot, "7pm", "at 7pm please", 0), Ok(Value::String("19:00".into())));
     }
 }
