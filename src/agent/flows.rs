@@ -228,7 +228,7 @@ impl Agent {
         // runs; a running flow is only resumed by name.
         let idle_unnamed = named.is_empty() && s.conv.dialogue.stack.is_empty();
         let startable: Vec<String> = cands.iter().filter(|f| named.contains(&f.app) || idle_unnamed).map(|f| f.def.id.clone()).collect();
-        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.conv.dialogue.stack.is_empty() && crate::dialogue::says_stop(text), spans: command::spans(text) };
+        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.conv.dialogue.stack.is_empty() && crate::dialogue::says_stop(text), spans: command::spans(text), busy: !s.conv.dialogue.stack.is_empty() };
         let prompt = crate::dialogue::command_prompt(&cands, &s.conv.dialogue, &options, text);
         let req = GenRequest {
             session: Some(format!("{sid}#commands")),

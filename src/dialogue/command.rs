@@ -95,6 +95,9 @@ pub struct Allowed {
     /// What a free value may be: the stretches of the message ([`spans`]).
     /// Empty: any short text.
     pub spans: Vec<String>,
+    /// A flow runs: the message is about it or is chat, so `none` (no task
+    /// can do this) is not offered.
+    pub busy: bool,
 }
 
 /// Longest span, in characters.
@@ -154,7 +157,10 @@ fn escape(s: &str) -> String {
 /// The Lark grammar of one reply: one to [`MAX_COMMANDS`] lines, each a
 /// command this state allows.
 pub fn grammar(a: &Allowed) -> String {
-    let mut alts: Vec<String> = vec!["chat".into(), "none".into()];
+    let mut alts: Vec<String> = vec!["chat".into()];
+    if !a.busy {
+        alts.push("none".into());
+    }
     if !a.flows.is_empty() {
         let f: Vec<String> = a.flows.iter().map(|f| escape(f)).collect();
         alts.push(format!("start ({})", f.join("|")));
@@ -214,6 +220,7 @@ mod tests {
             options: 3,
             active: true,
             spans: Vec::new(),
+            busy: false,
         }
     }
 
@@ -236,6 +243,11 @@ mod tests {
         let g = grammar(&Allowed { active: false, options: 0, ..allowed() });
         assert_eq!(run(&g, "cancel"), None);
         assert_eq!(run(&g, "pick 1"), None);
+        assert_eq!(run(&g, "chat"), Some(true));
+        assert_eq!(run(&g, "none"), Some(true));
+        // While a flow runs, a message is about it or is chat.
+        let g = grammar(&Allowed { busy: true, ..allowed() });
+        assert_eq!(run(&g, "none"), None);
         assert_eq!(run(&g, "chat"), Some(true));
     }
 
