@@ -271,8 +271,8 @@ pub fn yes_no(text: &str) -> Option<bool> {
 /// destructive, so the grammar offers it only then.
 pub fn says_stop(text: &str) -> bool {
     let t = text.to_lowercase();
-    const EN: &[&str] = &["cancel", "stop", "never mind", "nevermind", "forget it", "forget about", "don't want", "do not want", "no longer", "call it off", "scrap"];
-    const CJK: &[&str] = &["取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "别", "停", "취소", "그만", "됐어", "안 할래", "필요 없", "안 해", "말래", "관둘"];
+    const EN: &[&str] = &["cancel", "stop", "never mind", "nevermind", "forget it", "forget about", "don't want", "do not want", "no longer", "call it off", "scrap", "don't order", "do not order", "don't book", "do not book"];
+    const CJK: &[&str] = &["取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "别", "停", "취소", "그만", "됐어", "안 할래", "필요 없", "안 해", "말래", "관둘", "하지 마", "하지마", "하지 말", "안 시킬", "주문 안 ", "예약 안 "];
     EN.iter().any(|w| t.contains(w)) || CJK.iter().any(|w| t.contains(w))
 }
 
@@ -333,5 +333,15 @@ mod tests {
         assert!(ids("17 곱하기 23은 얼마야?").is_empty(), "{:?}", ids("17 곱하기 23은 얼마야?"));
         assert!(ids("명동에서 강남역까지 가면 얼마야?").contains(&"ride_price".to_owned()));
         assert!(ids("订后天上海到杭州的G6975二等座一张。").contains(&"book_train".to_owned()));
+    }
+
+    #[test]
+    fn stopping_is_heard_in_three_languages() {
+        for t in ["Never mind, don't order it", "그럼 주문하지 마.", "算了，不点了", "예약 취소해 줘"] {
+            assert!(says_stop(t), "{t}");
+        }
+        for t in ["Order two bowls", "주문해 줘", "帮我点一份"] {
+            assert!(!says_stop(t), "{t}");
+        }
     }
 }
