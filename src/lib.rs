@@ -29,8 +29,10 @@
 //!  chat REPL ──Input──► agent (per-session state)
 //!  server::hub ─┘         ├─ flows (apps whose manifests declare flows; dialogue/):
 //!        ▲                │    one constrained model call per message → commands
-//!        │                │    (start, set, pick, cancel, clarify, chat, none) → values
-//!        │                │    checked against the words (dialogue::value) → executor runs
+//!        │                │    (start, set, pick, cancel, clarify, chat, none) over the
+//!        │                │    candidate flows (app and flow keywords) → values copied from
+//!        │                │    the message by grammar, checked against the words
+//!        │                │    (dialogue::value) → executor runs
 //!        │                │    the top flow's steps: ask · call · card · quote; a flow stack
 //!        │                │    for interruptions; the model writes only chat replies
 //!        │                ├─ generic path (apps without flows): model rounds of tool calls;
@@ -69,7 +71,7 @@
 //!    run: per run a fresh world ── server::Server + seeded sandbox on the shared engine
 //!    │    (one world::Clock, pinned), or --server; wallets, memories, past orders seeded
 //!    ├─ client: each turn over /v1/ws as a chat client ── TurnRecord (calls, words,
-//!    │          confirmations, payments, TTFT, tokens); sim: the model plays the user
+//!    │          confirmations, payments, TTFT, tokens); sim: a model (--user-model) plays the user
 //!    ├─ state: GET /v1/orders (joined with /catalog), /pay wallet ledger, memories
 //!    ├─ score: reason codes + the invariant "no payment without confirmation"
 //!    └─ report: pass^k, by domain and language ── render: terminal, JSON, HTML

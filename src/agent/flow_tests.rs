@@ -237,3 +237,17 @@ async fn an_unsaid_one_does_not_replace_a_count() {
     let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
     assert_eq!((again.summary.as_str(), again.amount), (c.summary.as_str(), c.amount));
 }
+
+/// payments-insufficient-food-ko: "then don't order it" after a failed
+/// payment, and the model only chats. The words say stop and nothing else:
+/// the order is not offered again.
+#[tokio::test]
+async fn plain_stop_words_end_the_task_when_the_model_only_chats() {
+    let w = World::new().await;
+    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 한 그릇 배달해 줘. 주소는 강남대로 396.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 1\nset address 강남대로 396")).await;
+    assert!(confirmation(&ev).is_some(), "{ev:#?}");
+    let ev = w.say("그럼 주문하지 마.", Some("chat")).await;
+    assert!(confirmation(&ev).is_none(), "{ev:#?}");
+    assert!(calls(&ev).is_empty(), "{:?}", calls(&ev));
+    assert!(w.agent().pending("s").await.is_none());
+}

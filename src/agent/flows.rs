@@ -424,6 +424,17 @@ impl Agent {
         for p in &problems {
             self.tell(s, tx, p.clone()).await;
         }
+        // "Then don't order it": the words say stop and the model found
+        // nothing else in them, yet wrote only chat. The task ends.
+        if !acted && clarify.is_none() && crate::dialogue::says_stop_firmly(text) {
+            if let Some(fr) = s.conv.dialogue.stack.pop() {
+                self.drop_pending(sid, s, "the person cancelled the task")?;
+                let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
+                let t = say(lang, Say::Cancelled(&d));
+                self.tell(s, tx, t).await;
+                acted = true;
+            }
+        }
         if let (Some(fs), false) = (&clarify, acted) {
             let ds: Vec<String> = fs.iter().filter_map(|f| self.flow(f)).map(|f| f.def.description.get(lang.code()).to_owned()).collect();
             if ds.len() >= 2 {

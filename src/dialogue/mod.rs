@@ -276,6 +276,16 @@ pub fn says_stop(text: &str) -> bool {
     EN.iter().any(|w| t.contains(w)) || CJK.iter().any(|w| t.contains(w))
 }
 
+/// Whether the words plainly say to stop ("never mind", 算了, 하지 마): a
+/// message that says so and gives nothing else cancels the task even when
+/// the model only chats. (`says_stop` is wider, 别 among them, and only
+/// offers `cancel` to the model.)
+pub fn says_stop_firmly(text: &str) -> bool {
+    let t = text.to_lowercase();
+    const FIRM: &[&str] = &["cancel", "never mind", "nevermind", "forget it", "don't order", "do not order", "don't book", "do not book", "call it off", "取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "취소", "그만", "됐어", "하지 마", "하지마", "안 할래", "관둘"];
+    FIRM.iter().any(|w| t.contains(w))
+}
+
 /// Pieces of text for matching: Latin words of 4+ letters, and two-character
 /// runs of Chinese or Korean.
 fn pieces(text: &str) -> Vec<String> {
@@ -343,5 +353,8 @@ mod tests {
         for t in ["Order two bowls", "주문해 줘", "帮我点一份"] {
             assert!(!says_stop(t), "{t}");
         }
+        // 别的 (another) may ask to stop something, but not firmly.
+        assert!(says_stop("换别的餐厅") && !says_stop_firmly("换别的餐厅"));
+        assert!(says_stop_firmly("그럼 주문하지 마.") && says_stop_firmly("算了"));
     }
 }
