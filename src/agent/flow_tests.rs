@@ -207,6 +207,16 @@ async fn cancel_and_interruption_use_the_stack() {
     assert!(payments(&ev).is_empty());
 }
 
+/// Bibimbap from 할머니 비빔밥 near 강남역 to 강남대로 396, `n` bowls
+/// (`bowls` as the person says it), up to its confirmation.
+async fn bibimbap_quoted(w: &World, bowls: &str, n: u32) -> ConfirmationRequest {
+    let text = format!("강남역 할머니 비빔밥에서 비빔밥 {bowls} 배달해 줘. 주소는 강남대로 396이야.");
+    let ev = w.say(&text, Some(&format!("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity {n}\nset address 강남대로 396"))).await;
+    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    assert!(c.summary.contains("강남대로 396") && c.summary.contains(&format!("×{n}")), "{}", c.summary);
+    c
+}
+
 /// food-correct-address-ko: the model copies the whole correction, and
 /// pads it with a stray "set dish 152". The new address is the part after
 /// 말고, and "152" of it fills no other slot (a new dish would have
@@ -214,9 +224,7 @@ async fn cancel_and_interruption_use_the_stack() {
 #[tokio::test]
 async fn a_correction_copied_whole_changes_only_the_address() {
     let w = World::new().await;
-    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 한 그릇 배달해 줘. 주소는 강남대로 396이야.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 1\nset address 강남대로 396")).await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
-    assert!(c.summary.contains("강남대로 396"), "{}", c.summary);
+    let c = bibimbap_quoted(&w, "한 그릇", 1).await;
     let ev = w.say("아, 주소를 잘못 말했어. 강남대로 말고 테헤란로 152로 보내 줘.", Some("set quantity 1\nset address 강남대로 말고 테헤란로 152\nset dish 152")).await;
     assert!(!calls(&ev).iter().any(|(t, _)| t == "food_search_restaurants"), "{:?}", calls(&ev));
     let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
@@ -229,9 +237,7 @@ async fn a_correction_copied_whole_changes_only_the_address() {
 #[tokio::test]
 async fn an_unsaid_one_does_not_replace_a_count() {
     let w = World::new().await;
-    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 두 그릇 배달해 줘. 주소는 강남대로 396이야.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 2\nset address 강남대로 396")).await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
-    assert!(c.summary.contains("×2"), "{}", c.summary);
+    let c = bibimbap_quoted(&w, "두 그릇", 2).await;
     let ev = w.say_all("배달은 얼마나 걸려?", &["set quantity 1", "보통 30분 정도 걸려요."]).await;
     assert!(words(&ev).contains("30분"), "{}", words(&ev));
     let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
@@ -244,8 +250,7 @@ async fn an_unsaid_one_does_not_replace_a_count() {
 #[tokio::test]
 async fn plain_stop_words_end_the_task_when_the_model_only_chats() {
     let w = World::new().await;
-    let ev = w.say("강남역 할머니 비빔밥에서 비빔밥 한 그릇 배달해 줘. 주소는 강남대로 396.", Some("start order_food\nset place 강남역\nset dish 비빔밥\nset quantity 1\nset address 강남대로 396")).await;
-    assert!(confirmation(&ev).is_some(), "{ev:#?}");
+    bibimbap_quoted(&w, "한 그릇", 1).await;
     let ev = w.say("그럼 주문하지 마.", Some("chat")).await;
     assert!(confirmation(&ev).is_none(), "{ev:#?}");
     assert!(calls(&ev).is_empty(), "{:?}", calls(&ev));
