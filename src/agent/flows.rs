@@ -339,15 +339,7 @@ impl Agent {
                         acted = true;
                     }
                 }
-                Command::Cancel => {
-                    if let Some(fr) = s.conv.dialogue.stack.pop() {
-                        acted = true;
-                        self.drop_pending(sid, s, "the person cancelled the task")?;
-                        let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
-                        let t = say(lang, Say::Cancelled(&d));
-                        self.tell(s, tx, t).await;
-                    }
-                }
+                Command::Cancel => acted |= self.cancel_top(sid, s, lang, tx).await?,
                 Command::Clarify { flows } => clarify = Some(flows),
                 Command::Chat => chat = true,
                 Command::CannotHandle => cannot = true,
@@ -427,13 +419,7 @@ impl Agent {
         // "Then don't order it": the words say stop and the model found
         // nothing else in them, yet wrote only chat. The task ends.
         if !acted && clarify.is_none() && crate::dialogue::says_stop_firmly(text) {
-            if let Some(fr) = s.conv.dialogue.stack.pop() {
-                self.drop_pending(sid, s, "the person cancelled the task")?;
-                let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
-                let t = say(lang, Say::Cancelled(&d));
-                self.tell(s, tx, t).await;
-                acted = true;
-            }
+            acted = self.cancel_top(sid, s, lang, tx).await?;
         }
         if let (Some(fs), false) = (&clarify, acted) {
             let ds: Vec<String> = fs.iter().filter_map(|f| self.flow(f)).map(|f| f.def.description.get(lang.code()).to_owned()).collect();
@@ -458,6 +444,17 @@ impl Agent {
             return Ok(if s.conv.dialogue.stack.is_empty() { Some(true) } else { None });
         }
         Ok(None)
+    }
+
+    /// Ends the task on top of the stack and any confirmation it opened,
+    /// and says so. `false` when no task runs.
+    async fn cancel_top(&self, sid: &str, s: &mut Session, lang: Lang, tx: &Tx) -> Result<bool, String> {
+        let Some(fr) = s.conv.dialogue.stack.pop() else { return Ok(false) };
+        self.drop_pending(sid, s, "the person cancelled the task")?;
+        let d = self.flow(&fr.flow).map(|f| f.def.description.get(lang.code()).to_owned()).unwrap_or(fr.flow.clone());
+        let t = say(lang, Say::Cancelled(&d));
+        self.tell(s, tx, t).await;
+        Ok(true)
     }
 
     /// Runs the top frame until it needs the person; a finished frame is

@@ -271,9 +271,9 @@ pub fn yes_no(text: &str) -> Option<bool> {
 /// destructive, so the grammar offers it only then.
 pub fn says_stop(text: &str) -> bool {
     let t = text.to_lowercase();
-    const EN: &[&str] = &["cancel", "stop", "never mind", "nevermind", "forget it", "forget about", "don't want", "do not want", "no longer", "call it off", "scrap", "don't order", "do not order", "don't book", "do not book"];
-    const CJK: &[&str] = &["取消", "算了", "不要了", "不用了", "不点了", "不订了", "不买了", "不叫了", "别", "停", "취소", "그만", "됐어", "안 할래", "필요 없", "안 해", "말래", "관둘", "하지 마", "하지마", "하지 말", "안 시킬", "주문 안 ", "예약 안 "];
-    EN.iter().any(|w| t.contains(w)) || CJK.iter().any(|w| t.contains(w))
+    // Beyond the firm words: ones that may ask to stop ("别" is also "other").
+    const MORE: &[&str] = &["stop", "forget about", "don't want", "do not want", "no longer", "scrap", "别", "停", "필요 없", "안 해", "말래", "하지 말", "안 시킬", "주문 안 ", "예약 안 "];
+    says_stop_firmly(text) || MORE.iter().any(|w| t.contains(w))
 }
 
 /// Whether the words plainly say to stop ("never mind", 算了, 하지 마): a

@@ -208,8 +208,13 @@ pub fn enum_in(slot: &SlotDef, message: &str) -> Option<String> {
 /// "不是巨鹿路，是福州路8号"): the part that replaces the old one.
 pub fn corrected(value: &str) -> String {
     let v = value.trim();
-    // The new value after the marker …
+    // The new value after the marker ("but" and "是" only after "not" and
+    // "不是": "kung pao chicken but mild" is one dish) …
+    let not = v.to_lowercase().starts_with("not ") || v.starts_with("不是");
     for m in [" 말고 ", "말고 ", " but ", "改成", "改为", "换成", "改到", "，是", ",是", "而是"] {
+        if !not && matches!(m, " but " | "，是" | ",是" | "而是") {
+            continue;
+        }
         if let Some(i) = v.rfind(m) {
             let after = v[i + m.len()..].trim();
             if !after.is_empty() {
@@ -652,6 +657,7 @@ mod tests {
         assert_eq!(corrected("不是巨鹿路，是福州路8号"), "福州路8号");
         assert_eq!(corrected("地址改成南京西路5号"), "南京西路5号");
         assert_eq!(corrected("200 Renmin Road"), "200 Renmin Road");
+        assert_eq!(corrected("kung pao chicken but mild"), "kung pao chicken but mild");
     }
 
     #[test]

@@ -353,6 +353,9 @@ pub struct Hub {
     /// waits until only this one is left.
     pub(super) tasks: Arc<()>,
     order_poll: Duration,
+    /// Orders a watcher follows now (`user/app/order_id`): an order
+    /// reported again (its payment retried after a failure) gets no second.
+    followed: Mutex<HashSet<String>>,
     next_conn: AtomicU64,
     clock: Clock,
 }
@@ -368,6 +371,7 @@ impl Hub {
             shutdown,
             tasks: Arc::new(()),
             order_poll,
+            followed: Mutex::new(HashSet::new()),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -539,6 +543,10 @@ impl Hub {
         if let Err(e) = self.orders.upsert(&row) {
             eprintln!("errand serve: cannot record order {oid}: {e}");
         }
+        let key = format!("{}/{app}/{oid}", s.user);
+        if !self.followed.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
+            return;
+        }
         let hub = self.clone();
         let s = s.clone();
         let app = app.to_owned();
@@ -567,6 +575,7 @@ impl Hub {
                     last = now;
                 }
             }
+            hub.followed.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         });
     }
 }

@@ -234,6 +234,9 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
     if f.steps.is_empty() {
         return Err(at("has no steps".into()));
     }
+    if let Some(k) = f.keywords.iter().find(|k| k.trim().is_empty() || k.chars().count() > 40) {
+        return Err(at(format!("keyword `{k}` is blank or over 40 characters")));
+    }
     let mut names: Vec<&str> = Vec::new();
     for s in &f.slots {
         if !valid_id(&s.name) {
@@ -462,6 +465,7 @@ mod tests {
     #[test]
     fn broken_flows_are_refused_with_the_flow_and_the_reason() {
         let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+            (Box::new(|f| f[0]["keywords"] = json!(["refund", " "])), "keyword ` ` is blank"),
             (Box::new(|f| f[0]["steps"][3] = json!({"call": "shop_buy", "args": {"item_id": "$item"}})), "use `quote`"),
             (Box::new(|f| f[0]["steps"][3] = json!({"quote": "shop_search", "args": {"q": "$what"}})), "not marked `confirm`"),
             (Box::new(|f| f[0]["steps"][3]["args"] = json!({"item_id": "$nothing"})), "`$nothing` is not a slot"),
