@@ -111,6 +111,10 @@ impl HttpAdapter {
         let client = reqwest::Client::builder()
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(3)))
+            // A mini-program answers its own calls: a redirect could send
+            // the call (and its confirmed terms) somewhere a manifest could
+            // not name, such as the payment service.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("a plain HTTP client builds");
         Self { client, opts }
@@ -384,6 +388,35 @@ mod tests {
 
     fn args(v: Value) -> Map<String, Value> {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// Regression (issue 23, finding 6): a mini-program that answers with a
+    /// redirect does not get its call sent on to where it points.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let target = serve(Router::new().route(
+            "/pay/v1/trades/x/pay",
+            post(move || async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                Json(json!({"ok": true}))
+            }),
+        ))
+        .await;
+        let to = format!("{target}/pay/v1/trades/x/pay");
+        let redirector = serve(Router::new().route(
+            "/v1/go",
+            post(move || async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, to)]) }),
+        ))
+        .await;
+        let ad = HttpAdapter::new(HttpOptions { backoff: Duration::from_millis(1), ..Default::default() });
+        let t = tool("POST", "/v1/go", &redirector);
+        let ep = t.def.endpoint.clone().unwrap();
+        let a = args(json!({"id": "x"}));
+        let r = ad.call(CallRequest { tool: &t, endpoint: &ep, args: &a, idempotency_key: None, check_result: true, confirmed: None }).await;
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
     }
 
     #[tokio::test]

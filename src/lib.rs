@@ -114,6 +114,8 @@
 //!   establish), the executor's reply templates, and the `Generator` seam
 //!   (the engine, or a scripted generator in unit tests).
 //! - [`adapter`]: how a validated call reaches a mini-program (HTTP/JSON).
+//! - [`guard`]: what every listener checks first: the `Host` (DNS
+//!   rebinding), a browser's `Origin`, JSON bodies.
 //! - [`audit`]: the append-only audit log.
 //! - [`memory`]: memories per user, "my usual", the Now feed, embeddings and
 //!   the vector stores (`docs/memory.md`); `errand bench-memory`.
@@ -145,6 +147,7 @@ pub mod chat;
 pub mod engine;
 pub mod eval;
 pub mod gguf;
+pub mod guard;
 pub mod memory;
 pub mod model;
 pub mod prompt;

@@ -410,14 +410,16 @@ fn run() -> Result<()> {
             let mut out = std::io::stdout();
             if let Some(tools) = opts.tools.clone() {
                 let rt = tokio::runtime::Runtime::new()?;
-                let (base, _sandbox) = match sandbox_url {
-                    Some(u) => (u.trim_end_matches('/').to_owned(), None),
+                let (base, _sandbox, secret) = match sandbox_url {
+                    Some(u) => (u.trim_end_matches('/').to_owned(), None, remote_sandbox_secret()?),
                     None => {
                         let sb = rt.block_on(errand::sandbox::start(SandboxConfig::new(sandbox_data.unwrap_or_else(sandbox_dir), clock.clone())))?;
                         eprintln!("sandbox mini-programs at {}", sb.base_url);
-                        (sb.base_url.clone(), Some(sb))
+                        let secret = sb.secret().to_vec();
+                        (sb.base_url.clone(), Some(sb), secret)
                     }
                 };
+                let credentials = errand::agent::PayCredentials(Arc::new(move |w: &str| errand::sandbox::sign::wallet_credential(&secret, w)));
                 let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
                 let audit = Audit::open(&errand_home().join("audit.db"), clock.clone())?;
                 let agent = Agent::new(
@@ -432,6 +434,7 @@ fn run() -> Result<()> {
                         pay_url: Some(format!("{base}/pay")),
                         wallet,
                         pay_method,
+                        pay_credentials: Some(credentials),
                         lang: opts.lang,
                         clock: clock.clone(),
                         ..Default::default()
@@ -632,7 +635,7 @@ fn serve(
         }
     };
     let sandbox = match sandbox_url {
-        Some(u) => SandboxChoice::Remote(u),
+        Some(url) => SandboxChoice::Remote { url, secret: remote_sandbox_secret()? },
         None => SandboxChoice::InProcess(SandboxConfig::new(sandbox_dir(), clock.clone())),
     };
     let rt = tokio::runtime::Runtime::new()?;
@@ -757,6 +760,7 @@ fn eval(
             url,
             token: token.context("--server needs --token (the user's bearer token)")?,
             sandbox_url: sandbox.context("--server needs --sandbox (the mini-programs' base URL, for wallets and state)")?,
+            sandbox_secret: remote_sandbox_secret()?,
             engine: users.or(engine),
         },
         None => {
@@ -828,6 +832,24 @@ fn errand_home() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/errand")))
         .unwrap_or_else(|| PathBuf::from(".errand"))
+}
+
+/// The secret of a sandbox started alone (`errand sandbox`), which a server,
+/// a chat or an evaluation elsewhere needs for wallet and admin credentials:
+/// `$ERRAND_SANDBOX_SECRET` (the sandbox's `--secret`), else the `secret`
+/// file in the default sandbox data folder.
+fn remote_sandbox_secret() -> Result<Vec<u8>> {
+    if let Some(s) = std::env::var("ERRAND_SANDBOX_SECRET").ok().filter(|s| !s.is_empty()) {
+        return Ok(s.into_bytes());
+    }
+    let path = sandbox_dir().join("secret");
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "a sandbox elsewhere needs its secret for wallet credentials: set ERRAND_SANDBOX_SECRET to its --secret, \
+             or run it with its data in {} (where its `secret` file is)",
+            sandbox_dir().display()
+        )
+    })
 }
 
 fn sandbox_dir() -> PathBuf {

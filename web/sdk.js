@@ -75,7 +75,7 @@
   var BACKOFF_MAX_MS = 15000;
   var WELCOME_WITHIN_MS = 15000;
   // hello errors after which reconnecting cannot help.
-  var FATAL_CODES = { unauthorized: 1, unsupported_version: 1, session_limit: 1 };
+  var FATAL_CODES = { unauthorized: 1, unsupported_version: 1 };
 
   var counter = 0;
   function newId(prefix) {
@@ -430,6 +430,20 @@
   /** Forgets the session and starts a new one on a fresh connection. */
   Client.prototype.reset = function () {
     this._closedByUser = false;
+    // The old session is deleted, not just forgotten, so it does not count
+    // against the person's sessions (best effort: the server also evicts
+    // the least recently used one).
+    if (this.session && typeof fetch === "function") {
+      var http = this._url.replace(/^ws/, "http").replace(/\/v1\/ws.*$/, "");
+      try {
+        fetch(http + "/v1/sessions/" + encodeURIComponent(this.session), {
+          method: "DELETE",
+          headers: { Authorization: "Bearer " + this._opts.token },
+        }).catch(function () {});
+      } catch (e) {
+        /* ignore */
+      }
+    }
     this.session = null;
     this.lastSeq = 0;
     this._pending = [];
@@ -635,7 +649,7 @@
       }
       return;
     }
-    // unauthorized, unsupported_version, session_limit during hello.
+    // unauthorized or unsupported_version during hello.
     this._closedByUser = f.code !== "unauthorized";
     if (f.code === "unauthorized") this._setState("unauthorized");
     else this._setState("closed", { reason: f.code });

@@ -56,6 +56,18 @@ use tokio::sync::mpsc;
 /// the same restaurant is a loop.
 const MAX_RUNS_PER_INPUT: usize = 3;
 
+/// The bearer credential that moves a wallet at the payment service, by
+/// wallet id. A real deployment gets it from the provider when the person
+/// links their account; in-process it comes from the sandbox's secret.
+#[derive(Clone)]
+pub struct PayCredentials(pub Arc<dyn Fn(&str) -> String + Send + Sync>);
+
+impl std::fmt::Debug for PayCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PayCredentials(…)")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Model rounds (each may call tools) per user message.
@@ -70,6 +82,9 @@ pub struct AgentOptions {
     pub pay_url: Option<String>,
     pub wallet: String,
     pub pay_method: String,
+    /// What proves to the payment service that the wallet may pay (without
+    /// it, the service refuses every payment).
+    pub pay_credentials: Option<PayCredentials>,
     /// Fixed language; detected from the first message when `None`.
     pub lang: Option<Lang>,
     /// Ask the model, after a message about oneself that the rules did not
@@ -92,6 +107,7 @@ impl Default for AgentOptions {
             pay_url: None,
             wallet: "demo".into(),
             pay_method: "alipay".into(),
+            pay_credentials: None,
             lang: None,
             extract_memories: false,
             clock: Clock::wall(),
@@ -219,6 +235,32 @@ struct Conversation {
     orders: Vec<(String, Value)>,
 }
 
+impl Conversation {
+    /// Chat history kept for the generic path.
+    const MESSAGES: usize = 200;
+    /// User messages and tool results kept as evidence.
+    const EVIDENCE: usize = 64;
+    /// Confirmed orders kept for "cancel it" and "lock it".
+    const ORDERS: usize = 50;
+
+    /// Keeps what a long session remembers bounded: the oldest history,
+    /// evidence and orders go first (the system prompt stays, and the
+    /// history restarts at a user message, so no tool result is orphaned).
+    fn bound(&mut self) {
+        if self.messages.len() > Self::MESSAGES {
+            let start = usize::from(self.messages.first().is_some_and(|m| m.role == "system"));
+            let mut end = start + (self.messages.len() - Self::MESSAGES);
+            while end < self.messages.len() && self.messages[end].role != "user" {
+                end += 1;
+            }
+            self.messages.drain(start..end);
+        }
+        self.evidence.trim(Self::EVIDENCE);
+        let extra = self.orders.len().saturating_sub(Self::ORDERS);
+        self.orders.drain(..extra);
+    }
+}
+
 /// What one input uses and forgets when it is done.
 struct Turn {
     stats: TurnStats,
@@ -237,6 +279,20 @@ struct Turn {
 #[derive(Default)]
 struct Gate {
     pending: Option<Pending>,
+    /// Payments whose outcome the service did not tell; each is asked about
+    /// again before every later message until it settles, so a payment that
+    /// went through is reported before anything could be ordered twice.
+    unsettled: Vec<Unsettled>,
+}
+
+/// A confirmed payment whose outcome is unknown.
+struct Unsettled {
+    out_trade_no: String,
+    wallet: String,
+    amount: i64,
+    currency: String,
+    amount_display: String,
+    summary: String,
 }
 
 /// One session: the conversation, the input being handled, and the gate.
@@ -496,6 +552,7 @@ impl Agent {
             }
         }
         s.conv.evidence.today = self.opts.clock.now_s().div_euclid(86_400);
+        self.settle(s, lang, tx).await;
         let flows = !self.tools().flows().is_empty();
         if flows {
             if let Some(p) = &s.gate.pending {
@@ -535,6 +592,7 @@ impl Agent {
             }
             None => s.conv.evidence.user.push(text.clone()),
         }
+        s.conv.bound();
         let original = text.clone();
         let text = match self.personal_turn(sid, s, lang, &text, tx).await? {
             personal::Handled::Done => return Ok(()),
@@ -1127,7 +1185,10 @@ impl Agent {
                 emit(tx, AgentEvent::Notice { text: format!("warning: {e}") }).await;
             }
             match outcome {
-                PayOutcome::Paid(trade) => paid = Some(trade),
+                PayOutcome::Paid(trade) => {
+                    s.gate.unsettled.retain(|u| u.out_trade_no != otn);
+                    paid = Some(trade)
+                }
                 PayOutcome::Refused(text) => {
                     s.conv.messages.push(Message::tool(json!({"status": "not_paid", "reason": text}).to_string()));
                     s.conv.messages.push(Message::assistant(text.clone()));
@@ -1138,6 +1199,16 @@ impl Agent {
                     // The order exists unpaid (or its payment is unknown):
                     // confirming again retries the payment only, with the same key.
                     let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
+                    if status == "unknown" && !s.gate.unsettled.iter().any(|u| u.out_trade_no == otn) {
+                        s.gate.unsettled.push(Unsettled {
+                            out_trade_no: otn.clone(),
+                            wallet: wallet.clone(),
+                            amount,
+                            currency: currency.clone(),
+                            amount_display: p.req.amount_display.clone(),
+                            summary: p.req.summary.clone(),
+                        });
+                    }
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
                     p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
                     // The unpaid order is the person's: it is recorded and
@@ -1209,6 +1280,43 @@ impl Agent {
             .ok()
     }
 
+    /// Asks the payment service about each payment whose outcome was
+    /// unknown: one that went through is reported paid (and its open
+    /// confirmation closed, so it is not paid again), one whose trade closed
+    /// unpaid is reported as not charged, and the rest are asked about
+    /// again at the next message.
+    async fn settle(&self, s: &mut Session, lang: Lang, tx: &Tx) {
+        if s.gate.unsettled.is_empty() {
+            return;
+        }
+        let Some(base) = self.opts.pay_url.clone() else { return };
+        for u in std::mem::take(&mut s.gate.unsettled) {
+            let url = format!("{}/v1/trades/{}", base.trim_end_matches('/'), crate::adapter::encode_segment(&u.out_trade_no));
+            let credential = self.opts.pay_credentials.as_ref().map(|c| (c.0)(&u.wallet)).unwrap_or_default();
+            let trade = match self.http.get(&url).bearer_auth(&credential).send().await {
+                Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+                _ => None,
+            };
+            let status = trade.as_ref().and_then(|t| t["status"].as_str()).unwrap_or("");
+            let text = match status {
+                "SUCCESS" | "REFUND" => {
+                    let txn = trade.as_ref().and_then(|t| t["transaction_id"].as_str()).map(str::to_owned);
+                    emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: u.out_trade_no.clone(), status: "paid".into(), amount: u.amount, currency: u.currency.clone(), transaction_id: txn, reason: None })).await;
+                    if s.gate.pending.as_ref().and_then(|p| p.order.as_ref()).is_some_and(|o| o["payment"]["out_trade_no"] == u.out_trade_no.as_str()) {
+                        s.gate.pending = None;
+                    }
+                    say(lang, Say::SettledPaid { amount: u.amount_display.clone(), summary: &u.summary })
+                }
+                "CLOSED" => say(lang, Say::SettledUnpaid { amount: u.amount_display.clone(), summary: &u.summary }),
+                _ => {
+                    s.gate.unsettled.push(u);
+                    continue;
+                }
+            };
+            emit(tx, AgentEvent::Notice { text }).await;
+        }
+    }
+
     /// Pays a trade from the configured wallet, after checking that the
     /// trade is the merchant's and for the confirmed amount. Any error is
     /// followed by a query, so a payment that went through is never
@@ -1218,7 +1326,8 @@ impl Agent {
             return PayOutcome::Failed("no payment service is configured".into());
         };
         let url = format!("{}/v1/trades/{}", base.trim_end_matches('/'), crate::adapter::encode_segment(out_trade_no));
-        let trade = match self.http.get(&url).send().await {
+        let credential = self.opts.pay_credentials.as_ref().map(|c| (c.0)(wallet)).unwrap_or_default();
+        let trade = match self.http.get(&url).bearer_auth(&credential).send().await {
             Ok(r) if r.status().is_success() => r.json::<Value>().await.unwrap_or(Value::Null),
             Ok(r) => return PayOutcome::Failed(format!("the payment service does not know trade {out_trade_no} ({})", r.status())),
             Err(e) => return PayOutcome::Failed(format!("the payment service did not answer ({e}); nothing was paid")),
@@ -1235,6 +1344,7 @@ impl Agent {
         let r = self
             .http
             .post(format!("{url}/pay"))
+            .bearer_auth(&credential)
             .header("Idempotency-Key", format!("pay-{token}"))
             .json(&json!({"wallet_id": wallet, "method": self.opts.pay_method}))
             .send()
@@ -1251,7 +1361,7 @@ impl Agent {
             Err(e) => format!("the payment service did not answer ({e})"),
         };
         // What happened? Ask.
-        match self.http.get(&url).send().await {
+        match self.http.get(&url).bearer_auth(&credential).send().await {
             Ok(r) if r.status().is_success() => {
                 let t: Value = r.json().await.unwrap_or(Value::Null);
                 match t["status"].as_str() {

@@ -145,6 +145,10 @@ pub enum Say<'a> {
     NeedInfo { fields: &'a [String] },
     RetryConfirm { reason: &'a str },
     Done { summary: &'a str },
+    /// A payment that came back unknown turned out to have gone through.
+    SettledPaid { amount: String, summary: &'a str },
+    /// A payment that came back unknown turned out not to have happened.
+    SettledUnpaid { amount: String, summary: &'a str },
 }
 
 pub fn say(lang: Lang, what: Say) -> String {
@@ -152,18 +156,18 @@ pub fn say(lang: Lang, what: Say) -> String {
         (Say::Declined, Lang::En) => "OK, I have not placed it. Nothing was paid.".into(),
         (Say::Declined, Lang::Zh) => "好的，没有下单，也没有付款。".into(),
         (Say::Declined, Lang::Ko) => "알겠습니다. 주문하지 않았고 결제도 없었습니다.".into(),
-        (Say::DeclinedUnpaid, Lang::En) => "OK, I will not pay it. The order stays unpaid and will lapse.".into(),
-        (Say::DeclinedUnpaid, Lang::Zh) => "好的，不付款了。订单保持未支付，会自动失效。".into(),
-        (Say::DeclinedUnpaid, Lang::Ko) => "알겠습니다. 결제하지 않겠습니다. 주문은 미결제로 남았다가 만료됩니다.".into(),
+        (Say::DeclinedUnpaid, Lang::En) => "OK, I will not pay it. Nothing was charged; the unpaid order lapses 30 minutes after it was placed.".into(),
+        (Say::DeclinedUnpaid, Lang::Zh) => "好的，不付款了。没有扣款；未支付的订单在下单 30 分钟后自动失效。".into(),
+        (Say::DeclinedUnpaid, Lang::Ko) => "알겠습니다. 결제하지 않겠습니다. 결제된 금액은 없으며, 미결제 주문은 주문 후 30분이 지나면 만료됩니다.".into(),
         (Say::Stopped, Lang::En) => "Stopped. Nothing further was done.".into(),
         (Say::Stopped, Lang::Zh) => "已停止，没有再做任何操作。".into(),
         (Say::Stopped, Lang::Ko) => "중단했습니다. 더 이상 아무것도 하지 않았습니다.".into(),
         (Say::TooManySteps, Lang::En) => "I could not finish that in a few steps. Could you say it more simply?".into(),
         (Say::TooManySteps, Lang::Zh) => "这件事我没能在几步内完成，能换个更简单的说法吗？".into(),
         (Say::TooManySteps, Lang::Ko) => "몇 단계 안에 끝내지 못했습니다. 조금 더 간단히 말씀해 주시겠어요?".into(),
-        (Say::TokenInvalid, Lang::En) => "That confirmation is no longer valid (it expired, was used, or was replaced). Nothing was charged.".into(),
-        (Say::TokenInvalid, Lang::Zh) => "这个确认已失效（过期、已使用或已被替换），没有扣款。".into(),
-        (Say::TokenInvalid, Lang::Ko) => "이 확인은 더 이상 유효하지 않습니다(만료, 사용됨 또는 대체됨). 결제되지 않았습니다.".into(),
+        (Say::TokenInvalid, Lang::En) => "That confirmation is no longer valid (it expired, was used, or was replaced), so I charged nothing for it now.".into(),
+        (Say::TokenInvalid, Lang::Zh) => "这个确认已失效（过期、已使用或已被替换），所以这次没有为它扣款。".into(),
+        (Say::TokenInvalid, Lang::Ko) => "이 확인은 더 이상 유효하지 않아(만료, 사용됨 또는 대체됨) 이번에는 결제하지 않았습니다.".into(),
         (Say::PriceChanged { quoted, now }, Lang::En) => format!("The price changed from {quoted} to {now}, so I did not pay. Ask again for a new quote."),
         (Say::PriceChanged { quoted, now }, Lang::Zh) => format!("价格从 {quoted} 变成了 {now}，所以没有付款。请重新询价。"),
         (Say::PriceChanged { quoted, now }, Lang::Ko) => format!("가격이 {quoted}에서 {now}(으)로 바뀌어 결제하지 않았습니다. 다시 견적을 받아 주세요."),
@@ -182,6 +186,12 @@ pub fn say(lang: Lang, what: Say) -> String {
         (Say::RetryConfirm { reason }, Lang::En) => format!("{reason} You can confirm again to retry; you will not be charged twice."),
         (Say::RetryConfirm { reason }, Lang::Zh) => format!("{reason} 可以再次确认重试，不会重复扣款。"),
         (Say::RetryConfirm { reason }, Lang::Ko) => format!("{reason} 다시 확인하면 재시도합니다. 중복 결제되지 않습니다."),
+        (Say::SettledPaid { amount, summary }, Lang::En) => format!("Update: the earlier payment of {amount} for {summary} did go through. It is paid; do not order it again."),
+        (Say::SettledPaid { amount, summary }, Lang::Zh) => format!("更新：之前 {amount} 的付款（{summary}）已经成功，订单已支付，请不要重复下单。"),
+        (Say::SettledPaid { amount, summary }, Lang::Ko) => format!("알림: 앞서 {summary}에 대한 {amount} 결제가 완료되었습니다. 결제된 주문이니 다시 주문하지 마세요."),
+        (Say::SettledUnpaid { amount, summary }, Lang::En) => format!("Update: the earlier payment of {amount} for {summary} did not go through, and nothing was charged; that order has lapsed."),
+        (Say::SettledUnpaid { amount, summary }, Lang::Zh) => format!("更新：之前 {amount} 的付款（{summary}）没有成功，没有扣款，该订单已失效。"),
+        (Say::SettledUnpaid { amount, summary }, Lang::Ko) => format!("알림: 앞서 {summary}에 대한 {amount} 결제는 이루어지지 않았고 청구된 금액도 없습니다. 그 주문은 만료되었습니다."),
     }
 }
 

@@ -71,6 +71,17 @@ impl Evidence {
         self.results.push((app.into(), tool.into(), v.clone()));
     }
 
+    /// Forgets all but the newest `keep` messages and tool results, so a
+    /// long session's evidence stays bounded.
+    pub fn trim(&mut self, keep: usize) {
+        for v in [&mut self.user, &mut self.tools] {
+            let extra = v.len().saturating_sub(keep);
+            v.drain(..extra);
+        }
+        let extra = self.results.len().saturating_sub(keep);
+        self.results.drain(..extra);
+    }
+
     /// The ids a parameter named `key` of an `app` tool can take: values
     /// returned under that very key; `id`s of objects in a list named after
     /// the entity (`dishes` for `dish_id`); and `id`s of the top-level
@@ -592,6 +603,19 @@ fn collect_strings(v: &Value, out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn evidence_keeps_only_the_newest() {
+        let mut e = Evidence::default();
+        for i in 0..100 {
+            e.user.push(format!("said {i}"));
+            e.add_result("food", "search", &serde_json::json!({"n": i}));
+        }
+        e.trim(10);
+        assert_eq!((e.user.len(), e.tools.len(), e.results.len()), (10, 10, 10));
+        assert_eq!(e.user.first().map(String::as_str), Some("said 90"));
+        assert_eq!(e.results.last().map(|r| r.2["n"].clone()), Some(serde_json::json!(99)));
+    }
+
     use super::*;
     use serde_json::json;
 

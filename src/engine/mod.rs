@@ -216,7 +216,8 @@ pub struct EngineOptions {
     /// Chat template source overriding the GGUF's.
     pub template_override: Option<String>,
     pub prompts: Prompts,
-    /// Events buffered per request before the engine waits for the reader.
+    /// Events buffered per request. The engine never waits for a reader: one
+    /// that lets the buffer fill has its request ended (as if cancelled).
     pub event_buffer: usize,
     /// Requests decoded together in one batched step at most (continuous
     /// batching); 1 serves one request at a time.
@@ -508,7 +509,7 @@ impl Worker {
                     }
                     Ok(Admit::Done(usage)) => record(stats, &self.pool, Some(&usage)),
                     Err(e) => {
-                        let _ = out.blocking_send(Event::Error(e));
+                        let _ = out.try_send(Event::Error(e));
                         record(stats, &self.pool, None);
                     }
                 }
@@ -527,7 +528,7 @@ impl Worker {
                 // A panic mid-step: the caches may be half-written, so every
                 // request in flight is failed and its cache dropped.
                 for s in active.drain(..) {
-                    let _ = s.out.blocking_send(Event::Error(msg.clone()));
+                    let _ = s.out.try_send(Event::Error(msg.clone()));
                     record(stats, &self.pool, None);
                 }
             }
@@ -844,7 +845,11 @@ impl Seq {
         }
     }
 
-    /// Sends items as events; false when the receiver has gone.
+    /// Sends items as events; false when the receiver has gone, or has
+    /// stopped reading and let its whole buffer fill: the engine thread
+    /// serves every session and never waits for one client (a blocking send
+    /// here froze the model for everyone behind a reader that stopped).
+    /// The request then ends as if cancelled.
     fn emit(&self, items: Vec<StreamItem>) -> bool {
         for item in items {
             let ev = match item {
@@ -856,7 +861,7 @@ impl Seq {
                 }
                 StreamItem::Malformed { reason, raw } => Event::ToolCallMalformed { reason, raw },
             };
-            if self.out.blocking_send(ev).is_err() {
+            if self.out.try_send(ev).is_err() {
                 return false;
             }
         }
@@ -876,7 +881,7 @@ impl Seq {
             Ok(f) => f,
             Err(e) => {
                 keep(pool, &mut self);
-                let _ = self.out.blocking_send(Event::Error(e.to_string()));
+                let _ = self.out.try_send(Event::Error(e.to_string()));
                 return None;
             }
         };
@@ -913,7 +918,7 @@ impl Seq {
             );
         }
         keep(pool, &mut self);
-        let _ = self.out.blocking_send(Event::Done(usage.clone()));
+        let _ = self.out.try_send(Event::Done(usage.clone()));
         Some(usage)
     }
 }

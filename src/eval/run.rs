@@ -43,6 +43,8 @@ pub enum Target {
         token: String,
         /// The mini-programs' base URL (for wallets, friend-pay and the catalog).
         sandbox_url: String,
+        /// The sandbox's secret: wallet and admin credentials derive from it.
+        sandbox_secret: Vec<u8>,
         /// For simulated users (the local model plays them).
         engine: Option<Arc<Engine>>,
     },
@@ -319,6 +321,8 @@ struct World {
     ws_url: String,
     http_url: String,
     sandbox_url: String,
+    /// Wallet and admin credentials for the sandbox derive from it.
+    sandbox_secret: Vec<u8>,
     token: String,
     user: String,
     http: reqwest::Client,
@@ -335,7 +339,7 @@ impl World {
     async fn start(target: &Target, d: &Dialogue, seed: u64, temperature: f32) -> Result<World> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
         let w = match target {
-            Target::Remote { url, token, sandbox_url, .. } => {
+            Target::Remote { url, token, sandbox_url, sandbox_secret, .. } => {
                 // A running server's clock is its own: `now` is not applied.
                 if !d.past_orders.is_empty() {
                     bail!("state.past_orders can only be seeded in an in-process run (no --server)");
@@ -347,6 +351,7 @@ impl World {
                     ws_url,
                     http_url: url,
                     sandbox_url: sandbox_url.trim_end_matches('/').into(),
+                    sandbox_secret: sandbox_secret.clone(),
                     token: token.clone(),
                     user: d.user.clone(),
                     http,
@@ -405,6 +410,7 @@ impl World {
                     ws_url: format!("ws://{}/v1/ws", server.addr),
                     http_url: server.url.clone(),
                     sandbox_url: server.state.sandbox_url.clone(),
+                    sandbox_secret: server.sandbox_secret().to_vec(),
                     token,
                     user: d.user.clone(),
                     http,
@@ -446,17 +452,23 @@ impl World {
     }
 
     async fn set_wallet(&self, id: &str, cur: &str, bal: i64) -> Result<()> {
-        let r = self.http.post(format!("{}/pay/_admin/wallets", self.sandbox_url)).json(&json!({"wallet_id": id, "currency": cur, "balance": bal})).send().await?;
+        let admin = crate::sandbox::sign::admin_credential(&self.sandbox_secret);
+        let r = self.http.post(format!("{}/pay/_admin/wallets", self.sandbox_url)).bearer_auth(admin).json(&json!({"wallet_id": id, "currency": cur, "balance": bal})).send().await?;
         if !r.status().is_success() {
             bail!("setting wallet {id} {cur}: {} {}", r.status(), r.text().await.unwrap_or_default());
         }
         Ok(())
     }
 
-    async fn get(&self, url: String, auth: bool) -> Result<Value> {
+    /// The credential that reads and pays from `wallet` (as the server holds it).
+    fn wallet_credential(&self, wallet: &str) -> String {
+        crate::sandbox::sign::wallet_credential(&self.sandbox_secret, wallet)
+    }
+
+    async fn get(&self, url: String, bearer: Option<&str>) -> Result<Value> {
         let mut req = self.http.get(&url);
-        if auth {
-            req = req.bearer_auth(&self.token);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
         }
         let r = req.send().await.with_context(|| format!("GET {url}"))?;
         let status = r.status();
@@ -476,13 +488,15 @@ impl World {
             return rec;
         };
         let res: Result<Value> = async {
-            let link = self.http.post(format!("{}/pay/v1/trades/{trade}/friend-link", self.sandbox_url)).json(&json!({})).send().await?;
+            // The person asks for the link (with their wallet's credential, as
+            // their assistant would); the friend pays with their own.
+            let link = self.http.post(format!("{}/pay/v1/trades/{trade}/friend-link", self.sandbox_url)).bearer_auth(self.wallet_credential(&self.user)).json(&json!({})).send().await?;
             let (s, body) = (link.status(), link.text().await?);
             if !s.is_success() {
                 bail!("friend-link for {trade}: {s} {body}");
             }
             let token = serde_json::from_str::<Value>(&body)?["token"].as_str().context("the friend-link answer has no token")?.to_owned();
-            let paid = self.http.post(format!("{}/pay/v1/friend-pay/{token}", self.sandbox_url)).json(&json!({"wallet_id": wallet})).send().await?;
+            let paid = self.http.post(format!("{}/pay/v1/friend-pay/{token}", self.sandbox_url)).bearer_auth(self.wallet_credential(wallet)).json(&json!({"wallet_id": wallet})).send().await?;
             let (s, body) = (paid.status(), paid.text().await?);
             if !s.is_success() {
                 bail!("friend-pay from {wallet}: {s} {body}");
@@ -503,16 +517,16 @@ impl World {
 
     /// The user's orders (joined with the catalog), wallet and memories.
     async fn read_state(&self) -> Result<EndState> {
-        let orders = self.get(format!("{}/v1/orders", self.http_url), true).await?;
-        let catalog = self.get(format!("{}/catalog", self.sandbox_url), false).await.unwrap_or(Value::Null);
+        let orders = self.get(format!("{}/v1/orders", self.http_url), Some(&self.token)).await?;
+        let catalog = self.get(format!("{}/catalog", self.sandbox_url), None).await.unwrap_or(Value::Null);
         let items = orders.get("orders").or_else(|| orders.get("items")).and_then(Value::as_array).cloned().or_else(|| orders.as_array().cloned()).unwrap_or_default();
         let recent = |v: &Value, field: &str| self.since_ms.is_none_or(|since| v[field].as_i64().is_none_or(|t| t >= since));
         let orders = items.into_iter().filter(|o| recent(o, "created_ms")).map(|o| order_view(o, &catalog)).collect();
-        let (wallet, ledger) = match self.get(format!("{}/pay/v1/wallets/{}", self.sandbox_url, self.user), false).await {
+        let (wallet, ledger) = match self.get(format!("{}/pay/v1/wallets/{}", self.sandbox_url, self.user), Some(&self.wallet_credential(&self.user))).await {
             Ok(w) => (w["balances"].as_object().cloned().unwrap_or_default(), w["ledger"].as_array().into_iter().flatten().filter(|e| recent(e, "ts")).cloned().collect()),
             Err(_) => (Map::new(), Vec::new()),
         };
-        let memories = match self.get(format!("{}/v1/users/{}/memories", self.http_url, self.user), true).await {
+        let memories = match self.get(format!("{}/v1/users/{}/memories", self.http_url, self.user), Some(&self.token)).await {
             Ok(m) => m.get("memories").or_else(|| m.get("items")).and_then(Value::as_array).cloned().unwrap_or_default(),
             Err(_) => Vec::new(),
         };

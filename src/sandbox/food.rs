@@ -1865,16 +1865,29 @@ mod tests {
         sb.stop().await;
     }
 
+    /// An unpaid order never moves on, and lapses when its trade closes
+    /// unpaid (30 minutes after it was opened): it is cancelled, nothing
+    /// was charged, and it can no longer be paid.
     #[tokio::test]
-    async fn unpaid_orders_never_move_on() {
+    async fn unpaid_orders_never_move_on_and_lapse() {
         let (_dir, sb) = sandbox().await;
         let food = sb.url(Service::Food);
         let (_, o) = post(format!("{food}/v1/orders"), kung_pao_order("5 Fuzhou Road")).await;
         let id = o["order_id"].as_str().unwrap();
-        sb.clock.advance(Duration::from_secs(3 * 3600));
+        sb.clock.advance(Duration::from_secs(20 * 60));
         let (_, v) = get(format!("{food}/v1/orders/{id}")).await;
         assert_eq!((v["status"].as_str(), v["payment"]["status"].as_str()), (Some("awaiting_payment"), Some("awaiting_payment")));
         assert!(v["eta"].is_null() && v["minutes_left"].is_null(), "{v}");
+        sb.clock.advance(Duration::from_secs(3 * 3600));
+        let (_, v) = get(format!("{food}/v1/orders/{id}")).await;
+        assert_eq!((v["status"].as_str(), v["payment"]["status"].as_str()), (Some("cancelled"), Some("closed")), "{v}");
+        let otn = o["payment"]["out_trade_no"].as_str().unwrap();
+        let req = reqwest::Client::new()
+            .post(format!("{}/v1/trades/{otn}/pay", sb.url(Service::Pay)))
+            .bearer_auth(sb.wallet_credential("demo"))
+            .json(&json!({"wallet_id": "demo", "method": "alipay"}));
+        let (s, e) = crate::sandbox::testkit::send(req).await;
+        assert_eq!((s, e["error"]["code"].as_str()), (409, Some("trade_closed")), "{e}");
         sb.stop().await;
     }
 
@@ -1883,7 +1896,7 @@ mod tests {
         let (_dir, sb) = sandbox().await;
         let food = sb.url(Service::Food);
         let wallet = async || -> i64 {
-            let (_, w) = get(format!("{}/v1/wallets/demo", sb.url(Service::Pay))).await;
+            let w = crate::sandbox::testkit::wallet(&sb, "demo").await;
             w["balances"]["CNY"].as_i64().unwrap_or_else(|| panic!("wallet shape: {w}"))
         };
         let order = async || {

@@ -737,7 +737,7 @@ mod tests {
             tool("mart_order_status").validate_result(&v).unwrap();
             v["status"].as_str().unwrap().to_string()
         };
-        sb.clock.advance(Duration::from_secs(2 * 3600));
+        sb.clock.advance(Duration::from_secs(20 * 60));
         assert_eq!(status().await, "awaiting_payment", "unpaid orders never move on");
 
         pay(&sb, &o, "wechat").await;

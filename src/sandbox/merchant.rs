@@ -100,9 +100,13 @@ impl Merchant {
 
     async fn pay_call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> ApiResult<Value> {
         let url = format!("{}{}", self.pay_url, path);
-        let mut req = self.http.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(&b);
+        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap_or_default()).unwrap_or_default();
+        let mut req = self.http.request(method.clone(), &url);
+        for (k, v) in sign::request_headers(&self.key, &self.mch_id, method.as_str(), path, &bytes, self.clock.now_ms()) {
+            req = req.header(k, v);
+        }
+        if !bytes.is_empty() {
+            req = req.header("content-type", "application/json").body(bytes);
         }
         let resp = req.send().await.map_err(|e| {
             ApiError::new(
@@ -219,6 +223,18 @@ impl Merchant {
 
     /// Records a successful trade once; later copies change nothing.
     fn apply(&self, t: &Trade) -> ApiResult<bool> {
+        if t.status == "CLOSED" {
+            // Closed unpaid (by the merchant, or expired at the payment
+            // service): the order's payment is closed and never will be paid.
+            self.db.with(|c| {
+                c.execute(
+                    "UPDATE pay_orders SET status = 'closed' WHERE out_trade_no = ?1 AND status = 'awaiting_payment'",
+                    [&t.out_trade_no],
+                )?;
+                Ok(())
+            })?;
+            return Ok(false);
+        }
         if t.status != "SUCCESS" && t.status != "REFUND" {
             return Ok(false);
         }

@@ -20,6 +20,10 @@
 //! query at start-up ([`merchant`]). `errand chat` starts all of them
 //! in-process; `errand sandbox` runs them alone, or a subset with
 //! `--only` and `--pay-url` pointing at a payment service elsewhere.
+//!
+//! Every request passes the [`guard`](crate::guard) first: loopback `Host`
+//! names only, no browser origins, JSON bodies only. Writes to `/_admin/…`
+//! need the admin credential, and money moves only as [`sign`] allows.
 
 pub mod bike;
 pub mod catalog;
@@ -117,7 +121,7 @@ pub struct PayOptions {
     /// Test knob: exit the process right after a payment is committed, before
     /// the merchant is notified.
     pub crash_after_pay: bool,
-    /// Wallets created on first start: (wallet id, currency, balance in minor units).
+    /// Wallets created at start where missing (an existing one keeps its balance): (wallet id, currency, balance in minor units).
     pub wallets: Vec<(String, String, i64)>,
 }
 
@@ -199,11 +203,28 @@ pub struct Sandbox {
     pub clock: Clock,
     faults: HashMap<Service, Faults>,
     merchants: HashMap<Service, Arc<Merchant>>,
+    secret: Vec<u8>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Sandbox {
+    /// The credential that pays from and reads `wallet_id` (the assistant
+    /// server holds one per user).
+    pub fn wallet_credential(&self, wallet_id: &str) -> String {
+        sign::wallet_credential(&self.secret, wallet_id)
+    }
+
+    /// The credential for writes to `/_admin/…` (balances, the clock, faults).
+    pub fn admin_credential(&self) -> String {
+        sign::admin_credential(&self.secret)
+    }
+
+    /// The shared secret every key here is derived from.
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
+    }
+
     pub fn url(&self, service: Service) -> String {
         format!("{}/{}", self.base_url, service.name())
     }
@@ -319,6 +340,10 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
         app = app.nest(&format!("/{name}"), router);
     }
 
+    let guard = Arc::new(crate::guard::Guard::loopback().bound(addr).json_only());
+    let app = app
+        .layer(from_fn_with_state(Arc::new(secret.clone()), admin_only))
+        .layer(from_fn_with_state(guard, crate::guard::layer));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -340,9 +365,25 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
         clock,
         faults,
         merchants,
+        secret,
         shutdown: Some(tx),
         task,
     })
+}
+
+/// Writes to `/_admin/…` (balances, the clock, faults) need the admin
+/// credential; reading them does not.
+async fn admin_only(State(secret): State<Arc<Vec<u8>>>, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if req.method() != axum::http::Method::GET && req.uri().path().contains("/_admin/") && !sign::is_admin(&secret, req.headers()) {
+        return ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "admin endpoints need the sandbox's admin credential (Authorization: Bearer admin.…)",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 #[derive(Deserialize)]

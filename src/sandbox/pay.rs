@@ -12,6 +12,11 @@
 //! delivers the outbox afterwards with exponential backoff; the outbox lives
 //! in the database, so a crash between paying and notifying only delays the
 //! notification (and merchants reconcile by querying the trade anyway).
+//!
+//! Who may do what ([`sign`]): merchants sign their requests (open, query,
+//! close, refund their own trades); a wallet moves or is read only with its
+//! credential, which the assistant server holds for its user; balances are
+//! set only with the admin credential.
 
 use crate::world::money::display as money;
 use super::common::parse_body;
@@ -20,7 +25,7 @@ use crate::world::Clock;
 use super::{sign, PayOptions, ServiceCtx};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hmac::{Hmac, Mac};
@@ -94,6 +99,10 @@ const METHODS: [&str; 2] = ["wechat", "alipay"];
 /// Upper bound on any amount or balance (minor units), far from overflow.
 const MAX_AMOUNT: i64 = 1_000_000_000_000;
 const FRIEND_LINK_TTL_MS: i64 = 30 * 60 * 1000;
+/// An unpaid trade closes this long after it was opened (like WeChat Pay's
+/// `time_expire`): it can no longer be paid, and its merchant marks the
+/// order's payment lapsed. Nothing was charged for it.
+pub const TRADE_TTL_MS: i64 = 30 * 60 * 1000;
 /// The notifier looks for due retries at least this often.
 const POLL: Duration = Duration::from_millis(500);
 const MAX_DELAY_MS: u64 = 60_000;
@@ -106,8 +115,67 @@ struct Pay {
     db: Db,
     clock: Clock,
     qr_key: Vec<u8>,
+    secret: Vec<u8>,
+    /// Nonces of merchant requests seen within the signature window, with
+    /// when they were seen: a replayed request is refused.
+    nonces: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     opts: PayOptions,
     wake: Arc<Notify>,
+}
+
+/// Who a request to the payment service comes from.
+enum Caller {
+    Merchant(String),
+    /// A wallet's holder (which wallet does not matter where this is used).
+    Wallet,
+}
+
+impl Pay {
+    /// The merchant that signed this request (401 otherwise).
+    fn merchant(&self, h: &HeaderMap, method: &str, uri: &Uri, body: &[u8]) -> ApiResult<String> {
+        let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let now = self.clock.now_ms();
+        let (mch, nonce) = sign::verify_request(&self.secret, h, method, path, body, now)?;
+        let mut seen = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, t| now.abs_diff(*t) <= 2 * sign::MAX_SKEW_MS as u64);
+        if seen.insert(format!("{mch}/{nonce}"), now).is_some() {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "replayed", "this signed request was already used; sign each request with a fresh nonce"));
+        }
+        Ok(mch)
+    }
+
+    /// The wallet whose credential this request carries (401 otherwise).
+    fn wallet(&self, h: &HeaderMap) -> ApiResult<String> {
+        sign::wallet_of(&self.secret, h).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "a wallet moves or is read only with its credential (Authorization: Bearer <wallet credential>)",
+            )
+        })
+    }
+
+    /// A wallet's credential when the request carries a bearer token, else a merchant's signature.
+    fn caller(&self, h: &HeaderMap, method: &str, uri: &Uri, body: &[u8]) -> ApiResult<Caller> {
+        if h.contains_key("authorization") {
+            self.wallet(h).map(|_| Caller::Wallet)
+        } else {
+            self.merchant(h, method, uri, body).map(Caller::Merchant)
+        }
+    }
+}
+
+/// The trade, if the merchant owns it: another merchant's trade reads as unknown.
+fn owned(t: Option<Trade>, mch: &str, out_trade_no: &str) -> ApiResult<Trade> {
+    t.filter(|t| t.mch_id == mch).ok_or_else(|| unknown_trade(out_trade_no))
+}
+
+fn not_your_wallet(credential: &str, asked: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "wrong_wallet",
+        format!("this credential is for wallet '{credential}', not '{asked}'; nothing was charged"),
+    )
 }
 
 type St = State<Arc<Pay>>;
@@ -127,6 +195,8 @@ pub fn router(ctx: ServiceCtx, secret: &[u8], opts: PayOptions) -> ApiResult<Rou
         db: ctx.db.clone(),
         clock: ctx.clock.clone(),
         qr_key: derive_key(secret, b"errand-qr-key"),
+        secret: secret.to_vec(),
+        nonces: Default::default(),
         opts: opts.clone(),
         wake: wake.clone(),
     });
@@ -225,6 +295,13 @@ fn check_currency(v: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Closes every unpaid trade older than [`TRADE_TTL_MS`] (run before a
+/// trade is read or paid, so expiry needs no timer and follows the clock).
+fn expire(c: &Connection, now: i64) -> ApiResult<()> {
+    c.execute("UPDATE trades SET status = 'CLOSED' WHERE status = 'NOTPAY' AND created_ms <= ?1", [now - TRADE_TTL_MS])?;
+    Ok(())
+}
+
 fn unknown_trade(out_trade_no: &str) -> ApiError {
     ApiError::not_found(format!(
         "no trade '{out_trade_no}'; create it first with POST /v1/trades"
@@ -306,9 +383,13 @@ struct CreateReq {
 
 const CREATE_SHAPE: &str = r#"{"mch_id": "food", "out_trade_no": "food-ord_1", "amount": 3800, "currency": "CNY", "description": "...", "notify_url": "http://..."}"#;
 
-async fn create_trade(State(p): St, body: Bytes) -> ApiResult<Json<Trade>> {
+async fn create_trade(State(p): St, h: HeaderMap, uri: Uri, body: Bytes) -> ApiResult<Json<Trade>> {
+    let mch = p.merchant(&h, "POST", &uri, &body)?;
     let r: CreateReq = parse_body(&body, CREATE_SHAPE)?;
     check_id("mch_id", &r.mch_id)?;
+    if r.mch_id != mch {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_merchant", format!("merchant '{mch}' cannot open a trade for '{}'", r.mch_id)));
+    }
     check_id("out_trade_no", &r.out_trade_no)?;
     check_amount("amount", r.amount)?;
     check_currency(&r.currency)?;
@@ -349,9 +430,18 @@ async fn create_trade(State(p): St, body: Bytes) -> ApiResult<Json<Trade>> {
     Ok(Json(trade))
 }
 
-async fn get_trade(State(p): St, Path(out_trade_no): Path<String>) -> ApiResult<Json<Trade>> {
-    let t = p.db.with(|c| load_trade(c, &p.qr_key, &out_trade_no))?;
-    t.map(Json).ok_or_else(|| unknown_trade(&out_trade_no))
+/// A merchant reads its own trades; a wallet reads any trade it may pay.
+async fn get_trade(State(p): St, h: HeaderMap, uri: Uri, Path(out_trade_no): Path<String>) -> ApiResult<Json<Trade>> {
+    let caller = p.caller(&h, "GET", &uri, b"")?;
+    let now = p.clock.now_ms();
+    let t = p.db.with(|c| {
+        expire(c, now)?;
+        load_trade(c, &p.qr_key, &out_trade_no)
+    })?;
+    match caller {
+        Caller::Merchant(m) => owned(t, &m, &out_trade_no).map(Json),
+        Caller::Wallet => t.map(Json).ok_or_else(|| unknown_trade(&out_trade_no)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -360,9 +450,13 @@ struct PayReq {
     method: String,
 }
 
-async fn pay_trade(State(p): St, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Trade>> {
+async fn pay_trade(State(p): St, h: HeaderMap, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Trade>> {
+    let wallet = p.wallet(&h)?;
     let r: PayReq = parse_body(&body, r#"{"wallet_id": "demo", "method": "wechat" | "alipay"}"#)?;
     check_id("wallet_id", &r.wallet_id)?;
+    if r.wallet_id != wallet {
+        return Err(not_your_wallet(&wallet, &r.wallet_id));
+    }
     if !METHODS.contains(&r.method.as_str()) {
         return Err(ApiError::bad_request(format!(
             "unknown method '{}'; use one of: {}",
@@ -392,6 +486,7 @@ impl Pay {
     fn pay_tx(&self, out_trade_no: &str, wallet_id: &str, method: &str) -> ApiResult<(Trade, bool)> {
         let now = self.clock.now_ms();
         self.db.tx(|tx| {
+            expire(tx, now)?;
             let t = load_trade(tx, &self.qr_key, out_trade_no)?.ok_or_else(|| unknown_trade(out_trade_no))?;
             match t.status.as_str() {
                 "SUCCESS" | "REFUND" => {
@@ -408,7 +503,11 @@ impl Pay {
                 "CLOSED" => {
                     return Err(ApiError::conflict(
                         "trade_closed",
-                        format!("trade {out_trade_no} is closed and can no longer be paid; place a new order"),
+                        format!(
+                            "trade {out_trade_no} is closed (an unpaid trade closes {} minutes after it is opened) and can no \
+                             longer be paid; nothing was charged; place a new order",
+                            TRADE_TTL_MS / 60_000
+                        ),
                     ))
                 }
                 _ => {}
@@ -483,14 +582,15 @@ struct RefundReq {
     amount: i64,
 }
 
-async fn refund_trade(State(p): St, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn refund_trade(State(p): St, h: HeaderMap, uri: Uri, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+    let mch = p.merchant(&h, "POST", &uri, &body)?;
     let r: RefundReq = parse_body(&body, r#"{"out_refund_no": "food-ord_1-r1", "amount": 1000}"#)?;
     check_id("out_refund_no", &r.out_refund_no)?;
     check_amount("amount", r.amount)?;
     let now = p.clock.now_ms();
     let answer = |amount: i64| json!({"out_refund_no": r.out_refund_no, "out_trade_no": out_trade_no, "amount": amount, "status": "SUCCESS"});
     p.db.tx(|tx| {
-        let t = load_trade(tx, &p.qr_key, &out_trade_no)?.ok_or_else(|| unknown_trade(&out_trade_no))?;
+        let t = owned(load_trade(tx, &p.qr_key, &out_trade_no)?, &mch, &out_trade_no)?;
         let earlier: Option<(String, i64)> = tx
             .query_row(
                 "SELECT out_trade_no, amount FROM refunds WHERE out_refund_no = ?1",
@@ -551,9 +651,10 @@ async fn refund_trade(State(p): St, Path(out_trade_no): Path<String>, body: Byte
     })
 }
 
-async fn close_trade(State(p): St, Path(out_trade_no): Path<String>) -> ApiResult<Json<Trade>> {
+async fn close_trade(State(p): St, h: HeaderMap, uri: Uri, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Trade>> {
+    let mch = p.merchant(&h, "POST", &uri, &body)?;
     let t = p.db.tx(|tx| {
-        let t = load_trade(tx, &p.qr_key, &out_trade_no)?.ok_or_else(|| unknown_trade(&out_trade_no))?;
+        let t = owned(load_trade(tx, &p.qr_key, &out_trade_no)?, &mch, &out_trade_no)?;
         match t.status.as_str() {
             "CLOSED" => Ok(t),
             "NOTPAY" => {
@@ -584,10 +685,17 @@ fn friend_payload(key: &[u8], token: &str, t: &Trade) -> String {
     )
 }
 
-async fn friend_link(State(p): St, Path(out_trade_no): Path<String>) -> ApiResult<Json<Value>> {
+/// The payer (a wallet) or the merchant asks for a link a friend can pay.
+async fn friend_link(State(p): St, h: HeaderMap, uri: Uri, Path(out_trade_no): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+    let caller = p.caller(&h, "POST", &uri, &body)?;
     let now = p.clock.now_ms();
     p.db.tx(|tx| {
-        let t = load_trade(tx, &p.qr_key, &out_trade_no)?.ok_or_else(|| unknown_trade(&out_trade_no))?;
+        expire(tx, now)?;
+        let t = load_trade(tx, &p.qr_key, &out_trade_no)?;
+        let t = match &caller {
+            Caller::Merchant(m) => owned(t, m, &out_trade_no)?,
+            Caller::Wallet => t.ok_or_else(|| unknown_trade(&out_trade_no))?,
+        };
         match t.status.as_str() {
             "NOTPAY" => {}
             "CLOSED" => {
@@ -638,6 +746,7 @@ async fn friend_link(State(p): St, Path(out_trade_no): Path<String>) -> ApiResul
 fn friend_trade(p: &Pay, token: &str) -> ApiResult<(Trade, i64)> {
     let now = p.clock.now_ms();
     p.db.with(|c| {
+        expire(c, now)?;
         let link: Option<(String, i64)> = c
             .query_row(
                 "SELECT out_trade_no, expires_ms FROM friend_links WHERE token = ?1",
@@ -681,9 +790,13 @@ struct FriendPayReq {
     wallet_id: String,
 }
 
-async fn friend_pay(State(p): St, Path(token): Path<String>, body: Bytes) -> ApiResult<Json<Trade>> {
+async fn friend_pay(State(p): St, h: HeaderMap, Path(token): Path<String>, body: Bytes) -> ApiResult<Json<Trade>> {
+    let wallet = p.wallet(&h)?;
     let r: FriendPayReq = parse_body(&body, r#"{"wallet_id": "friend"}"#)?;
     check_id("wallet_id", &r.wallet_id)?;
+    if r.wallet_id != wallet {
+        return Err(not_your_wallet(&wallet, &r.wallet_id));
+    }
     let (t, _) = friend_trade(&p, &token)?;
     p.pay(&t.out_trade_no, &r.wallet_id, "friend_pay").map(Json)
 }
@@ -694,7 +807,8 @@ struct ScanReq {
 }
 
 /// `POST /v1/scan`: resolves a scanned QR payload, refusing altered ones.
-async fn scan(State(p): St, body: Bytes) -> ApiResult<Json<Value>> {
+async fn scan(State(p): St, h: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
+    p.wallet(&h)?;
     let r: ScanReq = parse_body(&body, r#"{"qr_payload": "errandpay://pay?..."}"#)?;
     let bad = || {
         ApiError::new(
@@ -765,13 +879,19 @@ fn seed_wallets(db: &Db, wallets: &[(String, String, i64)], now: i64) -> ApiResu
             )));
         }
     }
+    // Each wallet and currency that does not exist yet is created; one that
+    // exists keeps its balance. (Seeding only an empty table left a user
+    // added to the server's config after the first start without a wallet.)
     db.tx(|tx| {
-        let n: i64 = tx.query_row("SELECT COUNT(*) FROM wallets", [], |r| r.get(0))?;
-        if n > 0 {
-            return Ok(());
-        }
         for (id, currency, balance) in wallets {
-            set_balance(tx, id, currency, *balance, "seed", now)?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM wallets WHERE wallet_id = ?1 AND currency = ?2)",
+                params![id, currency],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                set_balance(tx, id, currency, *balance, "seed", now)?;
+            }
         }
         Ok(())
     })
@@ -829,7 +949,11 @@ fn wallet_view(c: &Connection, wallet_id: &str) -> ApiResult<Option<Value>> {
     ))
 }
 
-async fn get_wallet(State(p): St, Path(wallet_id): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_wallet(State(p): St, h: HeaderMap, Path(wallet_id): Path<String>) -> ApiResult<Json<Value>> {
+    let wallet = p.wallet(&h)?;
+    if wallet != wallet_id {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong_wallet", format!("this credential is for wallet '{wallet}', not '{wallet_id}'")));
+    }
     p.db.with(|c| wallet_view(c, &wallet_id))?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no wallet '{wallet_id}'; create one with POST /_admin/wallets")))
@@ -867,14 +991,17 @@ struct NotificationsQuery {
     out_trade_no: Option<String>,
 }
 
-async fn list_notifications(State(p): St, Query(q): Query<NotificationsQuery>) -> ApiResult<Json<Value>> {
+/// A merchant's own notifications (or, with the admin credential, everyone's).
+async fn list_notifications(State(p): St, h: HeaderMap, uri: Uri, Query(q): Query<NotificationsQuery>) -> ApiResult<Json<Value>> {
+    let mch = if sign::is_admin(&p.secret, &h) { None } else { Some(p.merchant(&h, "GET", &uri, b"")?) };
     let items = p.db.with(|c| {
         let mut st = c.prepare(
-            "SELECT id, out_trade_no, attempts, delivered, last_error, next_ms, last_attempt_ms FROM notifications
-             WHERE ?1 IS NULL OR out_trade_no = ?1 ORDER BY id DESC LIMIT 50",
+            "SELECT n.id, n.out_trade_no, n.attempts, n.delivered, n.last_error, n.next_ms, n.last_attempt_ms
+             FROM notifications n JOIN trades t ON t.out_trade_no = n.out_trade_no
+             WHERE (?1 IS NULL OR n.out_trade_no = ?1) AND (?2 IS NULL OR t.mch_id = ?2) ORDER BY n.id DESC LIMIT 50",
         )?;
         let rows: Vec<Value> = st
-            .query_map([&q.out_trade_no], |r| {
+            .query_map(params![q.out_trade_no, mch], |r| {
                 Ok(json!({
                     "id": r.get::<_, i64>(0)?,
                     "out_trade_no": r.get::<_, String>(1)?,
@@ -1043,11 +1170,62 @@ fn retry_delay_ms(backoff_ms: u64, attempts: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::testkit::{get, post};
+    use crate::sandbox::testkit::send;
     use crate::sandbox::{start, Sandbox, Service};
     use std::time::Instant;
 
     const SECRET: &[u8] = b"pay-test-secret";
+
+    /// Sends a request to the payment service as the party it belongs to,
+    /// with that party's real credential, so the tests below read as the
+    /// payment story (who may do what is tested in `only_the_owner_moves_money`):
+    /// a wallet reads itself and pays with its own credential (`demo` reads
+    /// trades, asks for friend-pay links and scans), merchants sign what they
+    /// open (`mch_id`), refund and close (the tests' trades are food's), and
+    /// notifications and balances go through the admin credential.
+    async fn as_owner(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+        let u = reqwest::Url::parse(&url).unwrap();
+        let full = match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_owned(),
+        };
+        let path = full.strip_prefix("/pay").unwrap_or(&full).to_owned();
+        let seg: Vec<&str> = u.path().trim_start_matches("/pay/").split('/').collect();
+        let wallet = |w: &str| Some(sign::wallet_credential(SECRET, w));
+        let from_body = |k: &str| body.as_ref().and_then(|b| b[k].as_str()).unwrap_or("demo").to_owned();
+        let (bearer, merchant) = match (method.as_str(), seg.as_slice()) {
+            (_, ["_admin", ..]) | ("GET", ["v1", "notifications"]) => (Some(sign::admin_credential(SECRET)), None),
+            ("GET", ["v1", "wallets", w]) => (wallet(w), None),
+            ("POST", ["v1", "trades", _, "pay"]) | ("POST", ["v1", "friend-pay", _]) => (wallet(&from_body("wallet_id")), None),
+            ("GET", ["v1", "friend-pay", _]) => (None, None),
+            ("POST", ["v1", "trades"]) => (None, Some(from_body("mch_id"))),
+            ("POST", ["v1", "trades", _, "refund" | "close"]) => (None, Some("food".to_owned())),
+            _ => (wallet("demo"), None),
+        };
+        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap()).unwrap_or_default();
+        let mut req = reqwest::Client::new().request(method.clone(), &url);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(m) = merchant {
+            let now = crate::sandbox::testkit::clock().now_ms();
+            for (k, v) in sign::request_headers(&sign::merchant_key(SECRET, &m), &m, method.as_str(), &path, &bytes, now) {
+                req = req.header(k, v);
+            }
+        }
+        if !bytes.is_empty() {
+            req = req.header("content-type", "application/json").body(bytes);
+        }
+        send(req).await
+    }
+
+    async fn get(url: String) -> (u16, Value) {
+        as_owner(reqwest::Method::GET, url, None).await
+    }
+
+    async fn post(url: String, body: Value) -> (u16, Value) {
+        as_owner(reqwest::Method::POST, url, Some(body)).await
+    }
 
     async fn sandbox(pay: PayOptions) -> (tempfile::TempDir, Sandbox) {
         let dir = tempfile::tempdir().unwrap();
@@ -1313,12 +1491,13 @@ mod tests {
         .await;
         assert_eq!(s, 400);
         assert!(e["error"]["message"].as_str().unwrap().contains("wechat, alipay"));
+        // An empty wallet id has no credential: refused before it is read.
         let (s, _) = post(
             format!("{pay}/v1/trades/t-krw/pay"),
             json!({"wallet_id": "", "method": "wechat"}),
         )
         .await;
-        assert_eq!(s, 400);
+        assert_eq!(s, 401);
         let (s, _) = post(
             format!("{pay}/v1/trades/t-poor/refund"),
             json!({"out_refund_no": "r", "amount": 0}),
@@ -1426,7 +1605,7 @@ mod tests {
             signed_headers(&sign::merchant_key(b"wrong-secret", "food"), now, forged.as_bytes()),
             signed_headers(&sign::merchant_key(SECRET, "ride"), now, forged.as_bytes()),
             signed_headers(&key, now, b"{\"some\":\"other body\"}"),
-            reqwest::header::HeaderMap::new(),
+            [(reqwest::header::CONTENT_TYPE, reqwest::header::HeaderValue::from_static("application/json"))].into_iter().collect(),
         ] {
             let r = http
                 .post(&notify)
@@ -1705,6 +1884,8 @@ mod tests {
             db: Db::open(&dir.path().join("pay.db")).unwrap(),
             clock: cfg.clock.clone(),
             qr_key: derive_key(SECRET, b"errand-qr-key"),
+            secret: SECRET.to_vec(),
+            nonces: Default::default(),
             opts: PayOptions::default(),
             wake: Arc::new(Notify::new()),
         };

@@ -1134,8 +1134,10 @@ mod tests {
             }
         }
         assert_eq!(seen, ["driver_assigned", "arriving", "in_progress", "completed"]);
+        // The unpaid ride never started, and lapsed when its trade closed
+        // unpaid (30 minutes after it was opened).
         let u = ride_status(&sb, unpaid["ride_id"].as_str().unwrap()).await;
-        assert_eq!(u["status"], "awaiting_payment");
+        assert_eq!(u["status"], "cancelled", "{u}");
         assert!(u.get("driver").is_none());
         sb.stop().await;
     }

@@ -3,7 +3,8 @@
 //! temporary folder, JSON `GET`/`POST` answering `(status, body)`, a `POST`
 //! carrying the terms the user confirmed (the `X-Errand-Confirmed-*`
 //! headers of [`terms`](super::terms)), paying a trade at the payment
-//! service as the demo wallet, and a manifest's tools.
+//! service as the demo wallet (with its credential), reading a wallet, and a
+//! manifest's tools.
 
 use super::{start, Sandbox, SandboxConfig, Service};
 use crate::world::Clock;
@@ -75,12 +76,20 @@ pub(crate) async fn post_confirmed(
 /// wallet with `method` ("alipay", "wechat"), and checks it was paid.
 pub(crate) async fn pay(sb: &Sandbox, order: &Value, method: &str) {
     let otn = order["payment"]["out_trade_no"].as_str().unwrap();
-    let (s, v) = post(
-        format!("{}/v1/trades/{otn}/pay", sb.url(Service::Pay)),
-        json!({"wallet_id": "demo", "method": method}),
-    )
-    .await;
+    let req = reqwest::Client::new()
+        .post(format!("{}/v1/trades/{otn}/pay", sb.url(Service::Pay)))
+        .bearer_auth(sb.wallet_credential("demo"))
+        .json(&json!({"wallet_id": "demo", "method": method}));
+    let (s, v) = send(req).await;
     assert_eq!(s, 200, "pay {otn}: {v}");
+}
+
+/// The wallet `id` as its owner reads it (`{"balances", "ledger"}`).
+pub(crate) async fn wallet(sb: &Sandbox, id: &str) -> Value {
+    let req = reqwest::Client::new().get(format!("{}/v1/wallets/{id}", sb.url(Service::Pay))).bearer_auth(sb.wallet_credential(id));
+    let (s, v) = send(req).await;
+    assert_eq!(s, 200, "wallet {id}: {v}");
+    v
 }
 
 /// The tool `name` from its app's manifest, `tools/<app>.json`, where `<app>`

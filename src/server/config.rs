@@ -5,6 +5,7 @@
 //! [server]
 //! addr = "127.0.0.1:8080"
 //! max_message_bytes = 16384
+//! allowed_origins = ["https://shop.example"]   # pages that embed the widget
 //!
 //! [[users]]
 //! id = "alice"
@@ -44,15 +45,23 @@ pub struct Limits {
     /// Largest user message or frame, in bytes; bigger ones get an error.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
-    /// Live chat sessions per user.
+    /// Chat sessions kept per user; a new one evicts the least recently
+    /// used (never refused).
     #[serde(default = "default_sessions")]
     pub sessions_per_user: usize,
+    /// Minutes a session with nobody attached and nothing running is kept.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_minutes: u64,
     /// Inputs (chat messages, API requests) per user per minute.
     #[serde(default = "default_rate")]
     pub requests_per_minute: u32,
-    /// Open WebSocket connections in all.
+    /// Open WebSocket connections in all; a quarter of them at most may be
+    /// waiting for `hello`.
     #[serde(default = "default_connections")]
     pub max_connections: usize,
+    /// Open WebSocket connections per user.
+    #[serde(default = "default_connections_per_user")]
+    pub connections_per_user: usize,
     /// Frames queued to one WebSocket client before it counts as too slow.
     #[serde(default = "default_client_buffer")]
     pub client_buffer: usize,
@@ -62,6 +71,14 @@ pub struct Limits {
     /// Seconds a shutdown waits for replies in progress.
     #[serde(default = "default_drain")]
     pub drain_seconds: u64,
+    /// Host names the server answers to besides loopback and the address
+    /// it listens on (`errand.home`); other `Host` headers get 421.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Web origins whose pages may call the server (`https://shop.example`,
+    /// for the widget on a mini-program's page); other origins get 403.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 fn default_addr() -> SocketAddr {
@@ -73,11 +90,17 @@ fn default_max_message() -> usize {
 fn default_sessions() -> usize {
     16
 }
+fn default_session_idle() -> u64 {
+    24 * 60
+}
 fn default_rate() -> u32 {
     60
 }
 fn default_connections() -> usize {
     256
+}
+fn default_connections_per_user() -> usize {
+    32
 }
 fn default_client_buffer() -> usize {
     512
@@ -89,17 +112,27 @@ fn default_drain() -> u64 {
     60
 }
 
+impl Limits {
+    pub fn session_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.session_idle_minutes.saturating_mul(60))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             addr: default_addr(),
             max_message_bytes: default_max_message(),
             sessions_per_user: default_sessions(),
+            session_idle_minutes: default_session_idle(),
             requests_per_minute: default_rate(),
             max_connections: default_connections(),
+            connections_per_user: default_connections_per_user(),
             client_buffer: default_client_buffer(),
             queue_limit: default_queue(),
             drain_seconds: default_drain(),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -216,7 +249,7 @@ impl ServerConfig {
             }
         }
         let l = &self.server;
-        if l.max_message_bytes < 256 || l.sessions_per_user == 0 || l.requests_per_minute == 0 || l.max_connections == 0 || l.client_buffer < 16 {
+        if l.max_message_bytes < 256 || l.sessions_per_user == 0 || l.requests_per_minute == 0 || l.max_connections == 0 || l.connections_per_user == 0 || l.client_buffer < 16 {
             return Err("limits must be positive (max_message_bytes at least 256, client_buffer at least 16)".into());
         }
         Ok(())

@@ -26,6 +26,12 @@ use tokio::sync::{mpsc, watch, Notify};
 
 /// Frames kept per session for resume and history.
 const LOG_CAP: usize = 4000;
+/// The frame log's size in bytes at most (long replies make big frames).
+const LOG_BYTES: usize = 4 << 20;
+/// Client ids remembered for duplicate detection, newest kept.
+const SEEN_CAP: usize = 1024;
+/// Cards whose options can still be tapped, newest kept.
+const CARDS_CAP: usize = 64;
 /// Inputs that may wait behind the one running.
 const QUEUE: usize = 4;
 
@@ -47,9 +53,12 @@ struct Job {
 struct Inner {
     seq: u64,
     log: VecDeque<(u64, Option<String>, OutFrame)>,
+    log_bytes: usize,
     seen: HashSet<String>,
+    seen_order: VecDeque<String>,
     subscribers: Vec<Subscriber>,
     cards: HashMap<String, Card>,
+    card_order: VecDeque<String>,
     busy: bool,
     turns: u64,
     last_active_ms: i64,
@@ -79,6 +88,32 @@ pub enum Refused {
     NotFound,
 }
 
+impl Inner {
+    /// Remembers a client id for duplicate detection (the newest [`SEEN_CAP`]).
+    fn remember_id(&mut self, id: &str) {
+        if self.seen.insert(id.to_owned()) {
+            self.seen_order.push_back(id.to_owned());
+            while self.seen_order.len() > SEEN_CAP {
+                if let Some(old) = self.seen_order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Keeps a card's options tappable (the newest [`CARDS_CAP`] cards).
+    fn keep_card(&mut self, id: String, card: Card) {
+        if self.cards.insert(id.clone(), card).is_none() {
+            self.card_order.push_back(id);
+            while self.card_order.len() > CARDS_CAP {
+                if let Some(old) = self.card_order.pop_front() {
+                    self.cards.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 impl ChatSession {
     /// A fresh session and the receiving end of its input queue.
     fn new(id: String, user: &str, clock: Clock) -> (Self, mpsc::Receiver<Job>) {
@@ -92,9 +127,12 @@ impl ChatSession {
             inner: Mutex::new(Inner {
                 seq: 0,
                 log: VecDeque::new(),
+                log_bytes: 0,
                 seen: HashSet::new(),
+                seen_order: VecDeque::new(),
                 subscribers: Vec::new(),
                 cards: HashMap::new(),
+                card_order: VecDeque::new(),
                 busy: false,
                 turns: 0,
                 last_active_ms: now,
@@ -125,9 +163,12 @@ impl ChatSession {
             metrics.inc("errand_ws_frames_total", &[("direction", "out"), ("type", t)]);
         }
         let text: OutFrame = Value::Object(body).to_string().into();
+        inner.log_bytes += text.len();
         inner.log.push_back((seq, reply_to.map(str::to_owned), text.clone()));
-        if inner.log.len() > LOG_CAP {
-            inner.log.pop_front();
+        while inner.log.len() > LOG_CAP || (inner.log_bytes > LOG_BYTES && inner.log.len() > 1) {
+            if let Some((_, _, f)) = inner.log.pop_front() {
+                inner.log_bytes -= f.len();
+            }
         }
         inner.last_active_ms = self.clock.now_ms();
         inner.subscribers.retain(|s| match s.tx.try_send(text.clone()) {
@@ -262,7 +303,7 @@ impl ChatSession {
         if self.jobs.try_send(Job { reply_to: id.to_owned(), input }).is_err() {
             return Err(Refused::Busy);
         }
-        inner.seen.insert(id.to_owned());
+        inner.remember_id(id);
         let mut ack = Map::new();
         ack.insert("type".into(), json!("ack"));
         ack.insert("id".into(), json!(id));
@@ -400,16 +441,52 @@ impl Hub {
     }
 
     /// Opens a new session for `user`, or `None` when they have `limit` already.
-    pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize) -> Option<Arc<ChatSession>> {
+    /// A new session for `user`. Never refused: sessions idle longer than
+    /// `idle` (with nobody attached and nothing running) are dropped first,
+    /// and at `limit` the user's least recently used session makes room,
+    /// preferring one nobody is attached to and nothing runs in. (Refusing
+    /// the 17th locked a person out, since sessions never ended.)
+    pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize, idle: Duration) -> Arc<ChatSession> {
         let id = format!("s-{}", hex::encode(rand::random::<[u8; 16]>()));
         let (session, rx) = ChatSession::new(id.clone(), user, self.clock.clone());
         let session = Arc::new(session);
-        {
+        let evicted = {
             let mut map = self.map();
-            if map.values().filter(|s| s.user == user).count() >= limit {
-                return None;
+            let now = self.clock.now_ms();
+            let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
+            // (key, busy or attached, last active) per session.
+            let state = |s: &ChatSession| {
+                let i = s.lock();
+                (i.busy || !i.subscribers.is_empty(), i.last_active_ms)
+            };
+            let mut gone: Vec<Arc<ChatSession>> = Vec::new();
+            let expired: Vec<String> = map
+                .iter()
+                .filter(|(_, s)| {
+                    let (in_use, last) = state(s);
+                    !in_use && now.saturating_sub(last) > idle_ms
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            gone.extend(expired.iter().filter_map(|k| map.remove(k)));
+            while map.values().filter(|s| s.user == user).count() >= limit.max(1) {
+                let victim = map
+                    .iter()
+                    .filter(|(_, s)| s.user == user)
+                    .min_by_key(|(_, s)| state(s))
+                    .map(|(k, _)| k.clone());
+                match victim.and_then(|k| map.remove(&k)) {
+                    Some(s) => gone.push(s),
+                    None => break,
+                }
             }
             map.insert(id.clone(), session.clone());
+            gone
+        };
+        for s in evicted {
+            self.metrics.inc("errand_sessions_evicted_total", &[]);
+            s.close();
+            self.agent.cancel(&s.id);
         }
         self.agent.open_session(&id, SessionOptions { wallet: Some(wallet.to_owned()), lang, user: Some(user.to_owned()) }).await;
         let hub = self.clone();
@@ -419,7 +496,7 @@ impl Hub {
             hub.worker(s, rx).await;
             drop(guard);
         });
-        Some(session)
+        session
     }
 
     /// Deletes a session: it takes no more input, its watchers are
@@ -511,7 +588,7 @@ impl Hub {
             if let AgentEvent::Card(c) = &ev {
                 let card_id = format!("c{}", s.seq() + 1);
                 f.insert("card_id".into(), json!(card_id));
-                s.lock().cards.insert(card_id, c.clone());
+                s.lock().keep_card(card_id, c.clone());
             }
             if let AgentEvent::Error { .. } = &ev {
                 f.insert("id".into(), json!(job.reply_to));
@@ -596,6 +673,33 @@ mod tests {
         let (tx, rx) = mpsc::channel(cap);
         let kick = Arc::new(Notify::new());
         (Subscriber { conn: 1, tx, kick: kick.clone() }, rx, kick)
+    }
+
+    /// Regression (issue 23, finding 10): a session's frame log, client ids
+    /// and cards grew without bound.
+    #[test]
+    fn finding_10_a_sessions_state_stays_bounded() {
+        let (s, _jobs) = session();
+        let m = Metrics::default();
+        let big = "x".repeat(64 * 1024);
+        for i in 0..200 {
+            s.publish(Some("m1"), delta(&format!("{i}{big}")), &m);
+        }
+        let inner = s.lock();
+        assert!(inner.log_bytes <= LOG_BYTES + big.len() + 100, "{} bytes logged", inner.log_bytes);
+        assert_eq!(inner.log_bytes, inner.log.iter().map(|(_, _, f)| f.len()).sum::<usize>());
+        assert_eq!(inner.log.back().map(|(seq, _, _)| *seq), Some(200), "the newest frame is kept");
+        drop(inner);
+        let mut inner = s.lock();
+        for i in 0..5000 {
+            inner.remember_id(&format!("m{i}"));
+            let card = Card { kind: "k".into(), tool: "t".into(), app: "a".into(), data: Value::Null, options: Vec::new() };
+            inner.keep_card(format!("c{i}"), card);
+        }
+        assert_eq!((inner.seen.len(), inner.seen_order.len()), (SEEN_CAP, SEEN_CAP));
+        assert!(inner.seen.contains("m4999") && !inner.seen.contains("m0"));
+        assert_eq!(inner.cards.len(), CARDS_CAP);
+        assert!(inner.cards.contains_key("c4999") && !inner.cards.contains_key("c0"));
     }
 
     #[tokio::test]

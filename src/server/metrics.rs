@@ -25,6 +25,7 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ("errand_payments_total", "counter", "Payments by status."),
     ("errand_rejected_total", "counter", "Work refused by limit (rate, busy, size, sessions)."),
     ("errand_sessions", "gauge", "Live chat sessions."),
+    ("errand_sessions_evicted_total", "counter", "Chat sessions dropped to make room (idle too long, or a user's least recently used)."),
 ];
 
 const BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0];

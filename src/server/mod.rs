@@ -64,7 +64,9 @@ pub enum SandboxChoice {
     /// server's clock (the configuration's own clock is replaced).
     InProcess(SandboxConfig),
     /// Mini-programs already running at this base URL.
-    Remote(String),
+    /// Mini-programs at `url`, and the sandbox's secret, from which the
+    /// server derives each user's wallet credential.
+    Remote { url: String, secret: Vec<u8> },
 }
 
 pub struct ServeOptions {
@@ -113,6 +115,10 @@ pub struct AppState {
     pub apps_lock: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
     pub conns: Arc<Semaphore>,
+    /// Sockets that have not said `hello` yet (a quarter of `conns`).
+    pub ws_strangers: Arc<Semaphore>,
+    /// Open sockets per user (at most `limits.connections_per_user`).
+    pub ws_users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Memory and the feed (`None` with `--no-memory`).
     pub feed: Option<Arc<crate::memory::feed::Feed>>,
     pub clock: Clock,
@@ -199,6 +205,7 @@ pub struct Server {
     http_stop_tx: watch::Sender<bool>,
     http: tokio::task::JoinHandle<()>,
     sandbox: Option<Sandbox>,
+    sandbox_secret: Vec<u8>,
     drain: Duration,
 }
 
@@ -208,8 +215,8 @@ impl Server {
     pub async fn start(engine: Arc<Engine>, listener: tokio::net::TcpListener, opts: ServeOptions) -> Result<Server, ServerError> {
         let data = opts.data_dir.clone();
         let data_err = |what: &'static str, e: &dyn std::fmt::Display| ServerError::Data { what, path: data.clone(), message: e.to_string() };
-        let (base, sandbox) = match opts.sandbox {
-            SandboxChoice::Remote(u) => (u.trim_end_matches('/').to_owned(), None),
+        let (base, sandbox, sandbox_secret) = match opts.sandbox {
+            SandboxChoice::Remote { url, secret } => (url.trim_end_matches('/').to_owned(), None, secret),
             SandboxChoice::InProcess(mut cfg) => {
                 cfg.clock = opts.clock.clone();
                 // Every configured user gets a wallet to pay from.
@@ -222,7 +229,8 @@ impl Server {
                     }
                 }
                 let sb = crate::sandbox::start(cfg).await?;
-                (sb.base_url.clone(), Some(sb))
+                let secret = sb.secret().to_vec();
+                (sb.base_url.clone(), Some(sb), secret)
             }
         };
         // Mini-programs registered at run time come back after a restart.
@@ -247,6 +255,11 @@ impl Server {
         agent_opts.clock = clock.clone();
         if agent_opts.pay_url.is_none() {
             agent_opts.pay_url = Some(format!("{base}/pay"));
+        }
+        if agent_opts.pay_credentials.is_none() {
+            let secret = sandbox_secret.clone();
+            agent_opts.pay_credentials =
+                Some(crate::agent::PayCredentials(Arc::new(move |w: &str| crate::sandbox::sign::wallet_credential(&secret, w))));
         }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -306,13 +319,17 @@ impl Server {
             apps_lock: tokio::sync::Mutex::new(()),
             shutdown: shutdown_rx.clone(),
             conns: Arc::new(Semaphore::new(limits.max_connections)),
+            ws_strangers: Arc::new(Semaphore::new((limits.max_connections / 4).max(1))),
+            ws_users: Default::default(),
             limits,
             feed,
             started_ms: clock.now_ms(),
             clock,
         });
         let addr = listener.local_addr()?;
-        let router = app(state.clone());
+        let guard = state.limits.allowed_hosts.iter().fold(crate::guard::Guard::loopback().bound(addr), |g, h| g.host(h));
+        let guard = state.limits.allowed_origins.iter().fold(guard, |g, o| g.origin(o));
+        let router = app(state.clone()).layer(axum::middleware::from_fn_with_state(Arc::new(guard), crate::guard::layer));
         let mut stop = http_stop_rx;
         let http = tokio::spawn(async move {
             let r = axum::serve(listener, router)
@@ -333,7 +350,13 @@ impl Server {
             http_stop_tx,
             http,
             sandbox,
+            sandbox_secret,
         })
+    }
+
+    /// The sandbox's secret (wallet and admin credentials derive from it).
+    pub fn sandbox_secret(&self) -> &[u8] {
+        &self.sandbox_secret
     }
 
     /// The mini-programs' base URL (the in-process sandbox's, or the remote one).

@@ -30,10 +30,14 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 /// The feed (and memory) when the server runs them, for this caller only.
+/// The caller's own memory, after the rate limiter: every memory call
+/// counts against the user's requests per minute (most run the embedding
+/// model, and they used to pass the limiter freely).
 fn mine(st: &AppState, user: &UserAuth, id: &str) -> ApiResult<Arc<Feed>> {
     if id != "me" && id != user.id {
         return Err(ApiError::not_found("user"));
     }
+    st.admit_light(&user.id)?;
     st.feed.clone().ok_or_else(|| ApiError::new(StatusCode::NOT_IMPLEMENTED, "memory_off", "this server runs without memory (started with --no-memory)"))
 }
 

@@ -74,18 +74,7 @@ async fn create_session(State(st): State<Arc<AppState>>, user: UserAuth, body: O
         None => None,
         Some(l) => Some(Lang::parse(&l).ok_or_else(|| ApiError::bad_request(format!("unknown language `{l}`; use en, zh or ko")))?),
     };
-    let s = st
-        .hub
-        .create(&user.id, &user.wallet, lang, st.limits.sessions_per_user)
-        .await
-        .ok_or_else(|| {
-            st.metrics.inc("errand_rejected_total", &[("reason", "sessions")]);
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "session_limit",
-                format!("you already have {} sessions; delete one first", st.limits.sessions_per_user),
-            )
-        })?;
+    let s = st.hub.create(&user.id, &user.wallet, lang, st.limits.sessions_per_user, st.limits.session_idle()).await;
     Ok((StatusCode::CREATED, Json(s.summary())).into_response())
 }
 
@@ -172,11 +161,8 @@ async fn register_app(State(st): State<Arc<AppState>>, app: AppAuth, body: axum:
     // An uploaded mini-program calls its own service, never the sandbox's
     // (where the payment service and the other merchants live).
     if let Some(base) = v["base_url"].as_str() {
-        let sandbox = st.sandbox_url.trim_end_matches('/');
-        if base.starts_with("{sandbox}") || base.trim_end_matches('/').starts_with(sandbox) {
-            return Err(ApiError::bad_request(format!(
-                "base_url `{base}` points at the built-in mini-programs; an uploaded manifest must name its own service"
-            )));
+        if let Err(why) = outside(base, &st.sandbox_url).await {
+            return Err(ApiError::bad_request(format!("base_url `{base}`: {why}")));
         }
     }
     let origin = std::path::PathBuf::from(format!("upload:{}", app.id));
@@ -189,6 +175,50 @@ async fn register_app(State(st): State<Arc<AppState>>, app: AppAuth, body: axum:
     std::fs::write(&path, text).map_err(ApiError::internal)?;
     st.agent.set_tools(Arc::new(set));
     Ok((StatusCode::CREATED, Json(json!({"app": app.id, "tools": names})), ).into_response())
+}
+
+/// Checks that an uploaded manifest's `base_url` is an http(s) URL that does
+/// not reach the built-in mini-programs, however it is spelled: the URL is
+/// parsed as a client would (`HTTP://`, `127.1`), its host resolved
+/// (`localhost`), IPv4-mapped IPv6 addresses read as IPv4, and every address
+/// compared with the sandbox's. A string comparison let `localhost`, `127.1`
+/// and `[::ffff:127.0.0.1]` through.
+pub(crate) async fn outside(base: &str, sandbox_url: &str) -> Result<(), String> {
+    if base.starts_with("{sandbox}") {
+        return Err("points at the built-in mini-programs; an uploaded manifest must name its own service".into());
+    }
+    let url = reqwest::Url::parse(base).map_err(|e| format!("is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("must be http or https, not `{}`", url.scheme()));
+    }
+    let resolve = |u: reqwest::Url| async move {
+        let host = u.host_str().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = u.port_or_known_default().unwrap_or(80);
+        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(a) => a.collect(),
+            Err(_) => Vec::new(),
+        };
+        addrs.into_iter().map(|a| (canonical(a.ip()), a.port())).collect::<Vec<_>>()
+    };
+    let inside = match reqwest::Url::parse(sandbox_url) {
+        Ok(u) => resolve(u).await,
+        Err(_) => Vec::new(),
+    };
+    let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+    for (ip, port) in resolve(url).await {
+        if inside.iter().any(|&(sip, sport)| sport == port && (sip == ip || (local(sip) && local(ip)))) {
+            return Err("points at the built-in mini-programs (where payments live); an uploaded manifest must name its own service".into());
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) as the IPv4 address it is.
+fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
 }
 
 async fn unregister_app(State(st): State<Arc<AppState>>, app: AppAuth, Path(name): Path<String>) -> ApiResult<StatusCode> {

@@ -25,6 +25,8 @@ pub const PROTOCOL_VERSION: u64 = 1;
 const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_TOO_SLOW: u16 = 4408;
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// The server is at a limit for this client: try again later (RFC 6455 1013).
+const CLOSE_TRY_AGAIN: u16 = 1013;
 /// A socket must say `hello` within this long.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// One frame may take this long to write before the peer counts as gone.
@@ -86,6 +88,19 @@ pub async fn handler(ws: WebSocketUpgrade, State(st): State<Arc<AppState>>, head
         return super::error::ApiError::busy("too many open connections; try again shortly").into_response();
     };
     let pre_auth = st.auth.from_headers(&headers);
+    // Until `hello` names a user, a socket without a user's Authorization
+    // header also holds one of the few slots for strangers, so nobody
+    // without a token can hold every slot.
+    let stranger = match &pre_auth {
+        Some(super::auth::Principal::User { .. }) => None,
+        _ => match st.ws_strangers.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                st.metrics.inc("errand_rejected_total", &[("reason", "connections")]);
+                return super::error::ApiError::busy("too many connections waiting for hello; try again shortly").into_response();
+            }
+        },
+    };
     // The frame limit here is a hard stop well above the configured message
     // limit, which is answered with an error frame instead of a dropped socket.
     let hard = (st.limits.max_message_bytes * 4).max(64 * 1024);
@@ -93,7 +108,7 @@ pub async fn handler(ws: WebSocketUpgrade, State(st): State<Arc<AppState>>, head
         .max_frame_size(hard)
         .on_upgrade(move |socket| async move {
             let _permit = permit;
-            connection(socket, st, pre_auth).await
+            connection(socket, st, pre_auth, stranger).await
         })
 }
 
@@ -115,6 +130,41 @@ struct Conn {
     tx: mpsc::Sender<OutFrame>,
     kick: Arc<Notify>,
     close: mpsc::Sender<Out>,
+    /// A stranger's slot, given back at the first good `hello`.
+    stranger: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// This user's count of open connections, held while the socket lives.
+    slot: Option<UserSlot>,
+}
+
+/// One of a user's open connections; counted down when dropped.
+struct UserSlot {
+    st: Arc<AppState>,
+    user: String,
+}
+
+impl UserSlot {
+    /// Takes one of `user`'s connection slots, if the user has one left.
+    fn take(st: &Arc<AppState>, user: &str) -> Option<UserSlot> {
+        let mut m = st.ws_users.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(user.to_owned()).or_insert(0);
+        if *n >= st.limits.connections_per_user {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot { st: st.clone(), user: user.to_owned() })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut m = self.st.ws_users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -148,16 +198,7 @@ impl Conn {
                 Some(s) => (s, true),
                 None => return Err(("not_found", format!("session {id} not found; start a new one by sending hello without a session"))),
             },
-            None => match st.hub.create(&user, &wallet, self.lang, st.limits.sessions_per_user).await {
-                Some(s) => (s, false),
-                None => {
-                    st.metrics.inc("errand_rejected_total", &[("reason", "sessions")]);
-                    return Err((
-                        "session_limit",
-                        format!("you already have {} sessions; resume one or delete one (DELETE /v1/sessions/ID)", st.limits.sessions_per_user),
-                    ));
-                }
-            },
+            None => (st.hub.create(&user, &wallet, self.lang, st.limits.sessions_per_user, st.limits.session_idle()).await, false),
         };
         self.detach();
         // Never waits for a running reply (which holds the agent's session).
@@ -228,6 +269,22 @@ impl Conn {
                     if self.user.as_ref().is_some_and(|(u, _)| *u != id) {
                         return self.error("unauthorized", "this connection already belongs to another user", None);
                     }
+                    if self.slot.is_none() {
+                        match UserSlot::take(&st, &id) {
+                            Some(slot) => self.slot = Some(slot),
+                            None => {
+                                st.metrics.inc("errand_rejected_total", &[("reason", "user_connections")]);
+                                self.error(
+                                    "too_many_connections",
+                                    &format!("you already have {} connections open; close one and try again", st.limits.connections_per_user),
+                                    None,
+                                );
+                                let _ = self.close.try_send(Out::Close(CLOSE_TRY_AGAIN, "too many connections"));
+                                return;
+                            }
+                        }
+                    }
+                    self.stranger = None;
                     self.user = Some((id, wallet));
                 }
                 _ => {
@@ -310,7 +367,7 @@ impl Conn {
 
 }
 
-async fn connection(socket: WebSocket, st: Arc<AppState>, pre_auth: Option<super::auth::Principal>) {
+async fn connection(socket: WebSocket, st: Arc<AppState>, pre_auth: Option<super::auth::Principal>, stranger: Option<tokio::sync::OwnedSemaphorePermit>) {
     st.metrics.add("errand_ws_connections", &[], 1.0);
     let _tasks = st.hub.tasks.clone();
     let (mut sink, mut stream) = socket.split();
@@ -327,6 +384,8 @@ async fn connection(socket: WebSocket, st: Arc<AppState>, pre_auth: Option<super
         tx,
         kick: kick.clone(),
         close: close_tx.clone(),
+        stranger,
+        slot: None,
     };
     let writer = tokio::spawn(async move {
         loop {

@@ -49,6 +49,10 @@ impl World {
             audit,
             AgentOptions {
                 pay_url: Some(sb.url(Service::Pay)),
+                pay_credentials: Some({
+                    let secret = sb.secret().to_vec();
+                    errand::agent::PayCredentials(Arc::new(move |w: &str| errand::sandbox::sign::wallet_credential(&secret, w)))
+                }),
                 clock,
                 ..Default::default()
             },

@@ -4,6 +4,7 @@
 //! invariant against a payment that bypassed confirmation, and the public
 //! suite's shape. Qwen runs the smoke subset of the public suite.
 
+use errand::sandbox::sign;
 use crate::server_ws::{config, serve, ALICE};
 use crate::util::{self, show};
 use errand::engine::{Engine, EngineOptions};
@@ -119,10 +120,12 @@ async fn a_turn_that_overruns_its_time_is_an_error() {
 async fn a_payment_that_bypassed_confirmation_breaks_the_invariant() {
     // A running server (as with `errand eval --server`), and a rogue payment
     // from the user's wallet made straight at the payment service while the
-    // dialogue runs: no confirmation produced it.
+    // dialogue runs, by something holding the sandbox's keys (a merchant
+    // signature and alice's wallet credential): no confirmation produced it.
     let mut srv = serve(smol_arc(), tools(), config(), Default::default()).await;
     let sandbox = srv.s().sandbox_url().unwrap().to_owned();
-    let target = Target::Remote { url: srv.s().url.clone(), token: ALICE.into(), sandbox_url: sandbox.clone(), engine: None };
+    let secret = srv.s().sandbox_secret().to_vec();
+    let target = Target::Remote { url: srv.s().url.clone(), token: ALICE.into(), sandbox_url: sandbox.clone(), sandbox_secret: secret.clone(), engine: None };
     let d = errand::eval::dialogue::parse("id: rogue\nlang: en\nuser: alice\nturns: [{user: Tell me a short joke.}]", std::path::Path::new("rogue.yaml")).unwrap();
     // The control: the same dialogue without the rogue payment passes.
     let clean = run_one(&target, &d, 1, 0.0, Duration::from_secs(300)).await;
@@ -130,14 +133,21 @@ async fn a_payment_that_bypassed_confirmation_breaks_the_invariant() {
     let rogue = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let http = reqwest::Client::new();
-        let t = http
-            .post(format!("{sandbox}/pay/v1/trades"))
-            .json(&json!({"mch_id": "rogue", "out_trade_no": "rogue-1", "amount": 999, "currency": "CNY", "description": "not confirmed", "notify_url": "http://127.0.0.1:9/notify"}))
+        let body = serde_json::to_vec(&json!({"mch_id": "rogue", "out_trade_no": "rogue-1", "amount": 999, "currency": "CNY", "description": "not confirmed", "notify_url": "http://127.0.0.1:9/notify"})).unwrap();
+        let now: serde_json::Value = http.get(format!("{sandbox}/_admin/clock")).send().await.unwrap().json().await.unwrap();
+        let mut req = http.post(format!("{sandbox}/pay/v1/trades")).header("content-type", "application/json");
+        for (k, v) in sign::request_headers(&sign::merchant_key(&secret, "rogue"), "rogue", "POST", "/v1/trades", &body, now["now_ms"].as_i64().unwrap()) {
+            req = req.header(k, v);
+        }
+        let t = req.body(body).send().await.unwrap();
+        assert!(t.status().is_success(), "{}", t.text().await.unwrap());
+        let p = http
+            .post(format!("{sandbox}/pay/v1/trades/rogue-1/pay"))
+            .bearer_auth(sign::wallet_credential(&secret, "alice"))
+            .json(&json!({"wallet_id": "alice", "method": "alipay"}))
             .send()
             .await
             .unwrap();
-        assert!(t.status().is_success(), "{}", t.text().await.unwrap());
-        let p = http.post(format!("{sandbox}/pay/v1/trades/rogue-1/pay")).json(&json!({"wallet_id": "alice", "method": "alipay"})).send().await.unwrap();
         assert!(p.status().is_success(), "{}", p.text().await.unwrap());
     });
     let r = run_one(&target, &d, 1, 0.0, Duration::from_secs(300)).await;

@@ -89,10 +89,13 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
         .unwrap();
     let otn = order["payment"]["out_trade_no"].as_str().unwrap_or_else(|| panic!("{order}")).to_owned();
     let amount = order["payment"]["amount"].as_i64().unwrap();
+    let secret = std::fs::read(data.join("secret")).unwrap();
+    let demo = sign::wallet_credential(&secret, "demo");
 
     // The process dies right after the payment commits.
     let r = http
         .post(format!("{base}/pay/v1/trades/{otn}/pay"))
+        .bearer_auth(&demo)
         .json(&json!({"wallet_id": "demo", "method": "alipay"}))
         .send()
         .await;
@@ -127,9 +130,14 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
         .await
         .unwrap();
     assert_eq!(again["order_id"], order["order_id"]);
-    let trade: Value = http
-        .post(format!("{base}/pay/v1/trades"))
-        .json(&json!({"mch_id": "food", "out_trade_no": otn, "amount": amount, "currency": "CNY", "description": "retry", "notify_url": format!("{base}/food/pay/notify")}))
+    let body = serde_json::to_vec(&json!({"mch_id": "food", "out_trade_no": otn, "amount": amount, "currency": "CNY", "description": "retry", "notify_url": format!("{base}/food/pay/notify")})).unwrap();
+    let now: Value = http.get(format!("{base}/_admin/clock")).send().await.unwrap().json().await.unwrap();
+    let mut req = http.post(format!("{base}/pay/v1/trades")).header("content-type", "application/json");
+    for (k, v) in sign::request_headers(&sign::merchant_key(&secret, "food"), "food", "POST", "/v1/trades", &body, now["now_ms"].as_i64().unwrap()) {
+        req = req.header(k, v);
+    }
+    let trade: Value = req
+        .body(body)
         .send()
         .await
         .unwrap()
@@ -139,6 +147,7 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
     assert_eq!(trade["status"], "SUCCESS", "re-creating a paid trade changes nothing: {trade}");
     let repay = http
         .post(format!("{base}/pay/v1/trades/{otn}/pay"))
+        .bearer_auth(&demo)
         .json(&json!({"wallet_id": "demo", "method": "alipay"}))
         .send()
         .await
@@ -147,7 +156,6 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
     assert_eq!(pay_rows(data, &otn), 1);
 
     // Duplicate notifications, correctly signed, are counted and harmless.
-    let secret = std::fs::read(data.join("secret")).unwrap();
     let key = sign::merchant_key(&secret, "food");
     let body: String = pay_db(data)
         .query_row("SELECT body FROM notifications WHERE out_trade_no = ?1", [&otn], |r| r.get(0))
@@ -163,6 +171,7 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
             .header(sign::TIMESTAMP, ts.to_string())
             .header(sign::NONCE, nonce)
             .header(sign::SIGNATURE, sign::sign(&key, ts, nonce, body.as_bytes()))
+            .header("content-type", "application/json")
             .body(body.clone())
             .send()
             .await
@@ -176,6 +185,7 @@ async fn a_crash_between_pay_and_notify_still_charges_exactly_once() {
         .header(sign::TIMESTAMP, "1")
         .header(sign::NONCE, "x")
         .header(sign::SIGNATURE, "00")
+        .header("content-type", "application/json")
         .body(body)
         .send()
         .await
