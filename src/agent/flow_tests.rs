@@ -22,6 +22,11 @@ impl World {
     }
 
     pub(super) async fn new() -> Self {
+        Self::with(|_, _| {}).await
+    }
+
+    /// A world whose agent options `adjust` changes first.
+    pub(super) async fn with(adjust: impl FnOnce(&mut AgentOptions, &crate::sandbox::Sandbox)) -> Self {
         let (dir, sb) = testkit::sandbox().await;
         let tools = Arc::new(ToolSet::load_dir(&crate::source_root().join("tools")).unwrap());
         let adapter = HttpAdapter::new(HttpOptions { sandbox_url: Some(sb.base_url.clone()), timeout: Duration::from_secs(5), ..Default::default() });
@@ -32,7 +37,11 @@ impl World {
             tools,
             Arc::new(adapter),
             audit,
-            AgentOptions { pay_url: Some(sb.url(Service::Pay)), pay_credentials: Some(credentials(&sb)), clock: testkit::clock(), lang: None, ..Default::default() },
+            {
+                let mut o = AgentOptions { pay_url: Some(sb.url(Service::Pay)), pay_credentials: Some(credentials(&sb)), clock: testkit::clock(), lang: None, ..Default::default() };
+                adjust(&mut o, &sb);
+                o
+            },
         );
         Self { _dir: dir, sb, agent, script }
     }
@@ -330,4 +339,44 @@ async fn finding_05_an_unknown_payment_that_went_through_is_reported_and_not_rep
     // And it is not reported twice.
     let ev = w.say_all("thanks", &["chat", "You're welcome."]).await;
     assert!(!words(&ev).contains("did go through"), "{}", words(&ev));
+}
+
+/// Regression (issue 23, finding 4): the order book was written only after
+/// the payment. The agent now hands the order to the book before any money
+/// moves (checked here from inside the book: the trade is still unpaid),
+/// and a book that cannot write stops the payment.
+#[tokio::test]
+async fn finding_04_the_order_is_booked_before_it_is_paid() {
+    let booked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b, f) = (booked.clone(), failing.clone());
+    let w = World::with(move |o, sb| {
+        let dir = sb.data_dir().to_owned();
+        o.order_book = Some(OrderBook(Arc::new(move |p: &PlacedOrder| {
+            if f.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("disk full".into());
+            }
+            let otn = p.order["payment"]["out_trade_no"].as_str().unwrap_or_default().to_owned();
+            let c = crate::sandbox::Sandbox::open_db(&dir, Service::Pay).unwrap();
+            let status: String = c.query_row("SELECT status FROM trades WHERE out_trade_no = ?1", [&otn], |r| r.get(0)).unwrap();
+            b.lock().unwrap().push((otn, status));
+            Ok(())
+        })));
+    })
+    .await;
+    let start = w.wallet().await;
+    let order = "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road";
+    let commands = "start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road";
+    let c = confirmation(&w.say(order, Some(commands)).await).unwrap();
+    let ev = w.confirm(&c.token).await;
+    assert_eq!(payments(&ev).iter().filter(|p| p.status == "paid").count(), 1, "{ev:#?}");
+    let got = booked.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1, "NOTPAY", "the book saw the order before the payment");
+    // A book that cannot write: nothing is paid.
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let c = confirmation(&w.say(order, Some(commands)).await).unwrap_or_else(|| panic!("no second quote"));
+    let ev = w.confirm(&c.token).await;
+    assert!(!payments(&ev).iter().any(|p| p.status == "paid"), "{ev:#?}");
+    assert_eq!(w.wallet().await, start - c.amount, "only the first order was charged");
 }

@@ -68,6 +68,34 @@ impl std::fmt::Debug for PayCredentials {
     }
 }
 
+/// An order the moment it exists, before anything is paid for it.
+pub struct PlacedOrder<'a> {
+    pub session: &'a str,
+    /// The session's user, when a server opened it.
+    pub user: Option<&'a str>,
+    pub app: &'a str,
+    pub tool: &'a str,
+    /// The merchant's answer (its id, status and `payment`).
+    pub order: &'a Value,
+    /// What the person confirmed, in words and money.
+    pub summary: &'a str,
+    pub amount: i64,
+    pub currency: &'a str,
+}
+
+/// Where a server writes each order before it is paid (its order book), so
+/// a crash between the payment and the report loses no order: the book
+/// already holds it, and is reconciled by query at the next start. An
+/// error stops the payment.
+#[derive(Clone)]
+pub struct OrderBook(pub Arc<dyn Fn(&PlacedOrder) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for OrderBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OrderBook(…)")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Model rounds (each may call tools) per user message.
@@ -85,6 +113,8 @@ pub struct AgentOptions {
     /// What proves to the payment service that the wallet may pay (without
     /// it, the service refuses every payment).
     pub pay_credentials: Option<PayCredentials>,
+    /// Where orders are written before they are paid (a server's order book).
+    pub order_book: Option<OrderBook>,
     /// Fixed language; detected from the first message when `None`.
     pub lang: Option<Lang>,
     /// Ask the model, after a message about oneself that the rules did not
@@ -108,6 +138,7 @@ impl Default for AgentOptions {
             wallet: "demo".into(),
             pay_method: "alipay".into(),
             pay_credentials: None,
+            order_book: None,
             lang: None,
             extract_memories: false,
             clock: Clock::wall(),
@@ -1168,8 +1199,25 @@ impl Agent {
             let (amount, currency) = (pay["amount"].as_i64().unwrap_or(-1), pay["currency"].as_str().unwrap_or("").to_owned());
             let otn = pay["out_trade_no"].as_str().unwrap_or_default().to_owned();
             p.order = Some(order.clone());
+            // Written down before any money moves (a crash after paying must
+            // not lose the order); a book that cannot write stops the payment.
+            let booked = match &self.opts.order_book {
+                None => Ok(()),
+                Some(book) => (book.0)(&PlacedOrder {
+                    session: sid,
+                    user: s.conv.user.as_deref(),
+                    app: &p.tool.app,
+                    tool: &name,
+                    order: &order,
+                    summary: &p.req.summary,
+                    amount,
+                    currency: &currency,
+                }),
+            };
             let outcome = if amount != p.req.amount || currency != p.req.currency {
                 PayOutcome::Refused(say(lang, Say::PriceChanged { quoted: p.req.amount_display.clone(), now: money(amount, &currency) }))
+            } else if let Err(e) = booked {
+                PayOutcome::Failed(format!("the order could not be recorded ({e}), so nothing was paid"))
             } else {
                 self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token, &wallet).await
             };

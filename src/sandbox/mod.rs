@@ -204,6 +204,7 @@ pub struct Sandbox {
     faults: HashMap<Service, Faults>,
     merchants: HashMap<Service, Arc<Merchant>>,
     secret: Vec<u8>,
+    data_dir: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -218,6 +219,11 @@ impl Sandbox {
     /// The credential for writes to `/_admin/…` (balances, the clock, faults).
     pub fn admin_credential(&self) -> String {
         sign::admin_credential(&self.secret)
+    }
+
+    /// Where the services keep their databases.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 
     /// The shared secret every key here is derived from.
@@ -366,6 +372,7 @@ pub async fn start(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
         faults,
         merchants,
         secret,
+        data_dir: cfg.data_dir.clone(),
         shutdown: Some(tx),
         task,
     })

@@ -261,6 +261,27 @@ impl Server {
             agent_opts.pay_credentials =
                 Some(crate::agent::PayCredentials(Arc::new(move |w: &str| crate::sandbox::sign::wallet_credential(&secret, w))));
         }
+        if agent_opts.order_book.is_none() {
+            // Orders are in the book before they are paid (issue 23, finding 4).
+            let book = orders.clone();
+            agent_opts.order_book = Some(crate::agent::OrderBook(Arc::new(move |o: &crate::agent::PlacedOrder| {
+                let (Some(user), Some(order_id)) = (o.user, hub::order_id(o.order)) else { return Ok(()) };
+                book.upsert(&orders::OrderRow {
+                    user: user.to_owned(),
+                    session: o.session.to_owned(),
+                    app: o.app.to_owned(),
+                    tool: o.tool.to_owned(),
+                    order_id,
+                    status: o.order["status"].as_str().unwrap_or("unknown").to_owned(),
+                    amount: o.amount,
+                    currency: o.currency.to_owned(),
+                    summary: o.summary.to_owned(),
+                    payment_status: o.order["payment"]["status"].as_str().unwrap_or_default().to_owned(),
+                    data: o.order.clone(),
+                })
+                .map_err(|e| format!("the order book: {e}"))
+            })));
+        }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let feed = match opts.memory {
@@ -303,6 +324,19 @@ impl Server {
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let metrics = Arc::new(metrics::Metrics::default());
         let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll, clock.clone()));
+        // Orders left awaiting payment by an earlier run (a crash between
+        // paying and reporting) are asked about once at start.
+        {
+            let (agent, orders) = (agent.clone(), orders.clone());
+            tokio::spawn(async move {
+                for o in orders.awaiting_payment().unwrap_or_default() {
+                    if let Some(now) = agent.order_status(&o.row.app, &o.row.data).await {
+                        let status = now["status"].as_str().unwrap_or("unknown");
+                        let _ = orders.update_status(&o.row.user, &o.row.app, &o.row.order_id, status, now["payment"]["status"].as_str(), &now);
+                    }
+                }
+            });
+        }
         let limits = opts.config.server.clone();
         let state = Arc::new(AppState {
             auth: auth::Auth::from_config(&opts.config),

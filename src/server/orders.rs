@@ -133,6 +133,11 @@ impl Orders {
         rows.collect()
     }
 
+    /// Every user's orders still awaiting payment (to reconcile at start).
+    pub fn awaiting_payment(&self) -> rusqlite::Result<Vec<OrderView>> {
+        self.query("payment_status", "awaiting_payment")
+    }
+
     /// A user's orders, newest first.
     pub fn for_user(&self, user: &str) -> rusqlite::Result<Vec<OrderView>> {
         self.query("user", user)

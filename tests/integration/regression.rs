@@ -2,9 +2,10 @@
 //! one named test per finding (`finding_NN_…`). Each one failed against the
 //! code the finding was read from.
 //!
-//! Three are unit tests, because they need what only the crate sees (the
+//! Some are unit tests, or have a unit-test half, because they need what only the crate sees (the
 //! scripted generator, a session's private state, a stub server for the
 //! adapter); they carry the same names:
+//! - finding 4, the order booked before it is paid: `agent::flow_tests::finding_04_the_order_is_booked_before_it_is_paid`;
 //! - finding 5: `agent::flow_tests::finding_05_an_unknown_payment_that_went_through_is_reported_and_not_repeated`,
 //!   and unpaid orders lapsing in `sandbox::food::tests::unpaid_orders_never_move_on_and_lapse`;
 //! - finding 6's redirects: `adapter::tests::redirects_are_not_followed`;
@@ -294,5 +295,70 @@ async fn finding_08_memory_calls_are_rate_limited() {
     // Reads count too.
     let r = http.get(t.http("/v1/users/me/memories")).bearer_auth(ALICE).send().await.unwrap();
     assert_eq!(r.status(), 429);
+    t.stop().await;
+}
+
+/// Finding 4: `orders.db` was written only when the hub saw the order event,
+/// after the payment commit and a status request; a kill -9 in between lost
+/// the paid order from `GET /v1/orders`. The agent now writes the order to
+/// the book before paying (`agent::flow_tests::finding_04_…` checks the
+/// order), and a restarted server asks about every order still awaiting
+/// payment. Here: an order booked unpaid, paid behind the server's back (as
+/// if it died right after the charge), and the server started again.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_04_an_order_paid_just_before_a_crash_is_in_the_book_after_a_restart() {
+    use errand::server::orders::OrderRow;
+    let tools = ToolSet::load_dir(&repo().join("tools")).unwrap();
+    let agent = AgentOptions { max_tokens: 16, constrain: false, ..Default::default() };
+    let t = crate::server_ws::serve_in(tempfile::tempdir().unwrap(), Arc::new(smol().clone()), tools.clone(), config(), agent.clone(), None).await;
+    let sb = t.s().sandbox_url().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let order: Value = http
+        .post(format!("{sb}/food/v1/orders"))
+        .json(&json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": "88 Nanjing Road"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (oid, otn) = (order["order_id"].as_str().unwrap().to_owned(), order["payment"]["out_trade_no"].as_str().unwrap().to_owned());
+    // What the order book holds the moment before the payment.
+    t.s()
+        .state
+        .orders
+        .upsert(&OrderRow {
+            user: "alice".into(),
+            session: "s-crashed".into(),
+            app: "food".into(),
+            tool: "food_order".into(),
+            order_id: oid.clone(),
+            status: order["status"].as_str().unwrap().into(),
+            amount: order["payment"]["amount"].as_i64().unwrap(),
+            currency: "CNY".into(),
+            summary: "Kung Pao Chicken ×1".into(),
+            payment_status: "awaiting_payment".into(),
+            data: order.clone(),
+        })
+        .unwrap();
+    // The charge commits; the server hears nothing more before it dies.
+    let cred = sign::wallet_credential(t.s().sandbox_secret(), "alice");
+    let r = http.post(format!("{sb}/pay/v1/trades/{otn}/pay")).bearer_auth(cred).json(&json!({"wallet_id": "alice", "method": "alipay"}));
+    assert_eq!(status(r).await, 200);
+    let TestServer { server, dir } = t;
+    server.unwrap().shutdown().await;
+    let t = crate::server_ws::serve_in(dir, Arc::new(smol().clone()), tools, config(), agent, None).await;
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = http.get(t.http("/v1/orders")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+        if seen["orders"][0]["payment_status"] == "paid" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let orders = seen["orders"].as_array().unwrap_or_else(|| panic!("{seen}"));
+    assert_eq!(orders.len(), 1, "{seen}");
+    assert_eq!((orders[0]["order_id"].as_str(), orders[0]["payment_status"].as_str()), (Some(oid.as_str()), Some("paid")), "{seen}");
+    let mut t = t;
     t.stop().await;
 }
