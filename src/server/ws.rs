@@ -77,6 +77,39 @@ enum ClientFrame {
     Ping,
 }
 
+impl ClientFrame {
+    fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Hello { .. } => "hello",
+            ClientFrame::Message { .. } => "message",
+            ClientFrame::Confirm { .. } => "confirm",
+            ClientFrame::Decline { .. } => "decline",
+            ClientFrame::Select { .. } => "select",
+            ClientFrame::Cancel { .. } => "cancel",
+            ClientFrame::Resume { .. } => "resume",
+            ClientFrame::Ping => "ping",
+        }
+    }
+}
+
+/// A client's text frame, or the `bad_frame` message to answer it with.
+fn parse_frame(text: &str) -> Result<ClientFrame, String> {
+    serde_json::from_str(text).map_err(|e| {
+        let kind = serde_json::from_str::<Value>(text).ok().and_then(|v| v["type"].as_str().map(str::to_owned));
+        match kind {
+            Some(t) => format!("frame of type `{t}` is not valid: {e}; see docs/protocol.md"),
+            None => format!("not a protocol frame ({e}); every frame is a JSON object with a `type`, see docs/protocol.md"),
+        }
+    })
+}
+
+/// The kind of a client's text frame (`hello`, `message`, …), or the
+/// `bad_frame` message: what the socket reads first, for the fuzzing
+/// campaign (`tests/integration/fuzz.rs`).
+pub fn frame_kind(text: &str) -> Result<&'static str, String> {
+    parse_frame(text).map(|f| f.kind())
+}
+
 enum Out {
     Frame(OutFrame),
     Close(u16, &'static str),
@@ -225,28 +258,14 @@ impl Conn {
             m.inc("errand_rejected_total", &[("reason", "size")]);
             return self.error("too_large", &format!("frames are limited to {} bytes", st.limits.max_message_bytes), None);
         }
-        let frame: ClientFrame = match serde_json::from_str(text) {
+        let frame = match parse_frame(text) {
             Ok(f) => f,
-            Err(e) => {
+            Err(msg) => {
                 m.inc("errand_ws_frames_total", &[("direction", "in"), ("type", "bad")]);
-                let kind = serde_json::from_str::<Value>(text).ok().and_then(|v| v["type"].as_str().map(str::to_owned));
-                let msg = match kind {
-                    Some(t) => format!("frame of type `{t}` is not valid: {e}; see docs/protocol.md"),
-                    None => format!("not a protocol frame ({e}); every frame is a JSON object with a `type`, see docs/protocol.md"),
-                };
                 return self.error("bad_frame", &msg, None);
             }
         };
-        let kind = match &frame {
-            ClientFrame::Hello { .. } => "hello",
-            ClientFrame::Message { .. } => "message",
-            ClientFrame::Confirm { .. } => "confirm",
-            ClientFrame::Decline { .. } => "decline",
-            ClientFrame::Select { .. } => "select",
-            ClientFrame::Cancel { .. } => "cancel",
-            ClientFrame::Resume { .. } => "resume",
-            ClientFrame::Ping => "ping",
-        };
+        let kind = frame.kind();
         m.inc("errand_ws_frames_total", &[("direction", "in"), ("type", kind)]);
         if let ClientFrame::Ping = frame {
             return self.send(json!({"type": "pong"}).to_string().into());

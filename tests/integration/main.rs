@@ -13,6 +13,7 @@ mod memory;
 mod agent_qwen;
 mod e2e_qwen;
 mod eval;
+mod fuzz;
 mod payments;
 mod regression;
 mod server_clients;
