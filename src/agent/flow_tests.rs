@@ -182,17 +182,23 @@ async fn missing_slots_are_asked_one_at_a_time_and_bare_answers_need_no_model() 
     assert_ne!(again.token, c.token);
 }
 
-#[tokio::test]
-async fn typed_yes_does_not_pay_and_no_declines() {
-    let w = World::new().await;
-    let start = w.wallet().await;
+/// Kung pao chicken from Shu Feng near People's Square to 200 Renmin Road,
+/// up to its confirmation.
+async fn kung_pao_quoted(w: &World) -> ConfirmationRequest {
     let ev = w
         .say(
             "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road",
             Some("start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road"),
         )
         .await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"))
+}
+
+#[tokio::test]
+async fn typed_yes_does_not_pay_and_no_declines() {
+    let w = World::new().await;
+    let start = w.wallet().await;
+    let c = kung_pao_quoted(&w).await;
     let ev = w.say("yes", None).await;
     assert!(payments(&ev).is_empty());
     assert_eq!(confirmation(&ev).map(|x| x.token), Some(c.token.clone()), "the same request is shown again");
@@ -287,13 +293,7 @@ async fn plain_stop_words_end_the_task_when_the_model_only_chats() {
 async fn finding_05_an_unknown_payment_that_went_through_is_reported_and_not_repeated() {
     let w = World::new().await;
     let start = w.wallet().await;
-    let ev = w
-        .say(
-            "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road",
-            Some("start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road"),
-        )
-        .await;
-    let c = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
+    let c = kung_pao_quoted(&w).await;
     let set_balance = async |balance: i64| {
         let req = reqwest::Client::new()
             .post(format!("{}/_admin/wallets", w.sb.url(Service::Pay)))
@@ -365,9 +365,7 @@ async fn finding_04_the_order_is_booked_before_it_is_paid() {
     })
     .await;
     let start = w.wallet().await;
-    let order = "Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road";
-    let commands = "start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road";
-    let c = confirmation(&w.say(order, Some(commands)).await).unwrap();
+    let c = kung_pao_quoted(&w).await;
     let ev = w.confirm(&c.token).await;
     assert_eq!(payments(&ev).iter().filter(|p| p.status == "paid").count(), 1, "{ev:#?}");
     let got = booked.lock().unwrap().clone();
@@ -375,7 +373,7 @@ async fn finding_04_the_order_is_booked_before_it_is_paid() {
     assert_eq!(got[0].1, "NOTPAY", "the book saw the order before the payment");
     // A book that cannot write: nothing is paid.
     failing.store(true, std::sync::atomic::Ordering::SeqCst);
-    let c = confirmation(&w.say(order, Some(commands)).await).unwrap_or_else(|| panic!("no second quote"));
+    let c = kung_pao_quoted(&w).await;
     let ev = w.confirm(&c.token).await;
     assert!(!payments(&ev).iter().any(|p| p.status == "paid"), "{ev:#?}");
     assert_eq!(w.wallet().await, start - c.amount, "only the first order was charged");

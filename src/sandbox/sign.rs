@@ -42,14 +42,37 @@ pub fn merchant_key(secret: &[u8], mch_id: &str) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-fn mac(key: &[u8], timestamp_ms: i64, nonce: &str, body: &[u8]) -> HmacSha256 {
+/// HMAC-SHA256 of `parts` joined by newlines.
+fn mac_of(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(timestamp_ms.to_string().as_bytes());
-    mac.update(b"\n");
-    mac.update(nonce.as_bytes());
-    mac.update(b"\n");
-    mac.update(body);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b"\n");
+        }
+        mac.update(p);
+    }
     mac
+}
+
+fn mac(key: &[u8], timestamp_ms: i64, nonce: &str, body: &[u8]) -> HmacSha256 {
+    mac_of(key, &[timestamp_ms.to_string().as_bytes(), nonce.as_bytes(), body])
+}
+
+/// The timestamp, nonce and signature headers, checked for shape and for a
+/// timestamp within [`MAX_SKEW_MS`] of now; a failure is a 401 with `code`.
+fn signature_headers<'h>(headers: &'h HeaderMap, now_ms: i64, code: &'static str) -> Result<(i64, &'h str, Vec<u8>), ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, code, m.to_string());
+    let ts: i64 = header(headers, TIMESTAMP)
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| unauthorized("missing or malformed timestamp header"))?;
+    let nonce = header(headers, NONCE).filter(|n| !n.is_empty() && n.len() <= 64).ok_or_else(|| unauthorized("missing nonce header"))?;
+    let sig = header(headers, SIGNATURE)
+        .and_then(|s| hex::decode(s).ok())
+        .ok_or_else(|| unauthorized("missing or malformed signature header"))?;
+    if now_ms.abs_diff(ts) > MAX_SKEW_MS as u64 {
+        return Err(unauthorized("the signed timestamp is too far from now"));
+    }
+    Ok((ts, nonce, sig))
 }
 
 pub fn sign(key: &[u8], timestamp_ms: i64, nonce: &str, body: &[u8]) -> String {
@@ -58,34 +81,14 @@ pub fn sign(key: &[u8], timestamp_ms: i64, nonce: &str, body: &[u8]) -> String {
 
 /// Checks the three signature headers against `body`.
 pub fn verify(key: &[u8], headers: &HeaderMap, body: &[u8], now_ms: i64) -> Result<(), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", m.to_string());
-    let ts: i64 = header(headers, TIMESTAMP)
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| unauthorized("missing or malformed timestamp header"))?;
-    let nonce = header(headers, NONCE).ok_or_else(|| unauthorized("missing nonce header"))?;
-    let sig = header(headers, SIGNATURE)
-        .and_then(|s| hex::decode(s).ok())
-        .ok_or_else(|| unauthorized("missing or malformed signature header"))?;
-    if now_ms.abs_diff(ts) > MAX_SKEW_MS as u64 {
-        return Err(unauthorized("notification timestamp is too far from now"));
-    }
+    let (ts, nonce, sig) = signature_headers(headers, now_ms, "bad_signature")?;
     mac(key, ts, nonce, body)
         .verify_slice(&sig)
-        .map_err(|_| unauthorized("signature does not match"))
+        .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", "signature does not match"))
 }
 
 fn request_mac(key: &[u8], method: &str, path: &str, timestamp_ms: i64, nonce: &str, body: &[u8]) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(method.as_bytes());
-    mac.update(b"\n");
-    mac.update(path.as_bytes());
-    mac.update(b"\n");
-    mac.update(timestamp_ms.to_string().as_bytes());
-    mac.update(b"\n");
-    mac.update(nonce.as_bytes());
-    mac.update(b"\n");
-    mac.update(body);
-    mac
+    mac_of(key, &[method.as_bytes(), path.as_bytes(), timestamp_ms.to_string().as_bytes(), nonce.as_bytes(), body])
 }
 
 /// The headers a merchant's request to the payment service carries: its id,
@@ -102,16 +105,7 @@ pub fn request_headers(key: &[u8], mch_id: &str, method: &str, path: &str, body:
 pub fn verify_request(secret: &[u8], headers: &HeaderMap, method: &str, path: &str, body: &[u8], now_ms: i64) -> Result<(String, String), ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", m.to_string());
     let mch = header(headers, MCH_ID).ok_or_else(|| unauthorized("only a merchant may do this: sign the request (x-errand-mch-id, timestamp, nonce, signature)"))?;
-    let ts: i64 = header(headers, TIMESTAMP)
-        .and_then(|t| t.parse().ok())
-        .ok_or_else(|| unauthorized("missing or malformed timestamp header"))?;
-    let nonce = header(headers, NONCE).filter(|n| !n.is_empty() && n.len() <= 64).ok_or_else(|| unauthorized("missing nonce header"))?;
-    let sig = header(headers, SIGNATURE)
-        .and_then(|s| hex::decode(s).ok())
-        .ok_or_else(|| unauthorized("missing or malformed signature header"))?;
-    if now_ms.abs_diff(ts) > MAX_SKEW_MS as u64 {
-        return Err(unauthorized("request timestamp is too far from now"));
-    }
+    let (ts, nonce, sig) = signature_headers(headers, now_ms, "unauthenticated")?;
     request_mac(&merchant_key(secret, mch), method, path, ts, nonce, body)
         .verify_slice(&sig)
         .map_err(|_| unauthorized("signature does not match"))?;

@@ -33,6 +33,27 @@ async fn status(req: reqwest::RequestBuilder) -> u16 {
     req.send().await.unwrap().status().as_u16()
 }
 
+async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// A kung pao chicken order placed straight at the food service (unpaid).
+async fn kung_pao_order(http: &reqwest::Client, food: &str) -> Value {
+    let body = json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": "88 Nanjing Road"});
+    json_of(http.post(format!("{food}/v1/orders")).json(&body)).await
+}
+
+/// Opens a WebSocket with one extra header on the upgrade request.
+async fn upgrade_with(url: String, name: &'static str, value: &str) -> Result<u16, u16> {
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert(name, value.parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((_, resp)) => Ok(resp.status().as_u16()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Finding 1: anyone who could reach the sandbox's port moved money with a
 /// `text/plain` POST a web page can send without a preflight, read wallets,
 /// and got answers under any `Host` (DNS rebinding), from the sandbox and
@@ -44,18 +65,10 @@ async fn finding_01_money_needs_credentials_and_foreign_pages_and_hosts_are_refu
     let pay = sb.url(Service::Pay);
     let http = reqwest::Client::new();
     // A food order opens a trade for the demo wallet to pay.
-    let order: Value = http
-        .post(format!("{}/v1/orders", sb.url(Service::Food)))
-        .json(&json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": "88 Nanjing Road"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let order = kung_pao_order(&http, &sb.url(Service::Food)).await;
     let otn = order["payment"]["out_trade_no"].as_str().unwrap_or_else(|| panic!("{order}")).to_owned();
     let balance = async || -> i64 {
-        let w: Value = http.get(format!("{pay}/v1/wallets/demo")).bearer_auth(sb.wallet_credential("demo")).send().await.unwrap().json().await.unwrap();
+        let w = json_of(http.get(format!("{pay}/v1/wallets/demo")).bearer_auth(sb.wallet_credential("demo"))).await;
         w["balances"]["CNY"].as_i64().unwrap_or_else(|| panic!("{w}"))
     };
     let before = balance().await;
@@ -94,7 +107,7 @@ async fn finding_01_money_needs_credentials_and_foreign_pages_and_hosts_are_refu
     assert_eq!(status(http.post(format!("{}/_admin/faults", sb.url(Service::Ride))).json(&json!({"latency_ms": 0, "error_rate": 1.0}))).await, 401);
     // Nothing moved.
     assert_eq!(balance().await, before);
-    let t: Value = http.get(format!("{pay}/v1/trades/{otn}")).bearer_auth(sb.wallet_credential("demo")).send().await.unwrap().json().await.unwrap();
+    let t = json_of(http.get(format!("{pay}/v1/trades/{otn}")).bearer_auth(sb.wallet_credential("demo"))).await;
     assert_eq!(t["status"], "NOTPAY", "{t}");
     // With the wallet's credential, it pays.
     let r = http.post(format!("{pay}/v1/trades/{otn}/pay")).bearer_auth(sb.wallet_credential("demo")).json(&json!({"wallet_id": "demo", "method": "alipay"}));
@@ -114,17 +127,9 @@ async fn finding_01_money_needs_credentials_and_foreign_pages_and_hosts_are_refu
         let r = http.get(t.http(path)).bearer_auth(ALICE).header("host", "rebind.attacker.example");
         assert_eq!(status(r).await, 421, "{path}");
     }
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(t.ws_url()).unwrap();
-    req.headers_mut().insert("origin", "http://evil.example".parse().unwrap());
-    match tokio_tungstenite::connect_async(req).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 403),
-        other => panic!("a foreign origin's upgrade was not refused: {:?}", other.map(|(_, r)| r.status())),
-    }
+    assert_eq!(upgrade_with(t.ws_url(), "origin", "http://evil.example").await, Err(403), "a foreign page's upgrade");
     // The server's own page (same origin) still connects.
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(t.ws_url()).unwrap();
-    let own = t.s().url.clone();
-    req.headers_mut().insert("origin", own.parse().unwrap());
-    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    assert_eq!(upgrade_with(t.ws_url(), "origin", &t.s().url).await, Ok(101));
     t.stop().await;
 }
 
@@ -141,7 +146,7 @@ async fn finding_02_new_chats_never_lock_a_person_out() {
         assert_eq!(w["type"], "welcome", "hello {i}: {w}");
         last = w["session"].as_str().unwrap().to_owned();
     }
-    let list: Value = reqwest::Client::new().get(t.http("/v1/sessions")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    let list = json_of(reqwest::Client::new().get(t.http("/v1/sessions")).bearer_auth(ALICE)).await;
     let ids: Vec<&str> = list["sessions"].as_array().unwrap().iter().filter_map(|s| s["id"].as_str()).collect();
     assert!(ids.len() <= 4, "{list}");
     assert!(ids.contains(&last.as_str()), "the newest session is kept: {list}");
@@ -199,7 +204,7 @@ async fn finding_09_a_user_added_after_the_first_start_gets_a_wallet() {
     cfg.pay.wallets.push(("carol".into(), "CNY".into(), 50_000));
     let sb = errand::sandbox::start(cfg).await.unwrap();
     let read = async |w: &str| -> Value {
-        http.get(format!("{pay}/v1/wallets/{w}", pay = sb.url(Service::Pay))).bearer_auth(sb.wallet_credential(w)).send().await.unwrap().json().await.unwrap()
+        json_of(http.get(format!("{pay}/v1/wallets/{w}", pay = sb.url(Service::Pay))).bearer_auth(sb.wallet_credential(w))).await
     };
     assert_eq!(read("carol").await["balances"]["CNY"], 50_000);
     assert_eq!(read("demo").await["balances"]["CNY"], 777, "an existing wallet keeps its balance");
@@ -269,9 +274,7 @@ async fn finding_07_one_party_cannot_hold_every_connection() {
         other => panic!("a third stranger got a socket: {:?}", other.map(|(_, r)| r.status())),
     }
     // A client that names its user on the upgrade is no stranger.
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(t.ws_url()).unwrap();
-    req.headers_mut().insert("authorization", format!("Bearer {BOB}").parse().unwrap());
-    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+    assert_eq!(upgrade_with(t.ws_url(), "authorization", &format!("Bearer {BOB}")).await, Ok(101));
     t.stop().await;
 }
 
@@ -313,15 +316,7 @@ async fn finding_04_an_order_paid_just_before_a_crash_is_in_the_book_after_a_res
     let t = crate::server_ws::serve_in(tempfile::tempdir().unwrap(), Arc::new(smol().clone()), tools.clone(), config(), agent.clone(), None).await;
     let sb = t.s().sandbox_url().unwrap().to_owned();
     let http = reqwest::Client::new();
-    let order: Value = http
-        .post(format!("{sb}/food/v1/orders"))
-        .json(&json!({"restaurant_id": "sh01", "items": [{"dish_id": "sh01-kung-pao-chicken", "quantity": 1}], "address": "88 Nanjing Road"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let order = kung_pao_order(&http, &format!("{sb}/food")).await;
     let (oid, otn) = (order["order_id"].as_str().unwrap().to_owned(), order["payment"]["out_trade_no"].as_str().unwrap().to_owned());
     // What the order book holds the moment before the payment.
     t.s()
@@ -350,7 +345,7 @@ async fn finding_04_an_order_paid_just_before_a_crash_is_in_the_book_after_a_res
     let t = crate::server_ws::serve_in(dir, Arc::new(smol().clone()), tools, config(), agent, None).await;
     let mut seen = Value::Null;
     for _ in 0..100 {
-        seen = http.get(t.http("/v1/orders")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+        seen = json_of(http.get(t.http("/v1/orders")).bearer_auth(ALICE)).await;
         if seen["orders"][0]["payment_status"] == "paid" {
             break;
         }
