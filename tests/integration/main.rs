@@ -19,6 +19,7 @@ mod regression;
 mod server_clients;
 mod server_qwen;
 mod server_ws;
+mod slow_clients;
 mod e2e_smollm;
 mod fetch_script;
 mod grammar;
