@@ -119,6 +119,9 @@ pub struct AppState {
     pub ws_strangers: Arc<Semaphore>,
     /// Open sockets per user (at most `limits.connections_per_user`).
     pub ws_users: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Users turned away with `busy` and not admitted since: when they were
+    /// first turned away, and when they last tried (see [`AppState::admit`]).
+    pub waiting: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, std::time::Instant)>>,
     /// Memory and the feed (`None` with `--no-memory`).
     pub feed: Option<Arc<crate::memory::feed::Feed>>,
     pub clock: Clock,
@@ -129,15 +132,27 @@ pub struct AppState {
 impl AppState {
     /// One model-backed unit of work by `user`: refused while shutting
     /// down, over the user's rate, or when the engine's queue is full.
+    /// Admits model work, or sheds it with `busy`. Shedding is fair: a
+    /// user turned away waits in line (while they keep trying, at least
+    /// every 10 s), and a free slot goes to whoever has waited longest; one
+    /// who was not turned away gets a slot only when nobody waits. (With
+    /// "first to retry wins", 58 of 200 saturating users got no reply in two
+    /// minutes of the load campaign.)
     pub fn admit(&self, user: &str) -> Result<(), ApiError> {
         self.admit_light(user)?;
-        if self.engine.queued() >= self.limits.queue_limit {
+        let queued = self.engine.queued();
+        let now = std::time::Instant::now();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(10));
+        let since = waiting.get(user).map(|(since, _)| *since).unwrap_or(now);
+        let ahead = waiting.iter().filter(|(u, (t, _))| u.as_str() != user && *t < since).count();
+        let free = self.limits.queue_limit.saturating_sub(queued);
+        if ahead >= free {
+            waiting.insert(user.to_owned(), (since, now));
             self.metrics.inc("errand_rejected_total", &[("reason", "busy")]);
-            return Err(ApiError::busy(format!(
-                "the model is busy ({} requests waiting); try again in a few seconds",
-                self.engine.queued()
-            )));
+            return Err(ApiError::busy(format!("the model is busy ({queued} requests waiting, {ahead} people ahead of you); try again in a few seconds")));
         }
+        waiting.remove(user);
         Ok(())
     }
 
@@ -355,6 +370,7 @@ impl Server {
             conns: Arc::new(Semaphore::new(limits.max_connections)),
             ws_strangers: Arc::new(Semaphore::new((limits.max_connections / 4).max(1))),
             ws_users: Default::default(),
+            waiting: Default::default(),
             limits,
             feed,
             started_ms: clock.now_ms(),

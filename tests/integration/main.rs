@@ -14,6 +14,7 @@ mod agent_qwen;
 mod e2e_qwen;
 mod eval;
 mod fuzz;
+mod load;
 mod payments;
 mod regression;
 mod server_clients;

@@ -292,7 +292,10 @@ async fn one_user_cannot_reach_another_users_session() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reconnect_resumes_and_a_resent_input_runs_once() {
-    let mut t = smol_server(config()).await;
+    // An engine of its own: the check below counts its requests, and other
+    // tests' requests to the shared engine would be counted too.
+    let agent = AgentOptions { max_tokens: 24, constrain: false, ..Default::default() };
+    let mut t = serve(crate::util::own_smol(), ToolSet::default(), config(), agent).await;
     let engine = t.s().state.engine.clone();
     let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
     let sid = w["session"].as_str().unwrap().to_owned();

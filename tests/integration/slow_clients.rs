@@ -8,12 +8,10 @@
 //! (`ERRAND_ATTACKERS`). Bounded: the attack ends with the test.
 
 use crate::server_ws::{config, serve, Client, BOB};
-use crate::util::smol;
 use errand::agent::AgentOptions;
 use errand::tools::ToolSet;
 use futures_util::SinkExt;
 use serde_json::json;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -47,7 +45,7 @@ async fn slow_and_broken_clients_do_not_stop_other_users() {
     cfg.server.connections_per_user = 4 * attackers + 8;
     cfg.server.max_connections = 16 * attackers + 64;
     let agent = AgentOptions { max_tokens: 24, constrain: false, ..Default::default() };
-    let mut t = serve(Arc::new(smol().clone()), ToolSet::default(), cfg, agent).await;
+    let mut t = serve(crate::util::own_smol(), ToolSet::default(), cfg, agent).await;
     let url = t.ws_url();
     let before = alice_ttfts(&url, 3, "before").await;
 

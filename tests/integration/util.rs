@@ -51,6 +51,13 @@ pub fn smol() -> &'static Engine {
     E.get_or_init(|| start(SMOL))
 }
 
+/// A SmolLM2 engine of its own, for tests that load the engine on purpose
+/// (the campaigns): their requests neither slow down nor show up in the
+/// counters of the tests sharing [`smol`].
+pub fn own_smol() -> std::sync::Arc<Engine> {
+    std::sync::Arc::new(start(SMOL))
+}
+
 /// One Qwen engine shared by the tests in this binary.
 pub fn qwen() -> &'static Engine {
     qwen_static()
