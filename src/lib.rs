@@ -46,14 +46,17 @@
 //!   (Token, Card, Confirmation,      Idempotency-Key on writes, schema checks)
 //!    Payment, Notice, Done)           │ HTTP
 //!                                     ▼
-//!                sandbox: axum services on one listener, SQLite each
+//!                sandbox: axum services on one listener, SQLite each, behind guard
 //!                  pay ◄──signed notify──► merchant (in tickets, food, ride, salon, bike, mart)
+//!                  merchants sign requests; a wallet pays only with its credential
 //!
-//!  server (errand serve, one axum listener; auth: user tokens, app keys with scopes)
+//!  server (errand serve, one axum listener behind guard (Host, Origin); auth: user
+//!    tokens, app keys with scopes; model work over the queue shed in line, longest wait first)
 //!    /v1/ws ── ws ──► hub: sessions owned by a user, numbered frame log (resume),
 //!    │                client-id dedup, one worker per session → agent; bounded
 //!    │                per-connection queues (slow readers are dropped, never waited on);
-//!    │                order watchers push status changes; orders in SQLite
+//!    │                order watchers push status changes; orders in SQLite, written
+//!    │                before they are paid (agent's order book), reconciled at start
 //!    /v1/chat/completions, /v1/models ── openai (SSE) ──► engine
 //!    /v1/sessions, /v1/orders, /v1/apps (manifest upload), /healthz, /readyz, /metrics
 //!    /v1/users/{id}/memories, /v1/users/{id}/feed ── server::personal ──┐
