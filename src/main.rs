@@ -419,7 +419,7 @@ fn run() -> Result<()> {
                         (sb.base_url.clone(), Some(sb), secret)
                     }
                 };
-                let credentials = errand::agent::PayCredentials(Arc::new(move |w: &str| errand::sandbox::sign::wallet_credential(&secret, w)));
+                let credentials = errand::agent::PayCredentials(errand::sandbox::sign::wallet_credentials(&secret));
                 let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
                 let audit = Audit::open(&errand_home().join("audit.db"), clock.clone())?;
                 let agent = Agent::new(

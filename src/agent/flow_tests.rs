@@ -76,8 +76,7 @@ impl World {
 
 /// The wallet credentials the assistant holds, as a server derives them.
 pub(super) fn credentials(sb: &crate::sandbox::Sandbox) -> crate::agent::PayCredentials {
-    let secret = sb.secret().to_vec();
-    crate::agent::PayCredentials(Arc::new(move |w: &str| crate::sandbox::sign::wallet_credential(&secret, w)))
+    crate::agent::PayCredentials(crate::sandbox::sign::wallet_credentials(sb.secret()))
 }
 
 pub(super) fn calls(ev: &[AgentEvent]) -> Vec<(String, Value)> {

@@ -125,6 +125,13 @@ pub fn wallet_credential(secret: &[u8], wallet_id: &str) -> String {
     format!("{wallet_id}.{}", credential_mac(secret, "errand-wallet-credential", wallet_id))
 }
 
+/// Every wallet's credential under `secret`, as an assistant server holds
+/// them (wrapped in `agent::PayCredentials` by the wiring).
+pub fn wallet_credentials(secret: &[u8]) -> std::sync::Arc<dyn Fn(&str) -> String + Send + Sync> {
+    let secret = secret.to_vec();
+    std::sync::Arc::new(move |w: &str| wallet_credential(&secret, w))
+}
+
 /// The bearer credential for the sandbox's admin endpoints.
 pub fn admin_credential(secret: &[u8]) -> String {
     format!("admin.{}", credential_mac(secret, "errand-admin-credential", "admin"))

@@ -272,9 +272,7 @@ impl Server {
             agent_opts.pay_url = Some(format!("{base}/pay"));
         }
         if agent_opts.pay_credentials.is_none() {
-            let secret = sandbox_secret.clone();
-            agent_opts.pay_credentials =
-                Some(crate::agent::PayCredentials(Arc::new(move |w: &str| crate::sandbox::sign::wallet_credential(&secret, w))));
+            agent_opts.pay_credentials = Some(crate::agent::PayCredentials(crate::sandbox::sign::wallet_credentials(&sandbox_secret)));
         }
         if agent_opts.order_book.is_none() {
             // Orders are in the book before they are paid (issue 23, finding 4).

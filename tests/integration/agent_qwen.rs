@@ -49,10 +49,7 @@ impl World {
             audit,
             AgentOptions {
                 pay_url: Some(sb.url(Service::Pay)),
-                pay_credentials: Some({
-                    let secret = sb.secret().to_vec();
-                    errand::agent::PayCredentials(Arc::new(move |w: &str| errand::sandbox::sign::wallet_credential(&secret, w)))
-                }),
+                pay_credentials: Some(errand::agent::PayCredentials(errand::sandbox::sign::wallet_credentials(sb.secret()))),
                 clock,
                 ..Default::default()
             },
