@@ -46,6 +46,18 @@ impl World {
         Self { _dir: dir, sb, agent, script }
     }
 
+    /// Another agent on the same sandbox (a server started again), with
+    /// its own script and options.
+    pub(super) fn twin(&self, adjust: impl FnOnce(&mut AgentOptions)) -> (Arc<Agent>, Arc<Scripted>) {
+        let tools = Arc::new(ToolSet::load_dir(&crate::source_root().join("tools")).unwrap());
+        let adapter = HttpAdapter::new(HttpOptions { sandbox_url: Some(self.sb.base_url.clone()), timeout: Duration::from_secs(5), ..Default::default() });
+        let audit = Audit::open(&self._dir.path().join("audit-twin.db"), testkit::clock()).unwrap();
+        let script = Scripted::new(Vec::<String>::new());
+        let mut o = AgentOptions { pay_url: Some(self.sb.url(Service::Pay)), pay_credentials: Some(credentials(&self.sb)), clock: testkit::clock(), lang: None, ..Default::default() };
+        adjust(&mut o);
+        (Agent::with_generator(script.clone(), tools, Arc::new(adapter), audit, o), script)
+    }
+
     /// Sends `text`; the model (the script) answers `commands` if asked.
     pub(super) async fn say(&self, text: &str, commands: Option<&str>) -> Vec<AgentEvent> {
         self.say_all(text, commands.as_slice()).await
@@ -376,4 +388,103 @@ async fn finding_04_the_order_is_booked_before_it_is_paid() {
     let ev = w.confirm(&c.token).await;
     assert!(!payments(&ev).iter().any(|p| p.status == "paid"), "{ev:#?}");
     assert_eq!(w.wallet().await, start - c.amount, "only the first order was charged");
+}
+
+/// Issue 23, persistence: every state a session book received, in order.
+fn recording_book() -> (SessionBook, Arc<Mutex<Vec<Value>>>) {
+    let states: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let s = states.clone();
+    (SessionBook(Arc::new(move |sid: &str, v: &Value| {
+        assert_eq!(sid, "s");
+        s.lock().unwrap().push(v.clone());
+        Ok(())
+    })), states)
+}
+
+#[tokio::test]
+async fn a_written_session_resumes_in_a_new_agent_and_its_confirmation_pays_once() {
+    let (book, states) = recording_book();
+    let w = World::with(move |o, _| o.session_book = Some(book)).await;
+    let start = w.wallet().await;
+    let c = kung_pao_quoted(&w).await;
+    // The confirmation was written before it was shown, and the turn's end after it.
+    let saved = states.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(saved["pending"]["req"]["token"], c.token.as_str(), "{saved}");
+    // "The server died": a new agent reads the session back.
+    let (b, _) = w.twin(|_| {});
+    b.restore("s", &saved).unwrap();
+    assert_eq!(b.pending("s").await.map(|p| p.token), Some(c.token.clone()));
+    let ev = b.run("s", Input::Confirm { token: c.token.clone() }).await;
+    assert_eq!(payments(&ev).iter().map(|p| p.status.as_str()).collect::<Vec<_>>(), vec!["paid"], "{ev:#?}");
+    assert_eq!(w.wallet().await, start - c.amount);
+    // The conversation came back too: the flow is over, the order is known.
+    let ev = b.run("s", Input::Confirm { token: c.token.clone() }).await;
+    assert!(payments(&ev).is_empty(), "{ev:#?}");
+    assert_eq!(w.wallet().await, start - c.amount, "charged once");
+}
+
+#[tokio::test]
+async fn a_crash_while_paying_is_settled_after_the_restart_and_charges_once() {
+    let (book, states) = recording_book();
+    let w = World::with(move |o, _| o.session_book = Some(book)).await;
+    let start = w.wallet().await;
+    let c = kung_pao_quoted(&w).await;
+    let before = states.lock().unwrap().len();
+    let ev = w.confirm(&c.token).await;
+    assert_eq!(payments(&ev).len(), 1, "{ev:#?}");
+    // The state written just before the money moved: paying, order known.
+    let paying = states.lock().unwrap()[before].clone();
+    assert_eq!(paying["unsettled"][0]["amount"], c.amount, "{paying}");
+    assert!(paying["pending"]["order"]["payment"]["out_trade_no"].is_string(), "{paying}");
+    // Killed right after the charge, before anything else was written: the
+    // next message asks the payment service first and reports the payment.
+    let (b, script) = w.twin(|_| {});
+    b.restore("s", &paying).unwrap();
+    script.push("chat");
+    script.push("Hello!");
+    let ev = b.run("s", Input::Text("hello?".into())).await;
+    assert_eq!(payments(&ev).iter().map(|p| p.status.as_str()).collect::<Vec<_>>(), vec!["paid"], "{ev:#?}");
+    assert!(b.pending("s").await.is_none(), "the paid confirmation is closed");
+    // Confirming the same token again (another restart) pays nothing more.
+    let (d, _) = w.twin(|_| {});
+    d.restore("s", &paying).unwrap();
+    let ev = d.run("s", Input::Confirm { token: c.token.clone() }).await;
+    assert!(!payments(&ev).iter().any(|p| p.status == "failed"), "{ev:#?}");
+    assert_eq!(w.wallet().await, start - c.amount, "charged once");
+}
+
+#[tokio::test]
+async fn a_confirmation_that_expired_while_the_server_was_down_is_refused_as_expired() {
+    let (book, states) = recording_book();
+    let w = World::with(move |o, _| o.session_book = Some(book)).await;
+    let start = w.wallet().await;
+    let c = kung_pao_quoted(&w).await;
+    let saved = states.lock().unwrap().last().cloned().unwrap();
+    let clock = testkit::clock();
+    clock.advance(Duration::from_secs(11 * 60));
+    let (b, _) = w.twin(|o| o.clock = clock.clone());
+    b.restore("s", &saved).unwrap();
+    let ev = b.run("s", Input::Confirm { token: c.token.clone() }).await;
+    assert!(payments(&ev).is_empty(), "{ev:#?}");
+    assert!(words(&ev).contains("no longer valid"), "{}", words(&ev));
+    assert_eq!(w.wallet().await, start);
+    // A state of another shape is refused, not half read.
+    assert!(b.restore("t", &json!({"v": 99})).is_err());
+}
+
+#[tokio::test]
+async fn a_book_that_cannot_write_shows_no_confirmation_and_pays_nothing() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = failing.clone();
+    let w = World::with(move |o, _| {
+        o.session_book = Some(SessionBook(Arc::new(move |_: &str, _: &Value| {
+            if f.load(std::sync::atomic::Ordering::SeqCst) { Err("disk full".into()) } else { Ok(()) }
+        })))
+    })
+    .await;
+    w.script.push("start order_food\nset place People's Square\nset dish kung pao chicken\nset address 200 Renmin Road");
+    let ev = w.agent.run("s", Input::Text("Order kung pao chicken from Shu Feng Sichuan Kitchen near People's Square to 200 Renmin Road".into())).await;
+    assert!(confirmation(&ev).is_none(), "{ev:#?}");
+    assert!(ev.iter().any(|e| matches!(e, AgentEvent::Error { message } if message.contains("disk full"))), "{ev:#?}");
+    assert!(w.agent.pending("s").await.is_none());
 }

@@ -44,7 +44,7 @@ use crate::tools::{path_params, Tool, ToolCall, ToolSet};
 use ground::Evidence;
 use present::{compact, say, Card, Say};
 use crate::world::money::display as money;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -96,6 +96,20 @@ impl std::fmt::Debug for OrderBook {
     }
 }
 
+/// Where a server keeps each session's state (the conversation, the flows,
+/// the open confirmation and payments not yet settled), so a restart
+/// resumes it. It is written at the end of every input, before a
+/// confirmation is shown, and before any money moves; a book that cannot
+/// write stops the confirmation or the payment. `(session, state)`.
+#[derive(Clone)]
+pub struct SessionBook(pub Arc<dyn Fn(&str, &Value) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for SessionBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionBook(…)")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// Model rounds (each may call tools) per user message.
@@ -115,6 +129,8 @@ pub struct AgentOptions {
     pub pay_credentials: Option<PayCredentials>,
     /// Where orders are written before they are paid (a server's order book).
     pub order_book: Option<OrderBook>,
+    /// Where each session's state is written (a server's store).
+    pub session_book: Option<SessionBook>,
     /// Fixed language; detected from the first message when `None`.
     pub lang: Option<Lang>,
     /// Ask the model, after a message about oneself that the rules did not
@@ -139,6 +155,7 @@ impl Default for AgentOptions {
             pay_method: "alipay".into(),
             pay_credentials: None,
             order_book: None,
+            session_book: None,
             lang: None,
             extract_memories: false,
             clock: Clock::wall(),
@@ -155,7 +172,7 @@ pub enum Input {
 }
 
 /// A request for the person's explicit yes, bound to a server-made token.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ConfirmationRequest {
     pub token: String,
     pub tool: String,
@@ -240,6 +257,7 @@ struct Pending {
 }
 
 /// What a session remembers between inputs: the conversation.
+#[derive(Serialize, Deserialize)]
 struct Conversation {
     /// The generic path's chat history (system prompt, turns, tool results).
     messages: Vec<Message>,
@@ -317,6 +335,7 @@ struct Gate {
 }
 
 /// A confirmed payment whose outcome is unknown.
+#[derive(Clone, Serialize, Deserialize)]
 struct Unsettled {
     out_trade_no: String,
     wallet: String,
@@ -331,6 +350,30 @@ struct Session {
     conv: Conversation,
     turn: Turn,
     gate: Gate,
+}
+
+/// The shape of a written session; a state of another version is not read.
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// A session as [`SessionBook`] holds it (written with `json!` from the
+/// live session, read back whole).
+#[derive(Deserialize)]
+struct Snapshot {
+    v: u32,
+    conv: Conversation,
+    pending: Option<PendingSnapshot>,
+    unsettled: Vec<Unsettled>,
+}
+
+/// An open confirmation, with its tool by name: a tool that is gone when
+/// the session is read back voids the confirmation.
+#[derive(Deserialize)]
+struct PendingSnapshot {
+    req: ConfirmationRequest,
+    app: String,
+    tool: String,
+    args: Map<String, Value>,
+    order: Option<Value>,
 }
 
 /// Resolves when the switch turns on; never, when its sender is gone.
@@ -491,6 +534,38 @@ impl Agent {
         s.gate.pending.as_ref().map(|p| p.req.clone())
     }
 
+    /// Writes a session to the book, when there is one.
+    fn save(&self, sid: &str, s: &Session) -> Result<(), String> {
+        let Some(book) = &self.opts.session_book else { return Ok(()) };
+        let pending = s.gate.pending.as_ref().map(|p| json!({"req": p.req, "app": p.tool.app, "tool": p.tool.def.name, "args": p.args, "order": p.order}));
+        let state = json!({"v": SNAPSHOT_VERSION, "conv": &s.conv, "pending": pending, "unsettled": &s.gate.unsettled});
+        (book.0)(sid, &state).map_err(|e| format!("the conversation could not be saved ({e})"))
+    }
+
+    /// Puts back a session an earlier run wrote ([`SessionBook`]): the
+    /// conversation, the flows, payments still to settle, and the open
+    /// confirmation, which keeps its token and its expiry time (one that
+    /// expired meanwhile is refused as expired when it is used).
+    pub fn restore(&self, sid: &str, state: &Value) -> Result<(), String> {
+        let snap: Snapshot = serde_json::from_value(state.clone()).map_err(|e| format!("unreadable session state: {e}"))?;
+        if snap.v != SNAPSHOT_VERSION {
+            return Err(format!("session state version {} (this build reads {SNAPSHOT_VERSION})", snap.v));
+        }
+        let tools = self.tools();
+        let now = self.opts.clock.now_ms();
+        let pending = snap.pending.and_then(|p| {
+            let tool = tools.iter().find(|t| t.app == p.app && t.def.name == p.tool)?.clone();
+            let left = u64::try_from(p.req.expires_ms.saturating_sub(now)).unwrap_or(0);
+            Some(Pending { expires: std::time::Instant::now() + Duration::from_millis(left), req: p.req, tool, args: p.args, order: p.order })
+        });
+        let s = self.session(sid);
+        let mut s = s.try_lock().map_err(|_| "the session is running an input".to_owned())?;
+        s.conv = snap.conv;
+        s.gate.pending = pending;
+        s.gate.unsettled = snap.unsettled;
+        Ok(())
+    }
+
     /// Forgets a session (its open confirmation is dropped unredeemed).
     pub fn reset(&self, session: &str) {
         self.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(session);
@@ -551,7 +626,9 @@ impl Agent {
                 Input::Decline { token } => me.on_decline(&sid, &mut s, &token, &tx).await,
             };
             s.turn.stats.total_ms = s.turn.started.elapsed().as_secs_f64() * 1000.0;
-            match r {
+            // What the input changed is written before its `Done` announces it.
+            let saved = me.save(&sid, &s);
+            match r.and(saved) {
                 Ok(()) => emit(&tx, AgentEvent::Done { stats: s.turn.stats.clone() }).await,
                 Err(message) => emit(&tx, AgentEvent::Error { message }).await,
             }
@@ -1074,6 +1151,12 @@ impl Agent {
             expires: std::time::Instant::now() + ttl,
             order: None,
         });
+        // Written before it is shown, so a confirmation on the screen
+        // survives a restart of the server.
+        if let Err(e) = self.save(sid, s) {
+            s.gate.pending = None;
+            return Err(format!("{e}; nothing was ordered"));
+        }
         emit(tx, AgentEvent::Confirmation(req)).await;
         Ok(Flow::End)
     }
@@ -1219,7 +1302,34 @@ impl Agent {
             } else if let Err(e) = booked {
                 PayOutcome::Failed(format!("the order could not be recorded ({e}), so nothing was paid"))
             } else {
-                self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token, &wallet).await
+                // The session is written down as "paying" first: after a
+                // crash from here on, the trade is asked about before the
+                // next message (unsettled), and the confirmation still pays
+                // only this order.
+                let paying = Unsettled {
+                    out_trade_no: otn.clone(),
+                    wallet: wallet.clone(),
+                    amount,
+                    currency: currency.clone(),
+                    amount_display: p.req.amount_display.clone(),
+                    summary: p.req.summary.clone(),
+                };
+                let known = s.gate.unsettled.iter().any(|u| u.out_trade_no == otn);
+                if !known {
+                    s.gate.unsettled.push(paying);
+                }
+                s.gate.pending = Some(p);
+                let saved = self.save(sid, s);
+                p = s.gate.pending.take().expect("set just above");
+                match saved {
+                    Err(e) => {
+                        if !known {
+                            s.gate.unsettled.retain(|u| u.out_trade_no != otn);
+                        }
+                        PayOutcome::Failed(format!("{e}, so nothing was paid"))
+                    }
+                    Ok(()) => self.pay(&p.tool.app, &otn, p.req.amount, &p.req.currency, token, &wallet).await,
+                }
             };
             // The person hears about money first; the audit row follows, and a
             // failure to write it after money moved is reported, not hidden.
@@ -1238,6 +1348,7 @@ impl Agent {
                     paid = Some(trade)
                 }
                 PayOutcome::Refused(text) => {
+                    s.gate.unsettled.retain(|u| u.out_trade_no != otn);
                     s.conv.messages.push(Message::tool(json!({"status": "not_paid", "reason": text}).to_string()));
                     s.conv.messages.push(Message::assistant(text.clone()));
                     emit(tx, AgentEvent::Notice { text }).await;
@@ -1256,6 +1367,9 @@ impl Agent {
                             amount_display: p.req.amount_display.clone(),
                             summary: p.req.summary.clone(),
                         });
+                    } else if status != "unknown" {
+                        // Known unpaid: nothing to ask the service about later.
+                        s.gate.unsettled.retain(|u| u.out_trade_no != otn);
                     }
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
                     p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
@@ -1351,7 +1465,15 @@ impl Agent {
                     let txn = trade.as_ref().and_then(|t| t["transaction_id"].as_str()).map(str::to_owned);
                     emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: u.out_trade_no.clone(), status: "paid".into(), amount: u.amount, currency: u.currency.clone(), transaction_id: txn, reason: None })).await;
                     if s.gate.pending.as_ref().and_then(|p| p.order.as_ref()).is_some_and(|o| o["payment"]["out_trade_no"] == u.out_trade_no.as_str()) {
-                        s.gate.pending = None;
+                        // Its confirmation is used up, and the flow that
+                        // quoted it is done (else the next message quotes
+                        // the same order again).
+                        if let Some(p) = s.gate.pending.take() {
+                            s.conv.orders.push((p.tool.app.clone(), p.order.clone().unwrap_or_default()));
+                        }
+                        if s.conv.dialogue.stack.last().is_some_and(|f| f.quoted) {
+                            s.conv.dialogue.stack.pop();
+                        }
                     }
                     say(lang, Say::SettledPaid { amount: u.amount_display.clone(), summary: &u.summary })
                 }

@@ -4,11 +4,11 @@
 
 use crate::world::money::display as money;
 use crate::prompt::Lang;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// A structured result for a client to draw (train options, menus, quotes).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Card {
     /// The manifest's card kind, e.g. `train_options`.
     pub kind: String,
@@ -20,7 +20,7 @@ pub struct Card {
     pub options: Vec<CardOption>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CardOption {
     pub id: String,
     pub label: String,

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// One flow being run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Frame {
     pub flow: String,
     pub app: String,
@@ -62,7 +62,7 @@ impl Frame {
 }
 
 /// A session's dialogue: the flow stack (top = last) and the recent exchange.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct State {
     pub stack: Vec<Frame>,
     /// The last few (role, text) lines, for the command prompt.

@@ -12,7 +12,8 @@
 //! engine, therefore never slow down for a slow reader.
 
 use super::metrics::Metrics;
-use super::orders::{OrderRow, Orders};
+use super::orders::OrderRow;
+use super::store::{SessionRow, Store, StoredFrame, StoredSession};
 use crate::agent::present::Card;
 use crate::agent::{Agent, AgentEvent, Input, SessionOptions};
 use crate::prompt::Lang;
@@ -34,6 +35,9 @@ const SEEN_CAP: usize = 1024;
 const CARDS_CAP: usize = 64;
 /// Inputs that may wait behind the one running.
 const QUEUE: usize = 4;
+/// Frames dropped from the memory log before the store drops them too
+/// (one delete per this many, not one per frame).
+const STORE_TRIM: u64 = 256;
 
 /// What a connection's writer sends.
 pub type OutFrame = Arc<str>;
@@ -65,6 +69,8 @@ struct Inner {
     /// The latest confirmation request, to describe the order it leads to.
     last_confirmation: Option<Value>,
     closed: bool,
+    /// Frames below this seq are gone from the store as well.
+    stored_from: u64,
 }
 
 pub struct ChatSession {
@@ -72,6 +78,8 @@ pub struct ChatSession {
     pub user: String,
     pub created_ms: i64,
     clock: Clock,
+    /// Every frame is written here before any watcher gets it.
+    store: Arc<dyn Store>,
     inner: Mutex<Inner>,
     jobs: mpsc::Sender<Job>,
     /// Set when the session is deleted: no input is taken any more, and
@@ -116,7 +124,7 @@ impl Inner {
 
 impl ChatSession {
     /// A fresh session and the receiving end of its input queue.
-    fn new(id: String, user: &str, clock: Clock) -> (Self, mpsc::Receiver<Job>) {
+    fn new(id: String, user: &str, clock: Clock, store: Arc<dyn Store>) -> (Self, mpsc::Receiver<Job>) {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let now = clock.now_ms();
         let s = ChatSession {
@@ -124,6 +132,7 @@ impl ChatSession {
             user: user.to_owned(),
             created_ms: now,
             clock,
+            store,
             inner: Mutex::new(Inner {
                 seq: 0,
                 log: VecDeque::new(),
@@ -138,11 +147,52 @@ impl ChatSession {
                 last_active_ms: now,
                 last_confirmation: None,
                 closed: false,
+                stored_from: 0,
             }),
             jobs,
             closed: watch::channel(false).0,
         };
         (s, rx)
+    }
+
+    /// A session an earlier run stored, with its log, client ids, cards and
+    /// counters rebuilt from the frames. Inputs that were accepted but never
+    /// finished (the server died while they ran or waited) are returned:
+    /// the caller answers each with an `interrupted` error.
+    fn restored(st: StoredSession, clock: Clock, store: Arc<dyn Store>) -> (Self, mpsc::Receiver<Job>, Vec<String>) {
+        let (s, rx) = Self::new(st.row.id.clone(), &st.row.user, clock, store);
+        let s = ChatSession { created_ms: st.row.created_ms, ..s };
+        let mut unfinished: Vec<String> = Vec::new();
+        {
+            let mut inner = s.lock();
+            inner.turns = st.row.turns;
+            inner.last_active_ms = st.row.last_active_ms;
+            inner.stored_from = st.frames.first().map(|f| f.seq).unwrap_or(0);
+            for f in st.frames {
+                let v: Value = serde_json::from_str(&f.text).unwrap_or(Value::Null);
+                if let Some(id) = &f.reply_to {
+                    inner.remember_id(id);
+                    match v["type"].as_str() {
+                        Some("ack") if !unfinished.contains(id) => unfinished.push(id.clone()),
+                        Some("done" | "error") => unfinished.retain(|u| u != id),
+                        _ => {}
+                    }
+                }
+                match v["type"].as_str() {
+                    Some("card") => {
+                        if let (Some(cid), Ok(card)) = (v["card_id"].as_str(), serde_json::from_value::<Card>(v["card"].clone())) {
+                            inner.keep_card(cid.to_owned(), card);
+                        }
+                    }
+                    Some("confirmation") => inner.last_confirmation = Some(v.clone()),
+                    _ => {}
+                }
+                inner.seq = inner.seq.max(f.seq);
+                inner.log_bytes += f.text.len();
+                inner.log.push_back((f.seq, f.reply_to, f.text.into()));
+            }
+        }
+        (s, rx, unfinished)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -163,12 +213,24 @@ impl ChatSession {
             metrics.inc("errand_ws_frames_total", &[("direction", "out"), ("type", t)]);
         }
         let text: OutFrame = Value::Object(body).to_string().into();
+        // In the store before anyone sees it (a resume after a crash
+        // replays what clients were shown, and no more).
+        if self.store.append_frame(&self.id, &StoredFrame { seq, reply_to: reply_to.map(str::to_owned), text: text.to_string() }).is_err() {
+            metrics.inc("errand_store_errors_total", &[("what", "frame")]);
+        }
         inner.log_bytes += text.len();
         inner.log.push_back((seq, reply_to.map(str::to_owned), text.clone()));
         while inner.log.len() > LOG_CAP || (inner.log_bytes > LOG_BYTES && inner.log.len() > 1) {
             if let Some((_, _, f)) = inner.log.pop_front() {
                 inner.log_bytes -= f.len();
             }
+        }
+        let oldest = inner.log.front().map(|(s, _, _)| *s).unwrap_or(seq);
+        if oldest >= inner.stored_from + STORE_TRIM {
+            if self.store.forget_frames_before(&self.id, oldest).is_err() {
+                metrics.inc("errand_store_errors_total", &[("what", "trim")]);
+            }
+            inner.stored_from = oldest;
         }
         inner.last_active_ms = self.clock.now_ms();
         inner.subscribers.retain(|s| match s.tx.try_send(text.clone()) {
@@ -387,7 +449,7 @@ fn is_final(status: &str) -> bool {
 pub struct Hub {
     sessions: Mutex<HashMap<String, Arc<ChatSession>>>,
     agent: Arc<Agent>,
-    orders: Arc<Orders>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     /// Cloned by every session worker, order watcher and socket; shutdown
@@ -402,12 +464,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(agent: Arc<Agent>, orders: Arc<Orders>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, order_poll: Duration, clock: Clock) -> Self {
+    pub fn new(agent: Arc<Agent>, store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>, order_poll: Duration, clock: Clock) -> Self {
         Self {
             clock,
             sessions: Mutex::new(HashMap::new()),
             agent,
-            orders,
+            store,
             metrics,
             shutdown,
             tasks: Arc::new(()),
@@ -440,7 +502,6 @@ impl Hub {
         v
     }
 
-    /// Opens a new session for `user`, or `None` when they have `limit` already.
     /// A new session for `user`. Never refused: sessions idle longer than
     /// `idle` (with nobody attached and nothing running) are dropped first,
     /// and at `limit` the user's least recently used session makes room,
@@ -448,8 +509,20 @@ impl Hub {
     /// the 17th locked a person out, since sessions never ended.)
     pub async fn create(self: &Arc<Self>, user: &str, wallet: &str, lang: Option<Lang>, limit: usize, idle: Duration) -> Arc<ChatSession> {
         let id = format!("s-{}", hex::encode(rand::random::<[u8; 16]>()));
-        let (session, rx) = ChatSession::new(id.clone(), user, self.clock.clone());
+        let (session, rx) = ChatSession::new(id.clone(), user, self.clock.clone(), self.store.clone());
         let session = Arc::new(session);
+        let row = SessionRow {
+            id: id.clone(),
+            user: user.to_owned(),
+            wallet: wallet.to_owned(),
+            lang: lang.map(|l| l.code().to_owned()),
+            created_ms: session.created_ms,
+            last_active_ms: session.created_ms,
+            turns: 0,
+        };
+        if self.store.put_session(&row).is_err() {
+            self.metrics.inc("errand_store_errors_total", &[("what", "session")]);
+        }
         let evicted = {
             let mut map = self.map();
             let now = self.clock.now_ms();
@@ -485,18 +558,74 @@ impl Hub {
         };
         for s in evicted {
             self.metrics.inc("errand_sessions_evicted_total", &[]);
-            s.close();
-            self.agent.cancel(&s.id);
+            self.forget(&s);
         }
         self.agent.open_session(&id, SessionOptions { wallet: Some(wallet.to_owned()), lang, user: Some(user.to_owned()) }).await;
+        self.spawn_worker(session.clone(), rx);
+        session
+    }
+
+    fn spawn_worker(self: &Arc<Self>, s: Arc<ChatSession>, rx: mpsc::Receiver<Job>) {
         let hub = self.clone();
-        let s = session.clone();
         let guard = self.tasks.clone();
         tokio::spawn(async move {
             hub.worker(s, rx).await;
             drop(guard);
         });
-        session
+    }
+
+    /// Closes a session that left the map, and deletes it from the store.
+    fn forget(&self, s: &ChatSession) {
+        s.close();
+        self.agent.cancel(&s.id);
+        if self.store.delete_session(&s.id).is_err() {
+            self.metrics.inc("errand_store_errors_total", &[("what", "session")]);
+        }
+    }
+
+    /// Brings back the sessions an earlier run stored (call once, before
+    /// serving): each resumes from any `seq` its clients hold, with its
+    /// conversation, flows and open confirmation. An input the earlier
+    /// run accepted but did not finish is answered with an `interrupted`
+    /// error, and its id may be sent again. Returns how many came back.
+    pub async fn restore(self: &Arc<Self>) -> usize {
+        let stored = match self.store.sessions() {
+            Ok(v) => v,
+            Err(_) => {
+                self.metrics.inc("errand_store_errors_total", &[("what", "restore")]);
+                return 0;
+            }
+        };
+        let n = stored.len();
+        for st in stored {
+            let state = st.state.clone();
+            let lang = st.row.lang.as_deref().and_then(Lang::parse);
+            let wallet = st.row.wallet.clone();
+            let (session, rx, unfinished) = ChatSession::restored(st, self.clock.clone(), self.store.clone());
+            let session = Arc::new(session);
+            let id = session.id.clone();
+            self.agent.open_session(&id, SessionOptions { wallet: Some(wallet), lang, user: Some(session.user.clone()) }).await;
+            if let Some(state) = state {
+                if self.agent.restore(&id, &state).is_err() {
+                    self.metrics.inc("errand_store_errors_total", &[("what", "state")]);
+                }
+            }
+            for input in unfinished {
+                let mut f = Map::new();
+                f.insert("type".into(), json!("error"));
+                f.insert("code".into(), json!("interrupted"));
+                f.insert("id".into(), json!(input));
+                f.insert(
+                    "message".into(),
+                    json!("the server stopped while this input ran or waited; what it did before is shown above, and an open confirmation is still open. Send it again if it is still wanted"),
+                );
+                session.publish(Some(&input), f, &self.metrics);
+                session.lock().seen.remove(&input);
+            }
+            self.map().insert(id, session.clone());
+            self.spawn_worker(session, rx);
+        }
+        n
     }
 
     /// Deletes a session: it takes no more input, its watchers are
@@ -512,8 +641,7 @@ impl Hub {
         };
         match removed {
             Some(s) => {
-                s.close();
-                self.agent.cancel(id);
+                self.forget(&s);
                 true
             }
             None => false,
@@ -551,9 +679,15 @@ impl Hub {
             let job = job.expect("checked above");
             s.lock().busy = true;
             self.run_job(&s, job).await;
-            let mut inner = s.lock();
-            inner.busy = false;
-            inner.turns += 1;
+            let (last, turns) = {
+                let mut inner = s.lock();
+                inner.busy = false;
+                inner.turns += 1;
+                (inner.last_active_ms, inner.turns)
+            };
+            if self.store.touch_session(&s.id, last, turns).is_err() {
+                self.metrics.inc("errand_store_errors_total", &[("what", "session")]);
+            }
         }
     }
 
@@ -617,8 +751,8 @@ impl Hub {
             payment_status: pay["status"].as_str().unwrap_or_default().to_owned(),
             data: order.clone(),
         };
-        if let Err(e) = self.orders.upsert(&row) {
-            eprintln!("errand serve: cannot record order {oid}: {e}");
+        if self.store.upsert_order(&row).is_err() {
+            self.metrics.inc("errand_store_errors_total", &[("what", "order")]);
         }
         let key = format!("{}/{app}/{oid}", s.user);
         if !self.followed.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
@@ -644,7 +778,7 @@ impl Hub {
                 let Some(now) = hub.agent.order_status(&app, &last).await else { continue };
                 if now["status"] != last["status"] || now["payment"]["status"] != last["payment"]["status"] {
                     let status = now["status"].as_str().unwrap_or("unknown");
-                    let _ = hub.orders.update_status(&s.user, &app, &oid, status, now["payment"]["status"].as_str(), &now);
+                    let _ = hub.store.update_order(&s.user, &app, &oid, status, now["payment"]["status"].as_str(), &now);
                     let f = frame_of(&AgentEvent::Order { app: app.clone(), tool: String::new(), order: now.clone() });
                     if let Some(f) = f {
                         s.publish(None, f, &hub.metrics);
@@ -662,7 +796,8 @@ mod tests {
     use super::*;
 
     fn session() -> (ChatSession, mpsc::Receiver<Job>) {
-        ChatSession::new("s-test".into(), "alice", crate::world::Clock::pinned(0))
+        let store = super::super::store::SqliteStore::in_memory(crate::world::Clock::pinned(0)).unwrap();
+        ChatSession::new("s-test".into(), "alice", crate::world::Clock::pinned(0), Arc::new(store))
     }
 
     fn delta(t: &str) -> Map<String, Value> {

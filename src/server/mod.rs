@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod store;
 pub mod limits;
 pub mod metrics;
 pub mod openai;
@@ -105,7 +106,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub rate: limits::RateLimiter,
     pub hub: Arc<hub::Hub>,
-    pub orders: Arc<orders::Orders>,
+    /// Sessions, frame logs, agent states and the order book (`store.rs`).
+    pub store: Arc<dyn store::Store>,
     pub apps_dir: PathBuf,
     /// Apps whose manifests come from the tools folder: not replaceable at run time.
     pub builtin_apps: Vec<String>,
@@ -264,7 +266,7 @@ impl Server {
         }
         let clock = opts.clock;
         let audit = Audit::open(&data.join("audit.db"), clock.clone()).map_err(|e| data_err("the audit log", &e))?;
-        let orders = Arc::new(orders::Orders::open(&data.join("orders.db"), clock.clone()).map_err(|e| data_err("the order book", &e))?);
+        let store: Arc<dyn store::Store> = Arc::new(store::SqliteStore::open(&data, clock.clone()).map_err(|e| data_err("the session store and order book", &e))?);
         let adapter = Arc::new(HttpAdapter::new(HttpOptions { sandbox_url: Some(base.clone()), ..Default::default() }));
         let mut agent_opts = opts.agent;
         agent_opts.clock = clock.clone();
@@ -276,10 +278,10 @@ impl Server {
         }
         if agent_opts.order_book.is_none() {
             // Orders are in the book before they are paid (issue 23, finding 4).
-            let book = orders.clone();
+            let book = store.clone();
             agent_opts.order_book = Some(crate::agent::OrderBook(Arc::new(move |o: &crate::agent::PlacedOrder| {
                 let (Some(user), Some(order_id)) = (o.user, hub::order_id(o.order)) else { return Ok(()) };
-                book.upsert(&orders::OrderRow {
+                book.upsert_order(&orders::OrderRow {
                     user: user.to_owned(),
                     session: o.session.to_owned(),
                     app: o.app.to_owned(),
@@ -294,6 +296,12 @@ impl Server {
                 })
                 .map_err(|e| format!("the order book: {e}"))
             })));
+        }
+        if agent_opts.session_book.is_none() {
+            // A session's state is on disk before a confirmation is shown
+            // and before money moves, so a restart resumes it (issue 23).
+            let book = store.clone();
+            agent_opts.session_book = Some(crate::agent::SessionBook(Arc::new(move |sid: &str, state: &serde_json::Value| book.put_state(sid, state).map_err(|e| e.to_string()))));
         }
         let agent = Agent::new(engine.clone(), Arc::new(tools), adapter, audit, agent_opts);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -336,16 +344,18 @@ impl Server {
         // The listener stays open while draining, so /readyz can say 503.
         let (http_stop_tx, http_stop_rx) = watch::channel(false);
         let metrics = Arc::new(metrics::Metrics::default());
-        let hub = Arc::new(hub::Hub::new(agent.clone(), orders.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll, clock.clone()));
+        let hub = Arc::new(hub::Hub::new(agent.clone(), store.clone(), metrics.clone(), shutdown_rx.clone(), opts.order_poll, clock.clone()));
+        // Sessions of an earlier run resume where they were.
+        hub.restore().await;
         // Orders left awaiting payment by an earlier run (a crash between
         // paying and reporting) are asked about once at start.
         {
-            let (agent, orders) = (agent.clone(), orders.clone());
+            let (agent, store) = (agent.clone(), store.clone());
             tokio::spawn(async move {
-                for o in orders.awaiting_payment().unwrap_or_default() {
+                for o in store.orders_awaiting_payment().unwrap_or_default() {
                     if let Some(now) = agent.order_status(&o.row.app, &o.row.data).await {
                         let status = now["status"].as_str().unwrap_or("unknown");
-                        let _ = orders.update_status(&o.row.user, &o.row.app, &o.row.order_id, status, now["payment"]["status"].as_str(), &now);
+                        let _ = store.update_order(&o.row.user, &o.row.app, &o.row.order_id, status, now["payment"]["status"].as_str(), &now);
                     }
                 }
             });
@@ -359,7 +369,7 @@ impl Server {
             metrics,
             rate: limits::RateLimiter::new(limits.requests_per_minute),
             hub,
-            orders,
+            store,
             apps_dir,
             builtin_apps,
             sandbox_url: base.clone(),

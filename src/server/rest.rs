@@ -106,12 +106,12 @@ async fn history(State(st): State<Arc<AppState>>, user: UserAuth, Path(id): Path
 
 async fn orders(State(st): State<Arc<AppState>>, Caller(who): Caller) -> ApiResult<Json<Value>> {
     let rows = match &who {
-        Principal::User { id, .. } => st.orders.for_user(id),
+        Principal::User { id, .. } => st.store.orders_for_user(id),
         Principal::App { id, scopes } => {
             if !scopes.iter().any(|s| s == "orders:read") {
                 return Err(ApiError::forbidden(format!("app `{id}` lacks the `orders:read` scope")));
             }
-            st.orders.for_app(id)
+            st.store.orders_for_app(id)
         }
     }
     .map_err(ApiError::internal)?;

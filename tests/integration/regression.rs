@@ -321,8 +321,8 @@ async fn finding_04_an_order_paid_just_before_a_crash_is_in_the_book_after_a_res
     // What the order book holds the moment before the payment.
     t.s()
         .state
-        .orders
-        .upsert(&OrderRow {
+        .store
+        .upsert_order(&OrderRow {
             user: "alice".into(),
             session: "s-crashed".into(),
             app: "food".into(),

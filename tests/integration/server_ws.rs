@@ -623,3 +623,71 @@ async fn remember_recommend_forget_and_my_usual_over_the_socket() {
     let orders = feed.memory().usual("alice", Some("food")).await.unwrap().unwrap();
     assert_eq!(orders.times, 3, "the new order is remembered too");
 }
+
+/// Issue 23, persistence: sessions, their frame logs and the inputs they
+/// already ran outlive the server. After a restart the client resumes from
+/// its `seq`, an input the old server accepted but never finished is
+/// answered `interrupted` (and may be sent again), and a re-sent finished
+/// input still runs nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_resumes_after_the_server_restarts() {
+    use errand::server::store::{SqliteStore, Store, StoredFrame};
+    let agent = AgentOptions { max_tokens: 12, constrain: false, ..Default::default() };
+    let engine = Arc::new(smol().clone());
+    let t = serve_in(tempfile::tempdir().unwrap(), engine.clone(), ToolSet::default(), config(), agent.clone(), None).await;
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, None, 0).await;
+    let sid = w["session"].as_str().unwrap().to_owned();
+    c.send(json!({"type": "message", "id": "m1", "text": "Say hello."})).await;
+    c.until("done", 60).await;
+    let seq = c.seen.last().unwrap()["seq"].as_u64().unwrap();
+    let before: Vec<Value> = c.seen.iter().filter(|f| f["seq"].as_u64().is_some_and(|s| s > 0)).cloned().collect();
+    drop(c);
+    let TestServer { server, dir } = t;
+    server.unwrap().shutdown().await;
+    // As a kill -9 would leave it: an input accepted, its reply cut short.
+    {
+        let st = SqliteStore::open(&dir.path().join("server"), crate::util::clock()).unwrap();
+        for (i, f) in [json!({"type": "ack", "id": "m2", "duplicate": false}), json!({"type": "user", "text": "And again?"}), json!({"type": "delta", "text": "Hel"})].iter().enumerate() {
+            let mut f = f.clone();
+            f["seq"] = json!(seq + 1 + i as u64);
+            f["reply_to"] = json!("m2");
+            st.append_frame(&sid, &StoredFrame { seq: seq + 1 + i as u64, reply_to: Some("m2".into()), text: f.to_string() }).unwrap();
+        }
+    }
+    let mut t = serve_in(dir, engine, ToolSet::default(), config(), agent, None).await;
+    // Someone else cannot see it; its owner resumes it from the start.
+    let (_, w) = Client::hello(&t.ws_url(), BOB, Some(&sid), 0).await;
+    assert_eq!(w["code"], "not_found", "{w}");
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, Some(&sid), 0).await;
+    assert_eq!((w["type"].as_str(), w["resumed"].as_bool(), w["seq"].as_u64()), (Some("welcome"), Some(true), Some(seq + 4)), "{w}");
+    let err = c.until("error", 10).await;
+    assert_eq!((err["code"].as_str(), err["id"].as_str(), err["seq"].as_u64()), (Some("interrupted"), Some("m2"), Some(seq + 4)), "{err}");
+    // The replay holds the old server's frames (deltas joined into one).
+    let replayed: Vec<&Value> = c.seen.iter().filter(|f| f["reply_to"] == "m1").collect();
+    let old_text: String = before.iter().filter(|f| f["type"] == "delta").filter_map(|f| f["text"].as_str()).collect();
+    let new_text: String = replayed.iter().filter(|f| f["type"] == "delta").filter_map(|f| f["text"].as_str()).collect();
+    assert_eq!(new_text, old_text);
+    assert!(replayed.iter().any(|f| f["type"] == "done"), "{replayed:?}");
+    // m1 ran already: resent, it runs nothing. m2 never finished: it runs.
+    c.send(json!({"type": "message", "id": "m1", "text": "Say hello."})).await;
+    let ack = c.until("ack", 10).await;
+    assert_eq!(ack["duplicate"], true, "{ack}");
+    c.send(json!({"type": "message", "id": "m2", "text": "And again?"})).await;
+    let ack = loop {
+        let a = c.until("ack", 10).await;
+        if a["id"] == "m2" {
+            break a;
+        }
+    };
+    assert_eq!((ack["duplicate"].as_bool(), ack["seq"].as_u64()), (Some(false), Some(seq + 5)), "{ack}");
+    let done = c.until("done", 60).await;
+    assert_eq!(done["reply_to"], "m2");
+    // The session is listed with its turns, and deleting it deletes it on disk too.
+    let list: Value = http().get(t.http("/v1/sessions")).bearer_auth(ALICE).send().await.unwrap().json().await.unwrap();
+    assert!(list.to_string().contains(&sid), "{list}");
+    let r = http().delete(t.http(&format!("/v1/sessions/{sid}"))).bearer_auth(ALICE).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let st = SqliteStore::open(&t.dir.path().join("server"), crate::util::clock()).unwrap();
+    assert!(st.sessions().unwrap().iter().all(|s| s.row.id != sid));
+    t.stop().await;
+}
