@@ -6,6 +6,7 @@
 
 mod util;
 
+mod chaos;
 mod clock;
 
 mod memory;
