@@ -211,6 +211,10 @@ impl Idempotency {
 /// the same request gets the stored answer, and the same key with a different
 /// request is refused with 422. Only successful (2xx) answers are stored, so a
 /// request that failed can be retried with its key.
+///
+/// Keys are scoped by the caller (its `Authorization` header and merchant
+/// id): the layer runs before the handler checks credentials, so a key
+/// another caller used must not hand its stored answer to someone else.
 pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, next: Next) -> Response {
     let is_write = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
     let key = req
@@ -224,6 +228,15 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
     if key.is_empty() || key.len() > 200 {
         return ApiError::bad_request("Idempotency-Key must be 1-200 characters").into_response();
     }
+    let given = key.clone();
+    let key = {
+        let mut scope = Sha256::new();
+        for name in ["authorization", crate::sandbox::sign::MCH_ID] {
+            scope.update(req.headers().get(name).map(|v| v.as_bytes()).unwrap_or_default());
+            scope.update(b"\n");
+        }
+        format!("{}:{key}", &hex::encode(scope.finalize())[..16])
+    };
     let (parts, body) = req.into_parts();
     let Ok(bytes) = to_bytes(body, 1 << 20).await else {
         return ApiError::bad_request("request body too large or unreadable").into_response();
@@ -252,7 +265,7 @@ pub async fn idempotency_layer(State(idem): State<Idempotency>, req: Request, ne
                 return ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "idempotency_key_reused",
-                    format!("Idempotency-Key {key} was already used for a different request"),
+                    format!("Idempotency-Key {given} was already used for a different request"),
                 )
                 .into_response();
             }

@@ -1280,6 +1280,33 @@ mod tests {
                "description": "Beef noodles", "notify_url": notify_url})
     }
 
+    /// The idempotency layer answers a repeat before the handler checks the
+    /// caller: a key must be the caller's own, or a stored answer (a wallet's
+    /// payment) would go to whoever sends the same key and body.
+    #[tokio::test]
+    async fn an_idempotency_key_replays_only_to_the_caller_that_used_it() {
+        let (_dir, sb) = sandbox(PayOptions::default()).await;
+        let pay = sb.url(Service::Pay);
+        let m = sb.merchant(Service::Food).unwrap().clone();
+        let no = m.open_payment("o-idem", 3800, "CNY", "Beef noodles").await.unwrap().out_trade_no;
+        let body = json!({"wallet_id": "demo", "method": "alipay"});
+        let send_as = |cred: Option<String>| {
+            let mut r = reqwest::Client::new().post(format!("{pay}/v1/trades/{no}/pay")).header("Idempotency-Key", "pay-k1").json(&body);
+            if let Some(c) = cred {
+                r = r.bearer_auth(c);
+            }
+            r.send()
+        };
+        let r = send_as(Some(sign::wallet_credential(SECRET, "demo"))).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = send_as(None).await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers().get("idempotent-replay").is_some()), (401, false));
+        let r = send_as(Some(sign::wallet_credential(SECRET, "friend"))).await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers().get("idempotent-replay").is_some()), (403, false));
+        let r = send_as(Some(sign::wallet_credential(SECRET, "demo"))).await.unwrap();
+        assert_eq!((r.status().as_u16(), r.headers().get("idempotent-replay").is_some()), (200, true));
+    }
+
     #[tokio::test]
     async fn create_pay_notify_once_and_idempotent_create() {
         let (dir, sb) = sandbox(PayOptions::default()).await;
