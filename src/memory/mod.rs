@@ -212,6 +212,9 @@ impl Memory {
         if text.chars().count() > MAX_TEXT {
             bail!("a memory is at most {MAX_TEXT} characters");
         }
+        if keys::is_payment_instruction(text) {
+            bail!("an instruction to pay without asking is not kept: every payment waits for the person's tap on Confirm");
+        }
         let (k, tags) = match keys::preference(text) {
             Some((k, t)) => (kind.unwrap_or(k), t),
             None => (kind.unwrap_or(Kind::Fact), keys::tags(text)),
