@@ -5,9 +5,11 @@
 //! Renmin Road" → restaurant card → tap the first → confirmation → Confirm
 //! → payment.
 //!
-//! In every flow, at a random moment in its first `ERRAND_CHAOS_WINDOW_MS`
-//! (default 3000, about a whole flow when nothing fails), the server, the sandbox or both get SIGKILL and are
-//! started again on the same data. The client behaves as the SDK does: it
+//! In every flow, right after the client has read a random number of frames
+//! (1 to `ERRAND_CHAOS_FRAMES`, default 24, about a whole flow's worth:
+//! so the kill lands while a reply streams, a tool runs, a confirmation is
+//! written or a payment is under way), the server, the sandbox or both get
+//! SIGKILL and are started again on the same data. The client behaves as the SDK does: it
 //! reconnects with its session and last `seq`, sends again the input it was
 //! waiting on (same id), confirms an open confirmation, taps the card, and
 //! starts over only when the assistant lost the task.
@@ -176,7 +178,10 @@ async fn connect(url: &str, session: Option<&str>, last_seq: u64) -> Option<(Soc
     }
 }
 
-async fn run_flow(i: usize, ws_url: &str) -> FlowResult {
+/// Drives flow `i`; after its `kill_after`-th frame it fires `kill`.
+async fn run_flow(i: usize, ws_url: &str, kill_after: usize, kill: tokio::sync::oneshot::Sender<()>) -> FlowResult {
+    let mut kill = Some(kill);
+    let mut frames = 0usize;
     use futures_util::{SinkExt, StreamExt};
     let started = Instant::now();
     let mut r = FlowResult::default();
@@ -250,6 +255,12 @@ async fn run_flow(i: usize, ws_url: &str) -> FlowResult {
         };
         let tokio_tungstenite::tungstenite::Message::Text(t) = m else { continue };
         let f: Value = serde_json::from_str(t.as_str()).unwrap();
+        frames += 1;
+        if frames == kill_after {
+            if let Some(k) = kill.take() {
+                let _ = k.send(());
+            }
+        }
         if let Some(s) = f["seq"].as_u64() {
             last_seq = last_seq.max(s);
         }
@@ -295,7 +306,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn order_flows_survive_kill_9_without_losing_or_repeating_anything() {
     let flows: usize = std::env::var("ERRAND_CHAOS_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let window_ms: u64 = std::env::var("ERRAND_CHAOS_WINDOW_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let max_frames: u64 = std::env::var("ERRAND_CHAOS_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("server.toml"), format!("[[users]]\nid = \"chaos\"\ntoken = \"{TOKEN}\"\nwallet = \"chaos\"\n")).unwrap();
     let procs = Arc::new(Mutex::new(Procs {
@@ -327,7 +338,8 @@ async fn order_flows_survive_kill_9_without_losing_or_repeating_anything() {
     let mut results = Vec::new();
     let mut kills: BTreeMap<&str, usize> = BTreeMap::new();
     for i in 0..flows {
-        let delay = Duration::from_millis(rand() % window_ms.max(1));
+        let kill_after = 1 + (rand() % max_frames.max(1)) as usize;
+        let (fire, fired) = tokio::sync::oneshot::channel::<()>();
         let target = match rand() % 10 {
             0..=4 => "server",
             5..=7 => "sandbox",
@@ -336,8 +348,8 @@ async fn order_flows_survive_kill_9_without_losing_or_repeating_anything() {
         *kills.entry(target).or_default() += 1;
         let p = procs.clone();
         let killer = tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let at = Instant::now();
+            // Fired by the client, or at the flow's end (the sender dropped).
+            let during = fired.await.is_ok();
             {
                 let mut p = p.lock().unwrap();
                 if target != "sandbox" {
@@ -348,11 +360,10 @@ async fn order_flows_survive_kill_9_without_losing_or_repeating_anything() {
                 }
             }
             start_all(&p).await;
-            at
+            during
         });
-        let r = run_flow(i, &ws_url).await;
-        let ended = Instant::now();
-        if killer.await.unwrap() < ended {
+        let r = run_flow(i, &ws_url, kill_after, fire).await;
+        if killer.await.unwrap() {
             *kills.entry("during a flow").or_default() += 1;
         }
         results.push(r);
