@@ -55,8 +55,10 @@
 //!    /v1/ws ── ws ──► hub: sessions owned by a user, numbered frame log (resume),
 //!    │                client-id dedup, one worker per session → agent; bounded
 //!    │                per-connection queues (slow readers are dropped, never waited on);
-//!    │                order watchers push status changes; orders in SQLite, written
-//!    │                before they are paid (agent's order book), reconciled at start
+//!    │                order watchers push status changes; store: one interface
+//!    │                (SQLite) for sessions, frame logs, agent states (written before
+//!    │                a confirmation shows or money moves) and the order book (written
+//!    │                before paying, reconciled at start); a restart resumes sessions
 //!    /v1/chat/completions, /v1/models ── openai (SSE) ──► engine
 //!    /v1/sessions, /v1/orders, /v1/apps (manifest upload), /healthz, /readyz, /metrics
 //!    /v1/users/{id}/memories, /v1/users/{id}/feed ── server::personal ──┐
