@@ -117,6 +117,7 @@ pub fn turn<W: Write>(
         require_call: false,
         share_prefix: true,
         grammar: None,
+        compiled: Default::default(),
     };
     let mut rx = engine.submit(req)?;
     while let Some(ev) = rx.blocking_recv() {

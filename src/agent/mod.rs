@@ -803,6 +803,7 @@ impl Agent {
             require_call: false,
             share_prefix: true,
             grammar: None,
+            compiled: Default::default(),
         };
         let engine = self.engine.as_ref().ok_or("no language model for plain tool calling")?;
         let mut rx = engine.submit(req).map_err(|e| e.to_string())?;

@@ -60,6 +60,7 @@ impl Generator for EngineGenerator {
                 require_call: false,
                 share_prefix: true,
                 grammar: req.grammar.map(Arc::from),
+                compiled: Default::default(),
             };
             let mut rx = self.0.submit(r).map_err(|e| e.to_string())?;
             let mut out = Generated::default();

@@ -68,6 +68,7 @@ pub async fn extract(engine: &Engine, text: &str, lang: &str) -> Result<Vec<(Kin
         require_call: true,
         share_prefix: true,
         grammar: None,
+        compiled: Default::default(),
     };
     let mut rx = engine.submit(req).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut args: Option<Value> = None;

@@ -296,6 +296,7 @@ impl Prepared {
             require_call: self.require_call,
             share_prefix: true,
             grammar: None,
+            compiled: Default::default(),
         }
     }
 }
@@ -995,9 +996,23 @@ async fn chat_completions(
     state.admit(&user.id)?;
     let mut p = prepare(req, &state.model_id)?;
     let mut reply = ReplyBuilder::new(&state.model_id, &p, state.clock.now_s().max(0) as u64);
+    // The client's schemas become a grammar here, on a blocking thread,
+    // never on the engine thread every session shares (issue 23, finding 8).
+    let compiled = match p.grammar_tools.clone().or_else(|| p.tools.clone()) {
+        None => Default::default(),
+        Some(tools) => {
+            let (engine, require) = (state.engine.clone(), p.require_call);
+            tokio::task::spawn_blocking(move || engine.compile_tools(&tools, require))
+                .await
+                .map_err(|e| ApiError::internal(format!("compiling the tools' grammar failed: {e}")))?
+                .map_err(|e| engine_error(&e.to_string()))?
+        }
+    };
+    let mut request = p.engine_request(Some(format!("openai:{}", user.id)));
+    request.compiled = compiled;
     let mut rx = state
         .engine
-        .submit(p.engine_request(Some(format!("openai:{}", user.id))))
+        .submit(request)
         .map_err(|e| {
             if matches!(e, EngineError::Busy(_)) {
                 state.metrics.inc("errand_rejected_total", &[("reason", "busy")]);

@@ -301,6 +301,32 @@ async fn finding_08_memory_calls_are_rate_limited() {
     t.stop().await;
 }
 
+/// Finding 8, second half: a client's tool schemas were compiled into a
+/// grammar on the engine thread, where every session's next token waits
+/// behind the compile. They are now compiled on a blocking thread before
+/// the request is queued, and the engine thread compiles none of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_08_client_tool_schemas_are_compiled_off_the_engine_thread() {
+    let engine = crate::util::own_smol();
+    let agent = AgentOptions { max_tokens: 16, constrain: false, ..Default::default() };
+    let mut t = serve(engine.clone(), ToolSet::default(), config(), agent).await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}]);
+    let body = json!({"model": "errand", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools, "tool_choice": "required", "max_tokens": 80});
+    let http = reqwest::Client::new();
+    let v = json_of(http.post(t.http("/v1/chat/completions")).bearer_auth(ALICE).json(&body)).await;
+    // The grammar was in force: `required` makes the reply a call.
+    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather", "{v}");
+    assert_eq!(engine.stats().grammars_on_engine_thread, 0);
+    // A schema no grammar can be built from is refused before anything is queued.
+    let bad = json!({"model": "errand", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}]});
+    let r = http.post(t.http("/v1/chat/completions")).bearer_auth(ALICE).json(&bad).send().await.unwrap();
+    assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+    assert_eq!(engine.stats().requests, 1);
+    t.stop().await;
+}
+
 /// Finding 4: `orders.db` was written only when the hub saw the order event,
 /// after the payment commit and a status request; a kill -9 in between lost
 /// the paid order from `GET /v1/orders`. The agent now writes the order to
