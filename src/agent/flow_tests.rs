@@ -488,3 +488,14 @@ async fn a_book_that_cannot_write_shows_no_confirmation_and_pays_nothing() {
     assert!(ev.iter().any(|e| matches!(e, AgentEvent::Error { message } if message.contains("disk full"))), "{ev:#?}");
     assert!(w.agent.pending("s").await.is_none());
 }
+
+#[tokio::test]
+async fn a_sum_is_answered_by_code_and_an_open_confirmation_stays_open() {
+    let w = World::new().await;
+    let c = kung_pao_quoted(&w).await;
+    // No model call: `say` checks the script was not asked.
+    let ev = w.say("17 곱하기 23은 얼마야?", None).await;
+    assert!(words(&ev).contains("391"), "{}", words(&ev));
+    assert!(calls(&ev).is_empty() && confirmation(&ev).is_none(), "{ev:#?}");
+    assert_eq!(w.agent.pending("s").await.map(|p| p.token), Some(c.token));
+}

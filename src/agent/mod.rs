@@ -683,6 +683,16 @@ impl Agent {
                 }
             }
         }
+        // A sum is answered by code, exactly (a 0.5B model's chat guesses);
+        // an open confirmation and the flows stay as they were.
+        if let Some(answer) = crate::dialogue::arith::answer(&text, lang) {
+            s.conv.messages.push(Message::user(text.clone()));
+            s.conv.messages.push(Message::assistant(answer.clone()));
+            s.conv.dialogue.note("user", &text);
+            s.conv.dialogue.note("assistant", &answer);
+            emit(tx, AgentEvent::Notice { text: answer }).await;
+            return Ok(());
+        }
         if let Some(p) = s.gate.pending.take() {
             // "Change it": the open confirmation is void; the model sees the
             // person's new words after the quote.

@@ -17,6 +17,7 @@
 //! executor runs them step by step, so which tool runs, with which ids,
 //! and what is asked and confirmed, is decided by code.
 
+pub mod arith;
 pub mod command;
 pub mod generate;
 pub mod ground;
