@@ -323,6 +323,15 @@ async fn finding_08_client_tool_schemas_are_compiled_off_the_engine_thread() {
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}]});
     let r = http.post(t.http("/v1/chat/completions")).bearer_auth(ALICE).json(&bad).send().await.unwrap();
     assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+    // The engine records a request just after its reply is out: wait for
+    // the first one, then check that it stayed the only one.
+    for _ in 0..100 {
+        if engine.stats().requests >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(engine.stats().requests, 1);
     t.stop().await;
 }
