@@ -1369,17 +1369,10 @@ impl Agent {
                     // The order exists unpaid (or its payment is unknown):
                     // confirming again retries the payment only, with the same key.
                     let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
-                    if status == "unknown" && !s.gate.unsettled.iter().any(|u| u.out_trade_no == otn) {
-                        s.gate.unsettled.push(Unsettled {
-                            out_trade_no: otn.clone(),
-                            wallet: wallet.clone(),
-                            amount,
-                            currency: currency.clone(),
-                            amount_display: p.req.amount_display.clone(),
-                            summary: p.req.summary.clone(),
-                        });
-                    } else if status != "unknown" {
-                        // Known unpaid: nothing to ask the service about later.
+                    // An unknown outcome stays unsettled (it was recorded as
+                    // paying before the call); a known unpaid one needs no
+                    // asking later.
+                    if status != "unknown" {
                         s.gate.unsettled.retain(|u| u.out_trade_no != otn);
                     }
                     p.expires = std::time::Instant::now() + self.opts.confirmation_ttl;
