@@ -451,6 +451,16 @@ async fn a_crash_while_paying_is_settled_after_the_restart_and_charges_once() {
     let ev = d.run("s", Input::Confirm { token: c.token.clone() }).await;
     assert!(!payments(&ev).iter().any(|p| p.status == "failed"), "{ev:#?}");
     assert_eq!(w.wallet().await, start - c.amount, "charged once");
+    // Down for longer than the confirmation lived: the tap still only
+    // settles the order it made (reported paid), and no new quote opens.
+    let clock = testkit::clock();
+    clock.advance(Duration::from_secs(11 * 60));
+    let (e, _) = w.twin(|o| o.clock = clock.clone());
+    e.restore("s", &paying).unwrap();
+    let ev = e.run("s", Input::Confirm { token: c.token.clone() }).await;
+    assert_eq!(payments(&ev).iter().map(|p| p.status.as_str()).collect::<Vec<_>>(), vec!["paid"], "{ev:#?}");
+    assert!(e.pending("s").await.is_none() && confirmation(&ev).is_none(), "{ev:#?}");
+    assert_eq!(w.wallet().await, start - c.amount, "charged once");
 }
 
 #[tokio::test]

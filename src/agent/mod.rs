@@ -256,8 +256,10 @@ struct Pending {
     order: Option<Value>,
 }
 
-/// What a session remembers between inputs: the conversation.
-#[derive(Serialize, Deserialize)]
+/// What a session remembers between inputs: the conversation. (Fields a
+/// later build adds read as empty from an older written state.)
+#[derive(Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Conversation {
     /// The generic path's chat history (system prompt, turns, tool results).
     messages: Vec<Message>,
@@ -1187,11 +1189,15 @@ impl Agent {
     }
 
     fn take_pending(&self, sid: &str, s: &mut Session, token: &str, kind: &str) -> Result<Option<Pending>, String> {
+        // An expired confirmation whose order already exists (its payment
+        // was cut off or unknown, and the server may have been down past
+        // the expiry) still only retries that payment: it is taken, so the
+        // order is not left unpaid and quoted again.
         let ok = s
             .gate
             .pending
             .as_ref()
-            .is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()) && p.expires > std::time::Instant::now());
+            .is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()) && (p.expires > std::time::Instant::now() || p.order.is_some()));
         if !ok {
             let expired = s.gate.pending.as_ref().is_some_and(|p| constant_eq(p.req.token.as_bytes(), token.as_bytes()));
             if expired {

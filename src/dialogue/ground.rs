@@ -32,6 +32,7 @@ pub fn id_like(key: &str, path_params: &[&str]) -> bool {
 
 /// What the conversation has established so far.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Evidence {
     /// The user's own words.
     pub user: Vec<String>,

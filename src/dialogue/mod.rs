@@ -29,7 +29,8 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// One flow being run.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Frame {
     pub flow: String,
     pub app: String,
@@ -64,6 +65,7 @@ impl Frame {
 
 /// A session's dialogue: the flow stack (top = last) and the recent exchange.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct State {
     pub stack: Vec<Frame>,
     /// The last few (role, text) lines, for the command prompt.

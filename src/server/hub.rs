@@ -162,7 +162,10 @@ impl ChatSession {
     fn restored(st: StoredSession, clock: Clock, store: Arc<dyn Store>) -> (Self, mpsc::Receiver<Job>, Vec<String>) {
         let (s, rx) = Self::new(st.row.id.clone(), &st.row.user, clock, store);
         let s = ChatSession { created_ms: st.row.created_ms, ..s };
-        let mut unfinished: Vec<String> = Vec::new();
+        // Each input's state by its last frame: still open, finished, or
+        // answered "send it again" (`interrupted`, `shutting_down`), in the
+        // order the inputs first appear.
+        let mut inputs: Vec<(String, &'static str)> = Vec::new();
         {
             let mut inner = s.lock();
             inner.turns = st.row.turns;
@@ -172,10 +175,15 @@ impl ChatSession {
                 let v: Value = serde_json::from_str(&f.text).unwrap_or(Value::Null);
                 if let Some(id) = &f.reply_to {
                     inner.remember_id(id);
-                    match v["type"].as_str() {
-                        Some("ack") if !unfinished.contains(id) => unfinished.push(id.clone()),
-                        Some("done" | "error") => unfinished.retain(|u| u != id),
-                        _ => {}
+                    let state = match (v["type"].as_str(), v["code"].as_str()) {
+                        (Some("error"), Some("interrupted" | "shutting_down")) => "again",
+                        (Some("done" | "error"), _) => "done",
+                        _ => "open",
+                    };
+                    match inputs.iter_mut().find(|(i, _)| i == id) {
+                        Some(e) if state != "open" => e.1 = state,
+                        Some(_) => {}
+                        None => inputs.push((id.clone(), state)),
                     }
                 }
                 match v["type"].as_str() {
@@ -190,6 +198,21 @@ impl ChatSession {
                 inner.seq = inner.seq.max(f.seq);
                 inner.log_bytes += f.text.len();
                 inner.log.push_back((f.seq, f.reply_to, f.text.into()));
+            }
+        }
+        // An input answered "send it again" may be sent again, under its id,
+        // however many restarts later.
+        let mut unfinished = Vec::new();
+        {
+            let mut inner = s.lock();
+            for (id, state) in inputs {
+                match state {
+                    "again" => {
+                        inner.seen.remove(&id);
+                    }
+                    "open" => unfinished.push(id),
+                    _ => {}
+                }
             }
         }
         (s, rx, unfinished)

@@ -78,8 +78,8 @@ pub trait Store: Send + Sync {
     fn append_frame(&self, session: &str, frame: &StoredFrame) -> StoreResult<()>;
     /// Drops a session's frames numbered below `seq` (the log's bound).
     fn forget_frames_before(&self, session: &str, seq: u64) -> StoreResult<()>;
-    /// The agent's state of a session; a session that no longer exists
-    /// gets nothing written.
+    /// The agent's state of a session; a session that is not in the store
+    /// gets nothing written, and an error.
     fn put_state(&self, session: &str, state: &Value) -> StoreResult<()>;
     /// Every session, with its frames and state.
     fn sessions(&self) -> StoreResult<Vec<StoredSession>>;
@@ -180,8 +180,13 @@ impl Store for SqliteStore {
     }
 
     fn put_state(&self, session: &str, state: &Value) -> StoreResult<()> {
-        self.conn().execute("UPDATE sessions SET state = ?2 WHERE id = ?1", params![session, state.to_string()])?;
-        Ok(())
+        // No row: the session was deleted, or never written (its creation
+        // failed to store). Either way the state is not safe on disk, and
+        // the agent must not show a confirmation or pay on it.
+        match self.conn().execute("UPDATE sessions SET state = ?2 WHERE id = ?1", params![session, state.to_string()])? {
+            0 => Err(StoreError(format!("session {session} is not in the store"))),
+            _ => Ok(()),
+        }
     }
 
     fn sessions(&self) -> StoreResult<Vec<StoredSession>> {
@@ -290,7 +295,7 @@ mod tests {
         assert!(!has_session(&st, "s-1"));
         // A reply still finishing after the delete writes nothing back.
         st.append_frame("s-1", &frame(2, None)).unwrap();
-        st.put_state("s-1", &json!({"v": 1})).unwrap();
+        assert!(st.put_state("s-1", &json!({"v": 1})).is_err());
         let all = st.sessions().unwrap();
         assert_eq!(all.iter().map(|s| s.row.id.as_str()).collect::<Vec<_>>(), vec!["s-2"]);
         let n: i64 = st.conn().query_row("SELECT COUNT(*) FROM frames", [], |r| r.get(0)).unwrap();

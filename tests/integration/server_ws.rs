@@ -654,7 +654,7 @@ async fn a_session_resumes_after_the_server_restarts() {
             st.append_frame(&sid, &StoredFrame { seq: seq + 1 + i as u64, reply_to: Some("m2".into()), text: f.to_string() }).unwrap();
         }
     }
-    let mut t = serve_in(dir, engine, ToolSet::default(), config(), agent, None).await;
+    let t = serve_in(dir, engine, ToolSet::default(), config(), agent, None).await;
     // Someone else cannot see it; its owner resumes it from the start.
     let (_, w) = Client::hello(&t.ws_url(), BOB, Some(&sid), 0).await;
     assert_eq!(w["code"], "not_found", "{w}");
@@ -668,6 +668,13 @@ async fn a_session_resumes_after_the_server_restarts() {
     let new_text: String = replayed.iter().filter(|f| f["type"] == "delta").filter_map(|f| f["text"].as_str()).collect();
     assert_eq!(new_text, old_text);
     assert!(replayed.iter().any(|f| f["type"] == "done"), "{replayed:?}");
+    // Down again before the client sends m2 again: it may still be sent.
+    drop(c);
+    let TestServer { server, dir } = t;
+    server.unwrap().shutdown().await;
+    let mut t = serve_in(dir, Arc::new(smol().clone()), ToolSet::default(), config(), AgentOptions { max_tokens: 12, constrain: false, ..Default::default() }, None).await;
+    let (mut c, w) = Client::hello(&t.ws_url(), ALICE, Some(&sid), seq + 4).await;
+    assert_eq!((w["resumed"].as_bool(), w["seq"].as_u64()), (Some(true), Some(seq + 4)), "{w}");
     // m1 ran already: resent, it runs nothing. m2 never finished: it runs.
     c.send(json!({"type": "message", "id": "m1", "text": "Say hello."})).await;
     let ack = c.until("ack", 10).await;
