@@ -547,7 +547,8 @@ impl Agent {
     /// Puts back a session an earlier run wrote ([`SessionBook`]): the
     /// conversation, the flows, payments still to settle, and the open
     /// confirmation, which keeps its token and its expiry time (one that
-    /// expired meanwhile is refused as expired when it is used).
+    /// expired meanwhile is refused as expired when it is used, unless its
+    /// order exists: then the tap only retries that order's payment).
     pub fn restore(&self, sid: &str, state: &Value) -> Result<(), String> {
         let snap: Snapshot = serde_json::from_value(state.clone()).map_err(|e| format!("unreadable session state: {e}"))?;
         if snap.v != SNAPSHOT_VERSION {

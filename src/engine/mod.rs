@@ -530,11 +530,11 @@ impl Worker {
         let (mut trimmed_at, mut trimmed_evictions) = (Instant::now(), 0u64);
         loop {
             // 0. Evicted caches leave free holes in the allocator's heap,
-            // which glibc keeps: under the load campaign (200 sessions, the
-            // pool at its budget) RSS grew 20% in 10 minutes. After
+            // which glibc keeps (part of the load campaign's RSS growth; the
+            // rest was the KV caches filling toward their budget). After
             // evictions, free pages go back to the system, at most once a
-            // second. (A fixed mmap threshold also kept RSS flat, but its
-            // page faults cost a quarter of the turns.)
+            // second. (A fixed mmap threshold did it too, but its page
+            // faults cost a quarter of the turns.)
             if self.pool.evictions != trimmed_evictions && trimmed_at.elapsed() >= std::time::Duration::from_secs(1) {
                 trimmed_evictions = self.pool.evictions;
                 trimmed_at = Instant::now();

@@ -166,6 +166,7 @@ impl ChatSession {
         // answered "send it again" (`interrupted`, `shutting_down`), in the
         // order the inputs first appear.
         let mut inputs: Vec<(String, &'static str)> = Vec::new();
+        let mut unfinished = Vec::new();
         {
             let mut inner = s.lock();
             inner.turns = st.row.turns;
@@ -199,12 +200,8 @@ impl ChatSession {
                 inner.log_bytes += f.text.len();
                 inner.log.push_back((f.seq, f.reply_to, f.text.into()));
             }
-        }
-        // An input answered "send it again" may be sent again, under its id,
-        // however many restarts later.
-        let mut unfinished = Vec::new();
-        {
-            let mut inner = s.lock();
+            // An input answered "send it again" may be sent again, under
+            // its id, however many restarts later.
             for (id, state) in inputs {
                 match state {
                     "again" => {
@@ -640,7 +637,7 @@ impl Hub {
                 f.insert("id".into(), json!(input));
                 f.insert(
                     "message".into(),
-                    json!("the server stopped while this input ran or waited; what it did before is shown above, and an open confirmation is still open. Send it again if it is still wanted"),
+                    json!("the server stopped while this input ran or waited; what it did before is shown above, and any confirmation it showed is still open. Send it again if it is still wanted"),
                 );
                 session.publish(Some(&input), f, &self.metrics);
                 session.lock().seen.remove(&input);
