@@ -372,6 +372,9 @@ mod tests {
                 card: None,
                 quote: None,
                 result: Some(json!({"type": "object", "required": ["ok"]})),
+                role: None,
+                order_id: None,
+                final_statuses: Vec::new(),
             },
         )
         .unwrap();

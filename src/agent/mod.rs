@@ -27,6 +27,8 @@ mod flow_tests;
 mod flow_tests_booking;
 #[cfg(test)]
 mod flow_tests_mobility;
+#[cfg(test)]
+mod flow_tests_reading;
 /// Grounding lives with the dialogue manager, where it is slot validation.
 pub use crate::dialogue::ground;
 mod personal;
@@ -75,6 +77,8 @@ pub struct PlacedOrder<'a> {
     pub user: Option<&'a str>,
     pub app: &'a str,
     pub tool: &'a str,
+    /// The id the merchant gave it (the field the tool's manifest names).
+    pub order_id: Option<String>,
     /// The merchant's answer (its id, status and `payment`).
     pub order: &'a Value,
     /// What the person confirmed, in words and money.
@@ -214,7 +218,7 @@ pub enum AgentEvent {
     Payment(PaymentEvent),
     /// An order after confirmation, as its merchant sees it; clients may
     /// follow it with [`Agent::order_status`].
-    Order { app: String, tool: String, order: Value },
+    Order { app: String, tool: String, order_id: Option<String>, order: Value },
     /// The turn is over; the client may send the next input.
     Done { stats: TurnStats },
     /// The turn failed (engine down, audit log unwritable); nothing was paid.
@@ -513,10 +517,7 @@ impl Agent {
     /// (`None` when the app has none or the service does not answer).
     pub async fn order_status(&self, app: &str, order: &Value) -> Option<Value> {
         let tools = self.tools();
-        let status = tools
-            .iter()
-            .find(|t| t.app == app && t.def.name.ends_with("_status") && t.def.endpoint.as_ref().is_some_and(|e| e.method == "GET"))?
-            .clone();
+        let status = tools.status_tool(app)?.clone();
         self.read_status(&status, order).await
     }
 
@@ -1178,15 +1179,15 @@ impl Agent {
     /// The tools of `app` that look things up (no confirmation needed),
     /// searches first: where real ids come from.
     fn lookup_tools(&self, app: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
+        use crate::tools::Role;
+        let mut v: Vec<(String, bool)> = self
             .tools()
             .iter()
-            .filter(|t| t.app == app && !t.def.confirm && !t.def.name.ends_with("_status"))
-            .map(|t| t.def.name.clone())
+            .filter(|t| t.app == app && !t.def.confirm && t.def.role != Some(Role::Status))
+            .map(|t| (t.def.name.clone(), matches!(t.def.role, Some(Role::Search | Role::Quote))))
             .collect();
-        v.sort_by_key(|n| !(n.contains("search") || n.contains("quote") || n.contains("find")));
-        v.truncate(2);
-        v
+        v.sort_by_key(|(_, first)| !first);
+        v.into_iter().take(2).map(|(n, _)| n).collect()
     }
 
     fn take_pending(&self, sid: &str, s: &mut Session, token: &str, kind: &str) -> Result<Option<Pending>, String> {
@@ -1309,6 +1310,7 @@ impl Agent {
                     user: s.conv.user.as_deref(),
                     app: &p.tool.app,
                     tool: &name,
+                    order_id: self.tools().order_id(&p.tool.app, &name, &order),
                     order: &order,
                     summary: &p.req.summary,
                     amount,
@@ -1353,7 +1355,7 @@ impl Agent {
             // failure to write it after money moved is reported, not hidden.
             let (status, reason, txn) = match &outcome {
                 PayOutcome::Paid(t) => ("paid", None, t["transaction_id"].as_str().map(str::to_owned)),
-                PayOutcome::Failed(r) | PayOutcome::Refused(r) => ("failed", Some(r.clone()), None),
+                PayOutcome::Failed(r) | PayOutcome::Insufficient(r) | PayOutcome::Refused(r) => ("failed", Some(r.clone()), None),
                 PayOutcome::Unknown(r) => ("unknown", Some(r.clone()), None),
             };
             emit(tx, AgentEvent::Payment(PaymentEvent { out_trade_no: otn.clone(), status: status.into(), amount, currency: currency.clone(), transaction_id: txn.clone(), reason: reason.clone() })).await;
@@ -1372,10 +1374,14 @@ impl Agent {
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());
                 }
-                PayOutcome::Failed(reason) | PayOutcome::Unknown(reason) => {
+                PayOutcome::Failed(ref reason) | PayOutcome::Insufficient(ref reason) | PayOutcome::Unknown(ref reason) => {
                     // The order exists unpaid (or its payment is unknown):
                     // confirming again retries the payment only, with the same key.
-                    let text = if status == "unknown" { say(lang, Say::RetryConfirm { reason: &reason }) } else { say(lang, Say::PaymentFailed { reason: &reason }) };
+                    let text = match &outcome {
+                        PayOutcome::Unknown(_) => say(lang, Say::RetryConfirm { reason }),
+                        PayOutcome::Insufficient(_) => say(lang, Say::Insufficient { reason }),
+                        _ => say(lang, Say::PaymentFailed { reason }),
+                    };
                     // An unknown outcome stays unsettled (it was recorded as
                     // paying before the call); a known unpaid one needs no
                     // asking later.
@@ -1386,7 +1392,7 @@ impl Agent {
                     p.req.expires_ms = self.opts.clock.now_ms() + self.opts.confirmation_ttl.as_millis() as i64;
                     // The unpaid order is the person's: it is recorded and
                     // followed, so a friend paying it through a link shows.
-                    emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: order.clone() }).await;
+                    emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order_id: self.tools().order_id(&p.tool.app, &name, &order), order: order.clone() }).await;
                     s.gate.pending = Some(p);
                     emit(tx, AgentEvent::Notice { text }).await;
                     return Ok(());
@@ -1409,7 +1415,7 @@ impl Agent {
         if let Some(kind) = &p.tool.def.card {
             emit(tx, AgentEvent::Card(present::card(kind, &name, &p.tool.app, &shown, lang))).await;
         }
-        emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order: shown.clone() }).await;
+        emit(tx, AgentEvent::Order { app: p.tool.app.clone(), tool: name.clone(), order_id: self.tools().order_id(&p.tool.app, &name, &shown), order: shown.clone() }).await;
         // An action on an order of this conversation (cancel, lock) uses it up.
         let acted_on: Vec<Value> = s.conv.dialogue.stack.last().filter(|f| f.quoted).map(|f| f.chosen.values().cloned().collect()).unwrap_or_default();
         let before = s.conv.orders.len();
@@ -1530,6 +1536,7 @@ impl Agent {
             .json(&json!({"wallet_id": wallet, "method": self.opts.pay_method}))
             .send()
             .await;
+        let mut short = false;
         let failure = match r {
             Ok(resp) => {
                 let status = resp.status();
@@ -1537,6 +1544,7 @@ impl Agent {
                 if status.is_success() && (v["status"] == "SUCCESS" || v["status"] == "REFUND") {
                     return PayOutcome::Paid(v);
                 }
+                short = v["error"]["code"] == "insufficient_balance";
                 v["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| format!("the payment service answered {status}"))
             }
             Err(e) => format!("the payment service did not answer ({e})"),
@@ -1547,6 +1555,7 @@ impl Agent {
                 let t: Value = r.json().await.unwrap_or(Value::Null);
                 match t["status"].as_str() {
                     Some("SUCCESS") | Some("REFUND") => PayOutcome::Paid(t),
+                    Some("NOTPAY") | Some("CLOSED") if short => PayOutcome::Insufficient(failure),
                     Some("NOTPAY") | Some("CLOSED") => PayOutcome::Failed(failure),
                     _ => PayOutcome::Unknown(failure),
                 }
@@ -1606,8 +1615,10 @@ fn narrow_ids(schema: &mut Value, path: &[String], candidates: &dyn Fn(&str) -> 
 
 enum PayOutcome {
     Paid(Value),
-    /// Definitely not paid (e.g. insufficient balance).
+    /// Definitely not paid.
     Failed(String),
+    /// Not paid: the wallet holds too little (the service's words).
+    Insufficient(String),
     /// Not attempted: the trade is not what was confirmed.
     Refused(String),
     /// The payment service could not say; a retry is safe (same key).

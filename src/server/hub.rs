@@ -431,7 +431,7 @@ pub fn frame_of(ev: &AgentEvent) -> Option<Map<String, Value>> {
             v["type"] = json!("payment");
             v
         }
-        AgentEvent::Order { app, order, .. } => json!({"type": "order", "app": app, "order_id": order_id(order), "status": order["status"], "order": order}),
+        AgentEvent::Order { app, order_id, order, .. } => json!({"type": "order", "app": app, "order_id": order_id, "status": order["status"], "order": order}),
         AgentEvent::Done { stats } => json!({"type": "done", "usage": {
             "model_rounds": stats.model_rounds,
             "prompt_tokens": stats.prompt_tokens,
@@ -448,23 +448,6 @@ pub fn frame_of(ev: &AgentEvent) -> Option<Map<String, Value>> {
     }
 }
 
-/// The id a service gave an order (`order_id`, `ride_id`, `booking_id`, …).
-pub fn order_id(order: &Value) -> Option<String> {
-    for k in ["order_id", "ride_id", "booking_id", "rental_id", "bike_ride_id", "id"] {
-        if let Some(s) = order.get(k).and_then(Value::as_str) {
-            return Some(s.to_owned());
-        }
-    }
-    None
-}
-
-/// Statuses after which an order no longer changes.
-fn is_final(status: &str) -> bool {
-    matches!(
-        status,
-        "delivered" | "completed" | "cancelled" | "canceled" | "refunded" | "closed" | "finished" | "done" | "used" | "ended" | "returned" | "failed" | "expired"
-    )
-}
 
 pub struct Hub {
     sessions: Mutex<HashMap<String, Arc<ChatSession>>>,
@@ -735,8 +718,8 @@ impl Hub {
                 AgentEvent::Error { .. } => outcome = "error",
                 _ => {}
             }
-            if let AgentEvent::Order { app, tool, order } = &ev {
-                self.track_order(s, app, tool, order);
+            if let AgentEvent::Order { app, tool, order_id: Some(oid), order } = &ev {
+                self.track_order(s, app, tool, oid, order);
             }
             let Some(mut f) = frame_of(&ev) else { continue };
             if let AgentEvent::Card(c) = &ev {
@@ -754,8 +737,8 @@ impl Hub {
 
     /// Records a confirmed order for its user and follows its status,
     /// pushing an `order` frame whenever it changes.
-    fn track_order(self: &Arc<Self>, s: &Arc<ChatSession>, app: &str, tool: &str, order: &Value) {
-        let Some(oid) = order_id(order) else { return };
+    fn track_order(self: &Arc<Self>, s: &Arc<ChatSession>, app: &str, tool: &str, oid: &str, order: &Value) {
+        let oid = oid.to_owned();
         let conf = s.lock().last_confirmation.clone().unwrap_or(Value::Null);
         let pay = &order["payment"];
         let row = OrderRow {
@@ -788,7 +771,7 @@ impl Hub {
             let _guard = guard;
             // Follow for at most an hour of polling.
             for _ in 0..(3600_000 / hub.order_poll.as_millis().max(1) as u64) {
-                if is_final(last["status"].as_str().unwrap_or("")) {
+                if hub.agent.tools().is_final(&app, last["status"].as_str().unwrap_or("")) {
                     break;
                 }
                 tokio::select! {
@@ -799,7 +782,7 @@ impl Hub {
                 if now["status"] != last["status"] || now["payment"]["status"] != last["payment"]["status"] {
                     let status = now["status"].as_str().unwrap_or("unknown");
                     let _ = hub.store.update_order(&s.user, &app, &oid, status, now["payment"]["status"].as_str(), &now);
-                    let f = frame_of(&AgentEvent::Order { app: app.clone(), tool: String::new(), order: now.clone() });
+                    let f = frame_of(&AgentEvent::Order { app: app.clone(), tool: String::new(), order_id: Some(oid.clone()), order: now.clone() });
                     if let Some(f) = f {
                         s.publish(None, f, &hub.metrics);
                     }

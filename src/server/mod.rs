@@ -280,7 +280,7 @@ impl Server {
             // Orders are in the book before they are paid (issue 23, finding 4).
             let book = store.clone();
             agent_opts.order_book = Some(crate::agent::OrderBook(Arc::new(move |o: &crate::agent::PlacedOrder| {
-                let (Some(user), Some(order_id)) = (o.user, hub::order_id(o.order)) else { return Ok(()) };
+                let (Some(user), Some(order_id)) = (o.user, o.order_id.clone()) else { return Ok(()) };
                 book.upsert_order(&orders::OrderRow {
                     user: user.to_owned(),
                     session: o.session.to_owned(),

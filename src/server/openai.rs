@@ -477,6 +477,9 @@ fn build_tools(tools: &[InTool]) -> Result<(Vec<Tool>, ToolNames), ApiError> {
             card: None,
             quote: None,
             result: None,
+            role: None,
+            order_id: None,
+            final_statuses: Vec::new(),
         };
         let tool = Tool::new(APP, def).map_err(|e| {
             // Say it with the client's name for the function.

@@ -93,6 +93,14 @@ pub struct SlotDef {
     /// the words around it ("from X", "X에서", "从X"; "to Y", "Y까지", "去Y").
     #[serde(default)]
     pub role: Option<String>,
+    /// `place`: `city` when the slot wants a city, not a spot in it ("上海超市的鸡蛋":
+    /// 上海; a landmark named stands for its city).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// `text`: a street address; code reads it from the words after a cue
+    /// ("deliver to", "送到", "주소는") and widens a part the model copied.
+    #[serde(default)]
+    pub address: bool,
 }
 
 /// A choice slot's `from` that picks among the orders confirmed in this
@@ -295,6 +303,14 @@ pub fn validate(app: &str, f: &FlowDef, tools: &[ToolDef]) -> Result<(), String>
             if s.kind != SlotKind::Place || !matches!(r.as_str(), "origin" | "destination") {
                 return Err(at(format!("slot `{}`: `role` is `origin` or `destination`, on place slots", s.name)));
             }
+        }
+        if let Some(sc) = &s.scope {
+            if s.kind != SlotKind::Place || sc != "city" {
+                return Err(at(format!("slot `{}`: `scope` is `city`, on place slots", s.name)));
+            }
+        }
+        if s.address && s.kind != SlotKind::Text {
+            return Err(at(format!("slot `{}`: `address` belongs to text slots", s.name)));
         }
         if s.kind != SlotKind::Enum && !s.values.is_empty() {
             return Err(at(format!("slot `{}` has `values` but is not an enum", s.name)));

@@ -290,6 +290,9 @@ mod tests {
             card: None,
             quote: None,
             result: None,
+            role: None,
+            order_id: None,
+            final_statuses: Vec::new(),
         };
         ToolSet::from_tools(vec![Tool::new("t", def).unwrap()])
     }

@@ -83,6 +83,35 @@ pub struct ToolDef {
     /// A JSON schema the endpoint's answer must satisfy.
     #[serde(default)]
     pub result: Option<Value>,
+    /// What the tool does for its app ([`Role`]): how the assistant finds
+    /// an app's status check, and which tools give ids to look up.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// `order`, `status`, `cancel`: the result field that holds the order's id.
+    #[serde(default)]
+    pub order_id: Option<String>,
+    /// `status`: the statuses after which an order no longer changes (the
+    /// assistant stops following it).
+    #[serde(default)]
+    pub final_statuses: Vec<String>,
+}
+
+/// A tool's part in its app's work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Looks things up: where real ids come from.
+    Search,
+    /// Prices something without buying it.
+    Quote,
+    /// Places (and charges for) an order.
+    Order,
+    /// Reads an order's current state (a `GET`).
+    Status,
+    /// Cancels an order.
+    Cancel,
+    /// Refunds an order.
+    Refund,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -417,6 +446,29 @@ impl ToolSet {
         self.flows().into_iter().find(|f| f.def.id == id)
     }
 
+    /// The tool that reads `app`'s orders (role `status`).
+    pub fn status_tool(&self, app: &str) -> Option<&Arc<Tool>> {
+        self.tools.iter().find(|t| t.app == app && t.def.role == Some(Role::Status))
+    }
+
+    /// The id `tool` (of `app`) gave an order: the field its manifest names
+    /// (`order_id`, `ride_id`, `booking_id`, …), else that of the app's
+    /// status tool, else `id`.
+    pub fn order_id(&self, app: &str, tool: &str, order: &Value) -> Option<String> {
+        let field = self
+            .get(tool)
+            .and_then(|t| t.def.order_id.clone())
+            .or_else(|| self.status_tool(app).and_then(|t| t.def.order_id.clone()))
+            .unwrap_or_else(|| "id".into());
+        order.get(&field).and_then(Value::as_str).map(str::to_owned)
+    }
+
+    /// Whether an order of `app` in `status` no longer changes: the status
+    /// tool's final statuses; with no status tool nothing can change it.
+    pub fn is_final(&self, app: &str, status: &str) -> bool {
+        self.status_tool(app).is_none_or(|t| t.def.final_statuses.iter().any(|f| f == status))
+    }
+
     /// Whether `app` declares flows.
     pub fn has_flows(&self, app: &str) -> bool {
         self.tools.iter().any(|t| t.app == app && !t.flows.is_empty())
@@ -440,6 +492,32 @@ impl ToolSet {
         tool.validate(&call.arguments)?;
         Ok(tool)
     }
+}
+
+/// The roles' rules: one status check per app, a `GET` that names its
+/// final statuses; order ids only where orders are.
+fn check_roles(tools: &[ToolDef]) -> Result<(), String> {
+    let statuses: Vec<&ToolDef> = tools.iter().filter(|t| t.role == Some(Role::Status)).collect();
+    if statuses.len() > 1 {
+        return Err(format!("tools `{}` and `{}` both have role `status`; an app has one", statuses[0].name, statuses[1].name));
+    }
+    for t in tools {
+        let at = |m: String| format!("tool `{}`: {m}", t.name);
+        if t.role == Some(Role::Status) {
+            if t.endpoint.as_ref().is_none_or(|e| e.method != "GET") {
+                return Err(at("role `status` needs a GET endpoint".into()));
+            }
+            if t.final_statuses.is_empty() {
+                return Err(at("role `status` needs `final_statuses` (the statuses after which an order no longer changes)".into()));
+            }
+        } else if !t.final_statuses.is_empty() {
+            return Err(at("`final_statuses` belongs to the tool with role `status`".into()));
+        }
+        if t.order_id.is_some() && !matches!(t.role, Some(Role::Order | Role::Status | Role::Cancel | Role::Refund)) {
+            return Err(at("`order_id` belongs to tools with role `order`, `status`, `cancel` or `refund`".into()));
+        }
+    }
+    Ok(())
 }
 
 pub fn load_manifest(path: &Path) -> Result<Vec<Tool>, ManifestError> {
@@ -478,6 +556,7 @@ pub fn parse_manifest(text: &str, origin: &Path) -> Result<Vec<Tool>, ManifestEr
         }
         flow_ids.push(&f.id);
     }
+    check_roles(&m.tools).map_err(&invalid)?;
     let flows = Arc::new(m.flows.iter().map(|def| flow::Flow { app: m.app.clone(), def: def.clone() }).collect::<Vec<_>>());
     m.tools
         .into_iter()
@@ -514,6 +593,9 @@ mod tests {
                 card: None,
                 quote: None,
                 result: None,
+                role: None,
+                order_id: None,
+                final_statuses: Vec::new(),
             },
         )
     }
