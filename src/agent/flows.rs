@@ -57,6 +57,61 @@ fn inside(part: &str, whole: &str) -> bool {
     !p.is_empty() && w.contains(&p)
 }
 
+/// How many of the person's messages a frame keeps ([`Frame::words`]).
+const WORDS_KEPT: usize = 6;
+
+/// The place code reads for a place slot from the words: by its role
+/// ("from X", "Y까지"), as the city a city slot wants, or the one place
+/// named. `None` when the words do not settle it.
+fn code_place(d: &SlotDef, text: &str) -> Option<String> {
+    if let Some(r) = &d.role {
+        return value::place_in_role(text, r).map(|p| as_said(p, text));
+    }
+    if d.scope.as_deref() == Some("city") {
+        let found = value::places_in(text);
+        let city_of = |n: &str| cities::city(n).map(|c| c.id).or_else(|| cities::place(n, None).map(|(c, _)| c.id));
+        let mut ids: Vec<&str> = found.iter().filter_map(|n| city_of(n)).collect();
+        ids.dedup();
+        if ids.len() != 1 {
+            return None;
+        }
+        return found.iter().find(|n| cities::city(n).is_some()).or(found.first()).cloned().map(|p| as_said(p, text));
+    }
+    value::place_for(text).map(|p| as_said(p, text))
+}
+
+/// A name found in the words, as the person spelt it ("the Bund" for the
+/// gazetteer's "The Bund", "Pudong Airport" for its alias "pudong airport").
+fn as_said(name: String, text: &str) -> String {
+    let (lt, ln) = (text.to_lowercase(), name.to_lowercase());
+    match lt.find(&ln) {
+        Some(i) if lt.len() == text.len() => text.get(i..i + ln.len()).map(str::to_owned).unwrap_or(name),
+        _ => name,
+    }
+}
+
+/// The words without the flow's enum values ("second class" is no ordinal).
+fn without_enums(flow: &Flow, text: &str) -> String {
+    let mut t = text.to_lowercase();
+    for d in flow.def.slots.iter().filter(|d| d.kind == SlotKind::Enum) {
+        for v in d.values.iter().chain(d.synonyms.values().flatten()) {
+            let v = v.to_lowercase();
+            if v.chars().count() >= 2 {
+                t = t.replace(&v, " ");
+                t = t.replace(&v.replace('_', " "), " ");
+            }
+        }
+    }
+    t
+}
+
+/// Whether a value code checked (not free text) changed in this message
+/// for the call whose results a choice slot lists.
+fn inputs_changed(flow: &Flow, d: &SlotDef, fresh: &[String]) -> bool {
+    let src = flow.def.steps.iter().find(|st| st.name.is_some() && st.name.as_deref() == d.from.as_deref());
+    src.map(step_slots).unwrap_or_default().iter().any(|k| fresh.contains(k) && flow.slot(k).is_some_and(|x| x.kind != SlotKind::Text))
+}
+
 fn when_ok(w: &Option<When>, fr: &Frame) -> bool {
     let Some(w) = w else { return true };
     w.filled.iter().all(|s| fr.slots.contains_key(s))
@@ -174,6 +229,13 @@ impl Agent {
                 return Ok(h);
             }
         }
+        if let Some(top) = s.conv.dialogue.stack.last_mut() {
+            top.words.push(text.to_owned());
+            let n = top.words.len();
+            if n > WORDS_KEPT {
+                top.words.drain(..n - WORDS_KEPT);
+            }
+        }
         self.run_stack(sid, s, lang, &fresh, text, tx).await?;
         Ok(true)
     }
@@ -211,16 +273,27 @@ impl Agent {
             },
             None => (Vec::new(), 0),
         };
+        // An address the words give ("送到人民路200号") is the address
+        // slots' only value, and no other slot's ("路200号" is no dish).
+        let all_spans = command::spans(text);
+        let address = value::address_in(text);
+        let outside: Option<Vec<String>> = address.as_ref().map(|a| all_spans.iter().filter(|x| !cities::fold(a).contains(&cities::fold(x))).cloned().collect());
         let mut slots: Vec<SlotRule> = Vec::new();
         for f in &cands {
             for d in &f.def.slots {
                 if d.kind == SlotKind::Choice && d.hint.is_some() || slots.iter().any(|r| r.name == d.name) {
                     continue;
                 }
+                let free = !matches!(d.kind, SlotKind::Enum | SlotKind::Count);
                 slots.push(SlotRule {
                     name: d.name.clone(),
                     values: (d.kind == SlotKind::Enum).then(|| d.values.clone()),
                     digits: d.kind == SlotKind::Count,
+                    spans: match (&address, free, d.address) {
+                        (Some(a), true, true) => Some(vec![a.clone()]),
+                        (Some(_), true, false) => outside.clone(),
+                        _ => None,
+                    },
                 });
             }
         }
@@ -228,7 +301,7 @@ impl Agent {
         // runs; a running flow is only resumed by name.
         let idle_unnamed = named.is_empty() && s.conv.dialogue.stack.is_empty();
         let startable: Vec<String> = cands.iter().filter(|f| named.contains(&f.app) || idle_unnamed).map(|f| f.def.id.clone()).collect();
-        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.conv.dialogue.stack.is_empty() && crate::dialogue::says_stop(text), spans: command::spans(text), busy: !s.conv.dialogue.stack.is_empty() };
+        let allowed = Allowed { flows: startable, slots, options: n_options, active: !s.conv.dialogue.stack.is_empty() && crate::dialogue::says_stop(text), spans: all_spans, busy: !s.conv.dialogue.stack.is_empty() };
         let prompt = crate::dialogue::command_prompt(&cands, &s.conv.dialogue, &options, text);
         let req = GenRequest {
             session: Some(format!("{sid}#commands")),
@@ -252,6 +325,8 @@ impl Agent {
         if std::env::var_os("ERRAND_TRACE_COMMANDS").is_some() {
             eprintln!("[commands] {sid} {text:?} -> {:?}", g.text);
         }
+        // The slots as they were, to put back a value the words contradict.
+        let before: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>> = s.conv.dialogue.stack.iter().map(|f| (f.flow.clone(), f.slots.clone())).collect();
         for c in cmds {
             match c {
                 Command::Start { flow } => {
@@ -282,6 +357,10 @@ impl Agent {
                 Command::Set { slot, value: v } => {
                     // The newest frame that has the slot.
                     let Some(i) = s.conv.dialogue.stack.iter().rposition(|fr| self.flow(&fr.flow).is_some_and(|f| f.slot(&slot).is_some())) else { continue };
+                    // A message that starts a task fills that task, not one below it.
+                    if !started.is_empty() && !started.contains(&s.conv.dialogue.stack[i].flow) {
+                        continue;
+                    }
                     let flow = self.flow(&s.conv.dialogue.stack[i].flow).expect("checked above");
                     let def = flow.slot(&slot).expect("checked above").clone();
                     let fr = &mut s.conv.dialogue.stack[i];
@@ -304,6 +383,11 @@ impl Agent {
                             self.audit_row(sid, "model", "slot", None, json!({"slot": slot, "value": x, "rejected": "already taken for another slot"}), "not taken")?;
                         }
                         Ok(val) => {
+                            // An address copied in part is the whole address the words give.
+                            let val = match (&val, def.address) {
+                                (Value::String(x), true) => Value::String(value::widen_address(x, text)),
+                                _ => val,
+                            };
                             if let (Value::String(x), SlotKind::Text | SlotKind::Place) = (&val, def.kind) {
                                 taken.push((def.kind, x.clone()));
                             }
@@ -316,6 +400,12 @@ impl Agent {
                         }
                         // A place already known (said before, or just now) stays; the
                         // unknown name was likely meant for another slot.
+                        // A known place the words name for the slot (People's Square in
+                        // "from Shu Feng Sichuan Kitchen near People's Square") is read by
+                        // code below; only a name with nothing known for it is unknown.
+                        Err(Rejected::UnknownPlace(p)) if code_place(&def, text).is_some_and(|c| def.scope.is_some() || !cities::fold(&p).contains(&cities::fold(&c))) => {
+                            self.audit_row(sid, "model", "slot", None, json!({"slot": slot, "value": p, "rejected": "not a known place; the words name another"}), "not taken")?;
+                        }
                         Err(Rejected::UnknownPlace(p)) if !fr.slots.contains_key(&slot) => {
                             problems.push(say(lang, Say::UnknownPlace(&p)));
                             unknown.push(p);
@@ -331,8 +421,9 @@ impl Agent {
                     let Some(flow) = self.flow(&fr.flow) else { continue };
                     let Some(def) = fr.asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice).cloned() else { continue };
                     let opts = slot_options(&s.conv.orders, &flow, fr, &def);
-                    // An option named in full in the words wins over the model's number.
-                    let n = value::option_named_fully(text, &opts).map(|i| i + 1).unwrap_or(n);
+                    // An option named in full in the words wins over the model's number,
+                    // and of several with that name, the one at the time said.
+                    let n = value::option_named_fully(text, &opts).or_else(|| value::option_named_at(text, &opts)).map(|i| i + 1).unwrap_or(n);
                     if let Some(o) = opts.get(n - 1) {
                         choose(fr, &def.name, o);
                         fresh.push(def.name.clone());
@@ -345,69 +436,162 @@ impl Agent {
                 Command::CannotHandle => cannot = true,
             }
         }
-        // Code reads what the model left out, for a flow just started or a question just asked.
+        // Code reads what it can read exactly, for the flow on top: it fills
+        // what the model left out and wins where the model read the words
+        // otherwise (a place, an enum value, a date, a time, an option named).
         if let Some(mut top) = s.conv.dialogue.stack.pop() {
             let fr = &mut top;
             if let Some(flow) = self.flow(&fr.flow) {
                 let new = started.contains(&fr.flow);
-                let place_slots: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place).collect();
-                let places = value::places_in(text);
-                // "Make it three": the one count slot, changed by the one count said,
-                // when the model left it alone.
-                let counts: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Count).collect();
-                // The numbers inside the text just given ("10 Fuzhou Road") are no count.
+                let was = before.get(&fr.flow).cloned().unwrap_or_default();
+                let asking = fr.asking.clone();
+                let asked = |d: &SlotDef| asking.as_deref() == Some(d.name.as_str());
+                let set = |fr: &mut Frame, fresh: &mut Vec<String>, d: &SlotDef, v: Value| {
+                    if fr.slots.get(&d.name) != Some(&v) {
+                        clear(&flow, fr, &d.name);
+                        fr.slots.insert(d.name.clone(), v);
+                    }
+                    if !fresh.contains(&d.name) {
+                        fresh.push(d.name.clone());
+                    }
+                };
+                // The address, from the words after its cue ("送到…", "주소는…").
+                for d in flow.def.slots.iter().filter(|d| d.address && (new || asked(d))) {
+                    if fr.slots.contains_key(&d.name) {
+                        continue;
+                    }
+                    if let Some(a) = value::address_in(text) {
+                        set(fr, fresh, d, Value::String(a));
+                        acted = true;
+                    }
+                }
+                // The rest of the words: without the text just given ("10 Fuzhou Road"
+                // holds no count, "王府井大街138号" no place to deliver near).
                 let mut rest = text.to_owned();
                 for k in fresh.iter() {
                     if let (Some(Value::String(v)), Some(SlotKind::Text)) = (fr.slots.get(k), flow.slot(k).map(|d| d.kind)) {
                         rest = rest.replace(v.as_str(), " ");
                     }
                 }
+                // A known name inside an unknown one (上海 in 上海欢乐谷) is not said by itself.
+                for u in &unknown {
+                    rest = rest.replace(u.as_str(), " ");
+                }
+                let places = value::places_in(&rest);
+                let place_slots = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place).count();
+                // "Make it three": the one count slot, changed by the one count said,
+                // when the model left it alone.
+                let counts: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Count).collect();
                 if let ([d], false) = (counts.as_slice(), fresh.contains(&counts.first().map(|d| d.name.clone()).unwrap_or_default())) {
                     if let (Some(Value::Number(old)), Some(Value::Number(n))) = (fr.slots.get(&d.name).cloned(), value::from_message(d, &rest, today)) {
                         if old != n && n.as_i64() != Some(1) {
-                            fr.slots.insert(d.name.clone(), Value::Number(n));
-                            fresh.push(d.name.clone());
+                            set(fr, fresh, d, Value::Number(n));
                             acted = true;
                         }
                     }
                 }
-                // Where the words say which place is the start and which the end
-                // ("from the Bund to Hongqiao", "서울에서 부산 가는"), they win over
-                // the model's order.
-                for d in flow.def.slots.iter().filter(|d| d.kind == SlotKind::Place && d.role.is_some()) {
-                    if let Some(p) = value::place_in_role(text, d.role.as_deref().unwrap_or_default()) {
-                        if fr.slots.get(&d.name).and_then(Value::as_str).is_some_and(|v| cities::fold(v) != cities::fold(&p)) && fresh.contains(&d.name) {
-                            fr.slots.insert(d.name.clone(), Value::String(p));
-                        }
-                    }
-                }
                 for d in &flow.def.slots {
-                    if fr.slots.contains_key(&d.name) {
-                        continue;
-                    }
-                    let asked = fr.asking.as_deref() == Some(d.name.as_str());
-                    // Required dates, times and named values are read in any message
-                    // to the flow; the rest only in the message that starts it or
-                    // answers their question.
-                    let v = match d.kind {
-                        SlotKind::Date | SlotKind::Time | SlotKind::Enum if d.required || new || asked => value::from_message(d, text, today),
-                        SlotKind::Count if new || asked => value::from_message(d, &rest, today),
-                        SlotKind::Place if d.role.is_some() && unknown.is_empty() => value::place_in_role(text, d.role.as_deref().unwrap_or_default()).map(Value::String),
-                        SlotKind::Place if (new || asked) && (asked || place_slots.len() == 1) && places.len() == 1 && unknown.is_empty() => Some(Value::String(places[0].clone())),
-                        SlotKind::Choice if asked => {
+                    let cur = fr.slots.get(&d.name).cloned();
+                    let is_fresh = fresh.contains(&d.name);
+                    let of_kind = flow.def.slots.iter().filter(|x| x.kind == d.kind).count();
+                    let v: Option<Value> = match d.kind {
+                        // Places: by role, city or the one named; the question just asked
+                        // takes the one place the answer names.
+                        SlotKind::Place => {
+                            let code = code_place(d, &rest).or_else(|| (asked(d) && places.len() == 1 && unknown.is_empty()).then(|| as_said(places[0].clone(), &rest)));
+                            match code {
+                                // The words' role ("to Y") changes a place any time; a place
+                                // named alone fills an empty slot or replaces what the model
+                                // made of it, but changes nothing by itself ("강남대로 말고…"
+                                // names 강남 in passing).
+                                Some(c) if d.role.is_some() || is_fresh || asked(d) || cur.is_none() && (new || place_slots == 1) => Some(Value::String(c)),
+                                _ => {
+                                    // The model's place is not one the words name as such ("Bund.
+                                    // Economy"), or is the one they give the other role: put
+                                    // back what was there.
+                                    let other = d.role.as_deref().map(|r| if r == "origin" { "destination" } else { "origin" });
+                                    let cur_s = cur.as_ref().and_then(Value::as_str).unwrap_or_default();
+                                    let contradicted = other.and_then(|o| value::place_in_role(&rest, o)).is_some_and(|o| cities::fold(&o) == cities::fold(cur_s));
+                                    let loose = !places.iter().any(|p| cities::fold(p) == cities::fold(cur_s)) && code_place(d, text).is_none() && !places.is_empty();
+                                    if is_fresh && (contradicted || loose) {
+                                        match was.get(&d.name) {
+                                            Some(old) => fr.slots.insert(d.name.clone(), old.clone()),
+                                            None => fr.slots.remove(&d.name),
+                                        };
+                                        fresh.retain(|k| k != &d.name);
+                                        self.audit_row(sid, "model", "slot", None, json!({"slot": d.name, "value": cur_s, "rejected": "the words give that place another role or name another place"}), "not taken")?;
+                                    }
+                                    None
+                                }
+                            }
+                        }
+                        // Enum values by their words: a change names the new value
+                        // ("还是换成快车吧" while premium: economy).
+                        // The value before this message is what a change is from (the
+                        // model may have written the new one already).
+                        // An optional filter already set changes only when the words
+                        // contrast two values or the model changed it too ("공연"
+                        // alone does not turn a concert search into a show search).
+                        SlotKind::Enum => {
+                            let base = was.get(&d.name).and_then(Value::as_str);
+                            let contrast = base.is_some() && value::enums_named(d, &rest).len() == 2;
+                            value::enum_change(d, &rest, base).map(Value::String).filter(|_| match &cur {
+                                Some(_) => d.required || contrast || is_fresh || asked(d),
+                                None => d.required || new || asked(d) || is_fresh,
+                            })
+                        }
+                        // The flow's one date or time: read when missing, and a new one
+                        // said ("改成下午4点吧") is a correction.
+                        SlotKind::Date | SlotKind::Time if of_kind == 1 => match (&cur, value::from_message(d, &rest, today)) {
+                            (None, Some(v)) if d.required || new || asked(d) => Some(v),
+                            (Some(_), Some(v)) if !is_fresh => Some(v),
+                            _ => None,
+                        },
+                        SlotKind::Date | SlotKind::Time if cur.is_none() && (d.required || new || asked(d)) => value::from_message(d, &rest, today),
+                        SlotKind::Count if cur.is_none() && (new || asked(d)) => value::from_message(d, &rest, today),
+                        // The option the words name, by name, brand or place in the list.
+                        // Not from a list whose inputs just changed: the new list comes next.
+                        SlotKind::Choice if cur.is_none() && asked(d) && !inputs_changed(&flow, d, fresh) => {
                             let opts = slot_options(&s.conv.orders, &flow, fr, d);
-                            value::option_named(text, &opts).map(|i| {
+                            let i = value::option_named(text, &opts)
+                                .or_else(|| value::option_by_brand(text, &opts))
+                                .or_else(|| value::ordinal(&without_enums(&flow, text)).filter(|n| *n <= opts.len()).map(|n| n - 1))
+                                .or_else(|| value::option_at_time(text, &opts));
+                            i.map(|i| {
                                 fr.chosen.insert(d.name.clone(), opts[i].data.clone());
                                 Value::String(opts[i].id.clone())
                             })
                         }
-                        SlotKind::Text if asked && !chat && text.chars().count() <= 120 && !text.trim_end().ends_with(['?', '？']) => Some(Value::String(text.trim().to_owned())),
+                        SlotKind::Text if cur.is_none() && asked(d) && !chat && text.chars().count() <= 120 && !text.trim_end().ends_with(['?', '？']) => {
+                            Some(Value::String(if d.address { value::address_in(text).unwrap_or_else(|| text.trim().to_owned()) } else { text.trim().to_owned() }))
+                        }
                         _ => None,
                     };
                     if let Some(v) = v {
-                        fr.slots.insert(d.name.clone(), v);
-                        fresh.push(d.name.clone());
-                        acted = true;
+                        if cur.as_ref() != Some(&v) {
+                            if d.kind == SlotKind::Choice {
+                                fr.slots.insert(d.name.clone(), v);
+                                fresh.push(d.name.clone());
+                            } else {
+                                set(fr, fresh, d, v);
+                            }
+                            acted = true;
+                        }
+                    }
+                }
+                // An option picked from the list on screen: what the model changed in
+                // the words that made the list ("query 2" of "첫 번째 공연으로 2장")
+                // would replace the list, so it is put back.
+                if let Some(d) = asking.as_deref().and_then(|a| flow.slot(a)).filter(|d| d.kind == SlotKind::Choice && fresh.contains(&d.name) && fr.slots.contains_key(&d.name)) {
+                    let src = flow.def.steps.iter().find(|st| st.name.is_some() && st.name.as_deref() == d.from.as_deref());
+                    for sl in src.map(step_slots).unwrap_or_default() {
+                        if fresh.contains(&sl) && flow.slot(&sl).is_some_and(|x| x.kind == SlotKind::Text) {
+                            match was.get(&sl) {
+                                Some(old) => fr.slots.insert(sl.clone(), old.clone()),
+                                None => fr.slots.remove(&sl),
+                            };
+                            fresh.retain(|k| k != &sl);
+                        }
                     }
                 }
             }
@@ -430,7 +614,10 @@ impl Agent {
             }
         }
         if !acted {
-            if cannot && !chat {
+            // A question about what was just said ("刚才那单没有下吧？") is
+            // answered, even when no task can do it.
+            let follow_up = text.trim_end().ends_with(['?', '？']) && s.conv.dialogue.recent.iter().rev().skip(1).take(2).any(|(r, _)| r == "assistant");
+            if cannot && !chat && !follow_up {
                 // A request for an app without flows goes to plain tool calling.
                 if named.iter().any(|a| !tools.has_flows(a)) {
                     return Ok(Some(false));
@@ -534,9 +721,20 @@ impl Agent {
                             continue;
                         }
                     }
-                    // The message names one of them ("from Shu Feng", "南翔小笼").
-                    if let Some(i) = (!said.is_empty()).then(|| value::option_named_fully(said, &opts)).flatten() {
+                    // The person named one of them: in this message, or, before the
+                    // list was first shown, in an earlier one to this task ("from Shu
+                    // Feng", "南翔小笼", "블로썸 살롱" for 블로썸 살롱 명동점).
+                    let listed = fr.shown.iter().any(|k| k.starts_with(&format!("{from} ")));
+                    let texts: Vec<String> = if listed { vec![said.to_owned()] } else { fr.words.iter().rev().cloned().collect() };
+                    let at_time = (!said.is_empty()).then(|| value::option_at_time(said, &opts)).flatten();
+                    if let Some(i) = texts.iter().filter(|t| !t.is_empty()).find_map(|t| value::option_named_fully(t, &opts).or_else(|| value::option_by_brand(t, &opts))).or(at_time) {
                         choose(fr, c, &opts[i]);
+                        continue;
+                    }
+                    // "The nearest one", "첫 번째": the list already on screen, by its place.
+                    let on_screen = !said.is_empty() && opts.first().is_some_and(|o| s.conv.offered.first() == Some(&o.id)) && opts.iter().all(|o| s.conv.offered.contains(&o.id));
+                    if let Some(n) = on_screen.then(|| value::ordinal(&without_enums(flow, said))).flatten().filter(|n| *n <= opts.len()) {
+                        choose(fr, c, &opts[n - 1]);
                         continue;
                     }
                     if def.auto_single && opts.len() == 1 {

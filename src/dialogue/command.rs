@@ -80,6 +80,10 @@ pub struct SlotRule {
     pub values: Option<Vec<String>>,
     /// Digits only (a count).
     pub digits: bool,
+    /// The stretches this slot's value may be, when not those of the
+    /// whole message ([`Allowed::spans`]): an address takes the address
+    /// the words give, the other slots what lies outside it.
+    pub spans: Option<Vec<String>>,
 }
 
 /// What the grammar allows in this state.
@@ -169,22 +173,26 @@ pub fn grammar(a: &Allowed) -> String {
         }
     }
     // Free values: the message's own stretches, written once for all the
-    // slots that take them.
-    let mut free: Vec<String> = Vec::new();
+    // slots that take the same ones.
+    let mut free: Vec<(Vec<String>, Vec<String>)> = Vec::new();
     for s in &a.slots {
         let value = match (&s.values, s.digits) {
             (Some(v), _) if !v.is_empty() => format!("({})", v.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")),
             (_, true) => "[1-9][0-9]?".to_owned(),
             _ => {
-                free.push(escape(&s.name));
+                let spans = s.spans.clone().unwrap_or_else(|| a.spans.clone());
+                match free.iter_mut().find(|(sp, _)| *sp == spans) {
+                    Some((_, names)) => names.push(escape(&s.name)),
+                    None => free.push((spans, vec![escape(&s.name)])),
+                }
                 continue;
             }
         };
         alts.push(format!("set {} {value}", escape(&s.name)));
     }
-    if !free.is_empty() {
-        let value = if a.spans.is_empty() { "[^\\n ][^\\n]{0,59}".to_owned() } else { format!("({})", a.spans.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")) };
-        alts.push(format!("set ({}) {value}", free.join("|")));
+    for (spans, names) in &free {
+        let value = if spans.is_empty() { "[^\\n ][^\\n]{0,59}".to_owned() } else { format!("({})", spans.iter().map(|x| escape(x)).collect::<Vec<_>>().join("|")) };
+        alts.push(format!("set ({}) {value}", names.join("|")));
     }
     if a.options > 0 {
         let n = a.options.min(20);
@@ -213,9 +221,9 @@ mod tests {
         Allowed {
             flows: vec!["order_food".into(), "book_ride".into()],
             slots: vec![
-                SlotRule { name: "place".into(), values: None, digits: false },
-                SlotRule { name: "quantity".into(), values: None, digits: true },
-                SlotRule { name: "vehicle_class".into(), values: Some(vec!["economy".into(), "comfort".into()]), digits: false },
+                SlotRule { name: "place".into(), values: None, digits: false, spans: None },
+                SlotRule { name: "quantity".into(), values: None, digits: true, spans: None },
+                SlotRule { name: "vehicle_class".into(), values: Some(vec!["economy".into(), "comfort".into()]), digits: false, spans: None },
             ],
             options: 3,
             active: true,
@@ -253,7 +261,7 @@ mod tests {
 
     #[test]
     fn enum_values_are_escaped() {
-        let a = Allowed { slots: vec![SlotRule { name: "seat".into(), values: Some(vec!["1st (window)".into(), "a/b".into()]), digits: false }], ..Default::default() };
+        let a = Allowed { slots: vec![SlotRule { name: "seat".into(), values: Some(vec!["1st (window)".into(), "a/b".into()]), digits: false, spans: None }], ..Default::default() };
         let g = grammar(&a);
         assert_eq!(run(&g, "set seat 1st (window)"), Some(true));
         assert_eq!(run(&g, "set seat a/b"), Some(true));

@@ -46,6 +46,10 @@ pub struct Frame {
     pub quoted: bool,
     /// Cards already shown, as `step name + arguments`.
     pub shown: Vec<String>,
+    /// The person's messages while this frame was on top, oldest first (a
+    /// few): an option named before its list came ("from Shu Feng") is
+    /// picked when the list comes.
+    pub words: Vec<String>,
 }
 
 impl Frame {
@@ -59,6 +63,7 @@ impl Frame {
             asking: None,
             quoted: false,
             shown: Vec::new(),
+            words: Vec::new(),
         }
     }
 }

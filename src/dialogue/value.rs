@@ -121,6 +121,14 @@ pub fn time_in(text: &str) -> Option<String> {
             let at = before.trim_end().ends_with(" at") || before.trim_end() == "at" || before.ends_with("at ");
             if n <= 24 && (hourish || at) {
                 let half = after.starts_with("点半") || after.starts_with("시 반") || after.starts_with("시반") || after.starts_with("點半");
+                // "10点20", "10点20分", "10시 20분": the minutes after the hour.
+                let minutes: Option<u32> = ["点", "點", "시"].iter().find_map(|u| after.strip_prefix(u)).and_then(|r| {
+                    let r = r.trim_start();
+                    let d: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
+                    let rest = r[d.len()..].trim_start();
+                    let unit = rest.is_empty() || rest.starts_with('分') || rest.starts_with('분') || !rest.starts_with(|c: char| c.is_alphanumeric()) || rest.starts_with("那") || rest.starts_with("的");
+                    d.parse::<u32>().ok().filter(|m| *m < 60 && !d.is_empty() && d.len() <= 2 && unit)
+                });
                 let mut h = n;
                 if (pm || after.starts_with("pm") || after.starts_with("p.m")) && h < 12 {
                     h += 12;
@@ -131,7 +139,7 @@ pub fn time_in(text: &str) -> Option<String> {
                 if !pm && !am && !after.starts_with("am") && hourish && (1..=6).contains(&h) && !after.starts_with("点") && !after.starts_with("시") {
                     h += 12;
                 }
-                return Some(format!("{h:02}:{:02}", if half { 30 } else { 0 }));
+                return Some(format!("{h:02}:{:02}", minutes.unwrap_or(if half { 30 } else { 0 })));
             }
         } else {
             i += 1;
@@ -240,7 +248,9 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
         SlotKind::Text => {
             // The value as a whole, or its longest comma-separated part, must
             // be in the words (a model pads "People's Square, 200 Renmin Road").
-            let fits = |v: &str| fold(message).contains(&fold(v)) && !fold(v).is_empty() && slot.pattern.as_deref().is_none_or(|p| regex::Regex::new(p).is_ok_and(|r| r.is_match(v)));
+            // A bare number is a count or a time, not a name or a query ("set query 2").
+            let bare = |v: &str| slot.pattern.is_none() && !v.trim().is_empty() && v.trim().chars().all(|c| c.is_ascii_digit());
+            let fits = |v: &str| fold(message).contains(&fold(v)) && !fold(v).is_empty() && !bare(v) && slot.pattern.as_deref().is_none_or(|p| regex::Regex::new(p).is_ok_and(|r| r.is_match(v)));
             let tidy = super::ground::tidy(&corrected(value));
             if fits(&tidy) {
                 return Ok(Value::String(tidy));
@@ -384,7 +394,8 @@ pub fn places_in(message: &str) -> Vec<String> {
 pub fn place_in_role(message: &str, role: &str) -> Option<String> {
     let lower = message.to_lowercase();
     let (before, after): (&[&str], &[&str]) = match role {
-        "origin" => (&["from ", "从", "由"], &["에서", "出发", " 출발"]),
+        // "上海到杭州", "人民广场去虹桥": the place before 到/去 is the start.
+        "origin" => (&["from ", "从", "由"], &["에서", "出发", " 출발", "到", "去", "至", "→"]),
         "destination" => (&["to ", "去", "到", "往", "至"], &["까지", "으로", "로 ", "로,", "行", " 가는", "가는"]),
         _ => return None,
     };
@@ -395,7 +406,7 @@ pub fn place_in_role(message: &str, role: &str) -> Option<String> {
         let head = lower[..i].trim_end_matches([' ', '的']);
         let tail = &lower[i + pl.len()..];
         let cue_before = before.iter().any(|c| head.ends_with(c.trim_end()) && (c.is_ascii() || !c.ends_with(' ')));
-        let cue_after = after.iter().any(|c| tail.starts_with(c) || tail.trim_start().starts_with(c.trim()));
+        let cue_after = after.iter().any(|c| tail.starts_with(c) || tail.trim_start().starts_with(c.trim())) || (role == "origin" && tail.starts_with(" to ") && !head.ends_with("to"));
         if cue_before || cue_after {
             // In the person's own spelling.
             hits.push(message.get(i..i + pl.len()).map(str::to_owned).unwrap_or(p));
@@ -404,6 +415,115 @@ pub fn place_in_role(message: &str, role: &str) -> Option<String> {
     match hits.as_slice() {
         [one] => Some(one.clone()),
         _ => None,
+    }
+}
+
+/// The one place a message names for a slot without a role ("Urban Cut
+/// near Jing'an Temple in Shanghai": Jing'an Temple). A city named with a
+/// place inside it gives way to the place; two places apart give none.
+pub fn place_for(message: &str) -> Option<String> {
+    let found = places_in(message);
+    let city_of = |n: &str| cities::city(n).map(|c| c.id).or_else(|| cities::place(n, None).map(|(c, _)| c.id));
+    let kept: Vec<&String> = found
+        .iter()
+        .filter(|n| match cities::city(n) {
+            Some(c) => !found.iter().any(|o| o != *n && cities::city(o).is_none() && city_of(o) == Some(c.id)),
+            None => true,
+        })
+        .collect();
+    match kept.as_slice() {
+        [one] => Some((*one).clone()),
+        _ => None,
+    }
+}
+
+/// Every value of an enum the message names, by itself or a synonym.
+pub fn enums_named(slot: &SlotDef, message: &str) -> Vec<String> {
+    let t = message.to_lowercase();
+    slot.values
+        .iter()
+        .filter(|v| {
+            let own = contains_word(&t, &v.to_lowercase().replace('_', " ")) || contains_word(&t, &v.to_lowercase());
+            own || slot.synonyms.get(*v).is_some_and(|ws| ws.iter().any(|w| contains_word(&t, &w.to_lowercase())))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The enum value a message gives a slot that holds `current`: the one it
+/// names, or, when it names two and one is the current value, the other
+/// ("专车太贵了，还是换成快车吧": economy).
+pub fn enum_change(slot: &SlotDef, message: &str, current: Option<&str>) -> Option<String> {
+    let named = enums_named(slot, message);
+    match named.as_slice() {
+        [one] => Some(one.clone()),
+        [a, b] => match current {
+            Some(c) if c == a => Some(b.clone()),
+            Some(c) if c == b => Some(a.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Words before a delivery address: "deliver to", "送到", "주소는".
+const ADDRESS_CUES: &[&str] = &[
+    "delivered to", "deliver it to", "deliver to", "deliver them to", "send it to", "bring it to", "address is", "address:", "the address", "address",
+    "送到", "送至", "配送到", "寄到", "地址是", "地址：", "地址:", "地址", "주소는", "주소:", "주소", "배달지는",
+];
+
+/// The stretch of the message that is a delivery address: the clause with
+/// a number in it that follows an address cue, without the cue and the
+/// words that close the sentence ("주소는 와우산로 94야": 와우산로 94).
+pub fn address_in(message: &str) -> Option<String> {
+    let lower = message.to_lowercase();
+    let mut best: Option<String> = None;
+    for cue in ADDRESS_CUES {
+        let Some(i) = lower.rfind(cue) else { continue };
+        // The same byte offsets hold in the original: lowercasing kept the lengths of these scripts.
+        if lower.len() != message.len() {
+            break;
+        }
+        let after = &message[i + cue.len()..];
+        let after = after.trim_start_matches([' ', ':', '：', '是']);
+        let end = after.find(['，', '。', ';', '；', '!', '?', '！', '？', '\n']).unwrap_or(after.len());
+        let mut clause = after[..end].trim();
+        // A full stop ends it only before a space or the end ("No. 5" stays).
+        if let Some(j) = clause.find(". ") {
+            clause = clause[..j].trim();
+        }
+        let clause = clause.trim_end_matches(['.', ',']);
+        let clause = close_sentence(clause);
+        if clause.chars().any(|c| c.is_ascii_digit() || ('０'..='９').contains(&c)) && clause.chars().count() >= 3 && clause.chars().count() <= 60 {
+            best = Some(clause.to_owned());
+            break;
+        }
+    }
+    best
+}
+
+/// Words that close a Chinese or Korean sentence after a value ("…94야",
+/// "…号吧", "…152로 해 줘").
+fn close_sentence(s: &str) -> &str {
+    let mut t = s.trim();
+    for end in ["로 해 줘", "로 해줘", "으로 해 줘", "로 부탁해", "입니다", "이에요", "예요", "이야", "야", "요", "吧", "啊", "呢", "哦", ", please", " please"] {
+        if let Some(x) = t.strip_suffix(end) {
+            // Korean copulas only after a number or a Hangul syllable.
+            if !x.trim().is_empty() {
+                t = x.trim_end();
+                break;
+            }
+        }
+    }
+    t
+}
+
+/// A delivery address the model copied in part ("100号" of "送到杭州市延安路100号"):
+/// the whole address the message gives around it, when there is one.
+pub fn widen_address(value: &str, message: &str) -> String {
+    match address_in(message) {
+        Some(a) if fold(&a).contains(&fold(value)) && a.chars().count() > value.chars().count() => a,
+        _ => value.to_owned(),
     }
 }
 
@@ -536,12 +656,62 @@ pub fn option_named_fully(text: &str, opts: &[Opt]) -> Option<usize> {
     }
 }
 
+/// The brand of an option without its branch ("Urban Cut · Jing'an
+/// Temple", "丝绸发艺（人民广场店）", "블로썸 살롱 명동점"): the option the
+/// text names by brand alone, when one option has that brand.
+pub fn option_by_brand(text: &str, opts: &[Opt]) -> Option<usize> {
+    let t = fold(text);
+    let brand = |l: &str| -> Option<String> {
+        let mut b = l.split(" · ").next().unwrap_or(l).split(['（', '(']).next().unwrap_or(l).trim().to_owned();
+        if let Some((head, last)) = b.rsplit_once(' ') {
+            if last.ends_with('점') && !head.is_empty() {
+                b = head.to_owned();
+            }
+        }
+        let f = fold(&b);
+        let long_enough = if b.is_ascii() { f.len() >= 5 } else { f.chars().count() >= 3 };
+        long_enough.then_some(f)
+    };
+    let hits: Vec<usize> = opts.iter().enumerate().filter(|(_, o)| o.labels.iter().filter_map(|l| brand(l)).any(|b| t.contains(&b))).map(|(i, _)| i).collect();
+    match hits.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// Of several options with the name the text says ("Neon Harbor at 10:00"
+/// when it shows at 10:00 and at 12:30), the one at the time it says.
+pub fn option_named_at(text: &str, opts: &[Opt]) -> Option<usize> {
+    let t = fold(text);
+    let hm = time_in(text)?;
+    let named: Vec<usize> = opts.iter().enumerate().filter(|(_, o)| o.labels.iter().any(|l| fold(l).chars().count() >= 2 && t.contains(&fold(l)))).map(|(i, _)| i).collect();
+    let at: Vec<usize> = named.into_iter().filter(|&i| opts[i].data.to_string().contains(&format!("\"{hm}\"")) || opts[i].data.to_string().contains(&format!("T{hm}"))).collect();
+    match at.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// The one option whose data holds the time the text says ("就订上午10点20那班":
+/// the train leaving at 10:20).
+pub fn option_at_time(text: &str, opts: &[Opt]) -> Option<usize> {
+    let hm = time_in(text)?;
+    let at: Vec<usize> = (0..opts.len()).filter(|&i| {
+        let d = opts[i].data.to_string();
+        d.contains(&format!("\"{hm}\"")) || d.contains(&format!("T{hm}"))
+    }).collect();
+    match at.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
 /// An ordinal or a bare number in the text: "the first one", "second",
 /// "第二个", "두 번째", "2", "#3".
 pub fn ordinal(text: &str) -> Option<usize> {
     let t = text.trim().to_lowercase();
     let words: [(&[&str], usize); 5] = [
-        (&["first", "1st", "第一", "头一个", "첫 번째", "첫번째", "첫째", "1번"], 1),
+        (&["first", "1st", "第一", "头一个", "첫 번째", "첫번째", "첫째", "1번", "nearest", "closest", "제일 가까운", "가장 가까운", "离我最近", "最近的那", "最近的一"], 1),
         (&["second", "2nd", "第二", "두 번째", "두번째", "둘째", "2번"], 2),
         (&["third", "3rd", "第三", "세 번째", "세번째", "셋째", "3번"], 3),
         (&["fourth", "4th", "第四", "네 번째", "네번째", "4번"], 4),
@@ -639,6 +809,66 @@ mod tests {
         assert_eq!(ordinal("第二个"), Some(2));
         assert_eq!(ordinal("2"), Some(2));
         assert_eq!(ordinal("deliver to 200 Renmin Road"), None);
+    }
+
+    #[test]
+    fn code_reads_places_addresses_and_changes_from_the_words() {
+        // The one place named, a city giving way to a place inside it.
+        assert_eq!(place_for("Book me a haircut with Lily at Urban Cut near Jing'an Temple in Shanghai").as_deref(), Some("Jing'an Temple"));
+        assert_eq!(place_for("Order one kung pao chicken from Shu Feng Sichuan Kitchen near People's Square").as_deref(), Some("People's Square"));
+        assert_eq!(place_for("from People's Square to the Bund"), None);
+        // "X到Y": X is where the trip starts.
+        assert_eq!(place_in_role("查一下12月4日上海到杭州的高铁", "origin").as_deref(), Some("上海"));
+        assert_eq!(place_in_role("查一下12月4日上海到杭州的高铁", "destination").as_deref(), Some("杭州"));
+        assert_eq!(place_in_role("Shanghai to Hangzhou tomorrow", "origin").as_deref(), Some("Shanghai"));
+        assert_eq!(place_in_role("take me to Hongqiao Railway Station instead", "origin"), None);
+        // Addresses after their cue, without the words that close the sentence.
+        assert_eq!(address_in("送到杭州市延安路100号。").as_deref(), Some("杭州市延安路100号"));
+        assert_eq!(address_in("서울 마트에서 귤 2kg 주문해 줘. 주소는 와우산로 94야.").as_deref(), Some("와우산로 94"));
+        assert_eq!(address_in("Order one kung pao chicken, delivered to 200 Renmin Road.").as_deref(), Some("200 Renmin Road"));
+        assert_eq!(address_in("人民广场附近帮我点两份宫保鸡丁"), None);
+        assert_eq!(widen_address("100号", "送到杭州市延安路100号。"), "杭州市延安路100号");
+        assert_eq!(widen_address("200 Renmin Road", "deliver it somewhere"), "200 Renmin Road");
+        // A change names the new value even when it names the old one too.
+        let s: SlotDef = serde_json::from_value(json!({"name": "c", "type": "enum", "values": ["economy", "premium"], "synonyms": {"economy": ["快车"], "premium": ["专车"]}, "required": false})).unwrap();
+        assert_eq!(enum_change(&s, "专车太贵了，还是换成快车吧。", Some("premium")).as_deref(), Some("economy"));
+        assert_eq!(enum_change(&s, "专车太贵了，还是换成快车吧。", None), None);
+        assert_eq!(enum_change(&s, "就叫快车", Some("premium")).as_deref(), Some("economy"));
+    }
+
+    #[test]
+    fn options_by_brand_time_and_nearness() {
+        let s: SlotDef = serde_json::from_value(json!({"name": "r", "type": "choice", "from": "x", "required": false})).unwrap();
+        let salons = options(&s, &json!({"items": [
+            {"id": "a", "name": {"en": "Urban Cut · Jing'an Temple", "zh": "都市剪艺（静安寺店）", "ko": "어반 컷 징안사점"}},
+            {"id": "b", "name": {"en": "Silk Hair Lab · People's Square", "zh": "丝绸发艺（人民广场店）", "ko": "실크 헤어 랩 인민광장점"}},
+        ]}));
+        assert_eq!(option_by_brand("a haircut with Lily at Urban Cut near Jing'an Temple", &salons), Some(0));
+        assert_eq!(option_by_brand("在人民广场的丝绸发艺剪头发", &salons), Some(1));
+        assert_eq!(option_by_brand("실크 헤어 랩에서 커트", &salons), Some(1));
+        assert_eq!(option_by_brand("any salon near Jing'an Temple", &salons), None);
+        let shows = options(&s, &json!({"items": [
+            {"id": "s0", "name": {"en": "Neon Harbor"}, "time": "10:00"},
+            {"id": "s1", "name": {"en": "Neon Harbor"}, "time": "12:30"},
+        ]}));
+        assert_eq!(option_named_fully("Two tickets for Neon Harbor at 10:00", &shows), None);
+        assert_eq!(option_named_at("Two tickets for Neon Harbor at 10:00", &shows), Some(0));
+        assert_eq!(option_named_at("Two tickets for Neon Harbor at 12:30", &shows), Some(1));
+        assert_eq!(ordinal("제일 가까운 자전거 잠금 해제해 줘"), Some(1));
+        // The train at the time said, minutes after 点 included.
+        assert_eq!(time_in("就订上午10点20那班，二等座一张。"), Some("10:20".into()));
+        assert_eq!(time_in("오전 10시 20분 기차"), Some("10:20".into()));
+        assert_eq!(time_in("下午4点"), Some("16:00".into()));
+        let trains = options(&s, &json!({"items": [
+            {"id": "G6127", "name": "G6127", "depart": {"time": "08:05"}},
+            {"id": "G6975", "name": "G6975", "depart": {"time": "10:20"}},
+        ]}));
+        assert_eq!(option_at_time("就订上午10点20那班", &trains), Some(1));
+        assert_eq!(option_at_time("就订那班", &trains), None);
+        // A bare number names nothing in a text slot.
+        let t: SlotDef = serde_json::from_value(json!({"name": "salon_name", "type": "text", "required": false})).unwrap();
+        assert!(read(&t, "4", "改成下午4点吧。", 0).is_err());
+        assert_eq!(read(&t, "Urban Cut", "at Urban Cut please", 0), Ok(json!("Urban Cut")));
     }
 
     #[test]

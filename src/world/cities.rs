@@ -212,7 +212,8 @@ pub fn place(query: &str, near_city: Option<&str>) -> Option<(&'static City, &'s
         return prefer(exact);
     }
     let partial: Vec<_> = all()
-        .filter(|(_, p)| names(p).iter().any(|n| n.len() >= 2 && (n.contains(&q) || q.contains(n.as_str()))))
+        // A short Latin query is inside too many names ("me" in "Times Square").
+        .filter(|(_, p)| names(p).iter().any(|n| n.len() >= 2 && ((n.contains(&q) && (q.len() >= 4 || !q.is_ascii())) || q.contains(n.as_str()))))
         .collect();
     prefer(partial)
 }
