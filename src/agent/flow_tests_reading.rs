@@ -91,3 +91,24 @@ async fn the_nearest_bike_on_screen_is_unlocked_by_its_place_in_the_list() {
     assert_eq!(conf.tool, "bike_unlock");
     assert!(conf.summary.contains(&first), "{first} {conf:?}");
 }
+
+#[tokio::test]
+async fn two_tasks_in_one_message_are_confirmed_one_after_the_other() {
+    let w = World::new().await;
+    let start = w.wallet().await;
+    // The model starts only the ride; the train waits below it, read from its own part of the words.
+    let ev = w.say("两件事：一是订12月10日上海到杭州的G6975二等座一张；二是现在叫一辆快车，从静安寺到外滩。", Some("start book_ride")).await;
+    let ride = confirmation(&ev).unwrap_or_else(|| panic!("no confirmation: {}\n{:?}", words(&ev), calls(&ev)));
+    assert_eq!(ride.tool, "ride_request");
+    assert!(ride.summary.contains("Jing'an Temple") && ride.summary.contains("The Bund"), "{ride:?}");
+    assert!(!words(&ev).contains("不认识"), "{}", words(&ev));
+    // Paying the ride goes on to the train, whose number, class and count were said.
+    let ev = w.confirm(&ride.token).await;
+    assert_eq!(payments(&ev).len(), 1, "{ev:#?}");
+    let train = confirmation(&ev).unwrap_or_else(|| panic!("no train confirmation: {}\n{:?}", words(&ev), calls(&ev)));
+    assert_eq!(train.tool, "tickets_book");
+    assert!(train.summary.contains("G6975") && train.summary.contains("second"), "{train:?}");
+    let ev = w.confirm(&train.token).await;
+    assert_eq!(payments(&ev).len(), 1, "{ev:#?}");
+    assert_eq!(w.wallet().await, start - ride.amount - train.amount);
+}

@@ -105,6 +105,58 @@ fn without_enums(flow: &Flow, text: &str) -> String {
     t
 }
 
+/// The part of a message about `app` when it also asks something of
+/// `other`: its clauses from the first that names `app` (or one of its
+/// flows' keywords) up to the next that names `other`. The whole message
+/// when no clause names `app`.
+fn segment(tools: &crate::tools::ToolSet, text: &str, app: &str, other: &str) -> String {
+    let names = |clause: &str, a: &str| {
+        let lower = clause.to_lowercase();
+        super::route::apps_named(tools, clause).iter().any(|x| x == a) || tools.flows().iter().any(|f| f.app == a && f.def.keywords.iter().any(|k| super::route::mentions(&lower, &k.to_lowercase())))
+    };
+    let mut out = String::new();
+    let mut on = false;
+    for clause in text.split_inclusive([',', '，', ';', '；', '。', '!', '！']) {
+        if names(clause, app) {
+            on = true;
+        } else if names(clause, other) {
+            on = false;
+        }
+        if on {
+            out.push_str(clause);
+        }
+    }
+    if out.trim().is_empty() {
+        text.to_owned()
+    } else {
+        out
+    }
+}
+
+/// A task started from another task's message: what code reads from its
+/// part of the words (places, enum values, the date and time, a count, an
+/// address); options it names are picked when their list comes.
+fn fill_from_words(flow: &Flow, fr: &mut Frame, text: &str, today: i64) {
+    let address = flow.def.slots.iter().any(|d| d.address).then(|| value::address_in(text)).flatten();
+    let rest = match &address {
+        Some(a) => text.replace(a.as_str(), " "),
+        None => text.to_owned(),
+    };
+    for d in &flow.def.slots {
+        let v = match d.kind {
+            SlotKind::Place => code_place(d, &rest).map(Value::String),
+            SlotKind::Enum => value::enum_in(d, &rest).map(Value::String),
+            SlotKind::Date | SlotKind::Time | SlotKind::Count => value::from_message(d, &rest, today),
+            SlotKind::Text if d.address => address.clone().map(Value::String),
+            _ => None,
+        };
+        if let Some(v) = v {
+            fr.slots.insert(d.name.clone(), v);
+        }
+    }
+    fr.words.push(text.to_owned());
+}
+
 /// Whether a value code checked (not free text) changed in this message
 /// for the call whose results a choice slot lists.
 fn inputs_changed(flow: &Flow, d: &SlotDef, fresh: &[String]) -> bool {
@@ -277,7 +329,10 @@ impl Agent {
         // slots' only value, and no other slot's ("路200号" is no dish).
         let all_spans = command::spans(text);
         let address = value::address_in(text);
-        let outside: Option<Vec<String>> = address.as_ref().map(|a| all_spans.iter().filter(|x| !cities::fold(a).contains(&cities::fold(x))).cloned().collect());
+        let outside: Option<Vec<String>> = address.as_ref().map(|a| {
+            let fa = cities::fold(a);
+            all_spans.iter().filter(|x| !fa.contains(&cities::fold(x)) && !cities::fold(x).contains(&fa)).cloned().collect()
+        });
         let mut slots: Vec<SlotRule> = Vec::new();
         for f in &cands {
             for d in &f.def.slots {
@@ -439,6 +494,48 @@ impl Agent {
         // Code reads what it can read exactly, for the flow on top: it fills
         // what the model left out and wins where the model read the words
         // otherwise (a place, an enum value, a date, a time, an option named).
+        //
+        // Two tasks in one message ("两件事：一是…；二是…", "…, and order …"):
+        // the model starts one; the one flow of another app the words name
+        // (by its keywords) waits below it, filled from its own part of the
+        // words, and each task reads only its part.
+        let second: Option<Flow> = match started.as_slice() {
+            [one] => {
+                let first_app = self.flow(one).map(|f| f.app.clone()).unwrap_or_default();
+                // Apps named by their keywords or by a flow's own words (二等座).
+                let mut apps: Vec<String> = named.iter().cloned().chain(all.iter().filter(|f| pointed(f)).map(|f| f.app.clone())).filter(|a| *a != first_app && tools.has_flows(a)).collect();
+                apps.sort();
+                apps.dedup();
+                let per_app: Vec<&Flow> = apps
+                    .iter()
+                    .filter_map(|a| {
+                        let fs: Vec<&Flow> = all.iter().copied().filter(|f| &f.app == a && !s.conv.dialogue.stack.iter().any(|fr| fr.flow == f.def.id)).collect();
+                        let fs = if fs.len() > 1 { fs.into_iter().filter(|f| pointed(f)).collect() } else { fs };
+                        match fs.as_slice() {
+                            [f] => Some(*f),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                match per_app.as_slice() {
+                    [f] => Some((*f).clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let reading: String = match (&second, s.conv.dialogue.top()) {
+            (Some(f2), Some(top)) => segment(&tools, text, &top.app, &f2.app),
+            _ => text.to_owned(),
+        };
+        if let Some(f2) = &second {
+            let mut fr2 = Frame::new(f2);
+            let part = segment(&tools, text, &f2.app, &s.conv.dialogue.top().map(|t| t.app.clone()).unwrap_or_default());
+            fill_from_words(f2, &mut fr2, &part, today);
+            self.audit_row(sid, "system", "second_task", None, json!({"flow": f2.def.id, "words": part, "slots": fr2.slots}), "waits below")?;
+            let n = s.conv.dialogue.stack.len();
+            s.conv.dialogue.stack.insert(n.saturating_sub(1), fr2);
+        }
         if let Some(mut top) = s.conv.dialogue.stack.pop() {
             let fr = &mut top;
             if let Some(flow) = self.flow(&fr.flow) {
@@ -456,18 +553,19 @@ impl Agent {
                     }
                 };
                 // The address, from the words after its cue ("送到…", "주소는…").
-                for d in flow.def.slots.iter().filter(|d| d.address && (new || asked(d))) {
+                // (Any message with an address cue gives the address: "地址是…".)
+                for d in flow.def.slots.iter().filter(|d| d.address) {
                     if fr.slots.contains_key(&d.name) {
                         continue;
                     }
-                    if let Some(a) = value::address_in(text) {
+                    if let Some(a) = value::address_in(&reading) {
                         set(fr, fresh, d, Value::String(a));
                         acted = true;
                     }
                 }
                 // The rest of the words: without the text just given ("10 Fuzhou Road"
                 // holds no count, "王府井大街138号" no place to deliver near).
-                let mut rest = text.to_owned();
+                let mut rest = reading.clone();
                 for k in fresh.iter() {
                     if let (Some(Value::String(v)), Some(SlotKind::Text)) = (fr.slots.get(k), flow.slot(k).map(|d| d.kind)) {
                         rest = rest.replace(v.as_str(), " ");
@@ -597,7 +695,13 @@ impl Agent {
             }
             s.conv.dialogue.stack.push(top);
         }
-        for p in &problems {
+        // An unknown name in the other task's part is not this task's problem.
+        let mut told: Vec<String> = Vec::new();
+        for (p, name) in problems.iter().zip(unknown.iter()) {
+            if !reading.contains(name.as_str()) || told.contains(p) {
+                continue;
+            }
+            told.push(p.clone());
             self.tell(s, tx, p.clone()).await;
         }
         // "Then don't order it": the words say stop and the model found
@@ -677,6 +781,8 @@ impl Agent {
     #[allow(clippy::too_many_arguments)]
     async fn advance(&self, sid: &str, s: &mut Session, lang: Lang, flow: &Flow, fr: &mut Frame, fresh: &[String], said: &str, tx: &Tx) -> Result<Outcome, String> {
         fr.asking = None;
+        // Lists the person saw before this message.
+        let shown_before = fr.shown.len();
         for step in &flow.def.steps {
             if !when_ok(&step.when, fr) {
                 continue;
@@ -724,7 +830,7 @@ impl Agent {
                     // The person named one of them: in this message, or, before the
                     // list was first shown, in an earlier one to this task ("from Shu
                     // Feng", "南翔小笼", "블로썸 살롱" for 블로썸 살롱 명동점).
-                    let listed = fr.shown.iter().any(|k| k.starts_with(&format!("{from} ")));
+                    let listed = fr.shown[..shown_before].iter().any(|k| k.starts_with(&format!("{from} ")));
                     let texts: Vec<String> = if listed { vec![said.to_owned()] } else { fr.words.iter().rev().cloned().collect() };
                     let at_time = (!said.is_empty()).then(|| value::option_at_time(said, &opts)).flatten();
                     if let Some(i) = texts.iter().filter(|t| !t.is_empty()).find_map(|t| value::option_named_fully(t, &opts).or_else(|| value::option_by_brand(t, &opts))).or(at_time) {

@@ -38,7 +38,11 @@ pub fn mentions(text: &str, word: &str) -> bool {
 
 /// The apps whose keywords `text` mentions, in the tool set's order.
 pub fn apps_named(tools: &ToolSet, text: &str) -> Vec<String> {
-    let lower = text.to_lowercase();
+    // A place's name is no request: 虹桥火车站 names a station, not a train.
+    let mut lower = text.to_lowercase();
+    for p in crate::dialogue::value::places_in(text) {
+        lower = lower.replace(&p.to_lowercase(), " ");
+    }
     let mut out: Vec<String> = Vec::new();
     for t in tools.iter() {
         if out.contains(&t.app) {
@@ -116,6 +120,14 @@ mod tests {
         assert_eq!(apps_named(&t, "dinner, then a taxi home"), ["food", "ride"]);
         assert_eq!(apps_named(&t, "buy a cabbage"), ["mart"]);
         assert!(apps_named(&t, "what's the weather like?").is_empty());
+    }
+
+    #[test]
+    fn a_place_name_names_no_app() {
+        let t = crate::tools::ToolSet::load_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools"))).unwrap();
+        // 火车 is a train word, but 虹桥火车站 is only where to deliver.
+        assert!(!apps_named(&t, "那就送到虹桥火车站附近吧，地址是申虹路88号。").contains(&"tickets".to_string()));
+        assert!(apps_named(&t, "从虹桥火车站坐高铁去杭州").contains(&"tickets".to_string()));
     }
 
     #[test]

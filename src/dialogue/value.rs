@@ -276,7 +276,12 @@ pub fn read(slot: &SlotDef, value: &str, message: &str, today: i64) -> Result<Va
                 return Err(Rejected::NotSaid);
             }
             if cities::city(value).is_some() || cities::place(value, None).is_some() {
-                Ok(Value::String(value.to_owned()))
+                return Ok(Value::String(value.to_owned()));
+            }
+            // A Korean particle copied with the place ("훙차오역까지", "명동에서").
+            let bare = ["까지", "에서", "부터", "으로", "로", "에"].iter().find_map(|p| value.strip_suffix(p)).map(str::trim).filter(|b| b.chars().count() >= 2);
+            if let Some(b) = bare.filter(|b| cities::city(b).is_some() || cities::place(b, None).is_some()) {
+                Ok(Value::String(b.to_owned()))
             } else {
                 Err(Rejected::UnknownPlace(value.to_owned()))
             }
@@ -756,6 +761,7 @@ mod tests {
         assert!(read(&s, "人民广场", "人民广场附近", 0).is_ok());
         assert_eq!(read(&s, "上海欢乐谷", "帮我在上海欢乐谷附近点一份小笼包外卖", 0), Err(Rejected::UnknownPlace("上海欢乐谷".into())));
         assert_eq!(read(&s, "Pudong Airport", "to People's Square", 0), Err(Rejected::NotSaid));
+        assert_eq!(read(&s, "훙차오역까지", "상하이 와이탄에서 훙차오역까지 택시 요금 알려 줘.", 0), Ok(json!("훙차오역")));
         // A translation of the place the message names is that place, in the person's words.
         assert_eq!(read(&s, "Pudong Airport", "帮我叫辆出租车去浦东机场", 0), Ok(json!("浦东机场")));
         assert_eq!(places_in("from Hongqiao Railway Station to People's Square"), vec!["Hongqiao Railway Station".to_string(), "People's Square".to_string()]);
