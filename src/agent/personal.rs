@@ -49,6 +49,21 @@ impl Agent {
             reply
         };
         match keys::command(text) {
+            // An instruction to pay without asking is refused in words, not as an error.
+            Some(Command::Remember(what)) if keys::is_payment_instruction(&what) => {
+                self.audit_row(sid, "user", "memory", None, json!({"refused": what}), "payment instruction")?;
+                let r = answer(
+                    s,
+                    words(
+                        lang,
+                        "I won't keep that: every payment waits for your tap on Confirm, whatever I remember.".into(),
+                        "这条我不会记下：无论我记住什么，每一笔付款都要等你亲自点确认。".into(),
+                        "그건 기억하지 않을게요. 무엇을 기억하든 모든 결제는 직접 확인을 누르셔야 진행돼요.".into(),
+                    ),
+                );
+                emit(tx, AgentEvent::Notice { text: r }).await;
+                Ok(Handled::Done)
+            }
             Some(Command::Remember(what)) => {
                 let m = mem.remember(&user, &what, None, "said").await.map_err(fail)?;
                 s.conv.last_memory = Some(m.id);

@@ -436,6 +436,15 @@ impl World {
                 body["kind"] = json!(k);
             }
             let r = w.http.post(format!("{}/v1/users/{}/memories", w.http_url, w.user)).bearer_auth(&w.token).json(&body).send().await?;
+            // A payment instruction is refused when written (issue 23); the
+            // dialogue then checks that the assistant still asks before paying.
+            if r.status() == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                if v["error"]["code"] == "payment_instruction" {
+                    continue;
+                }
+                bail!("seeding the memory {:?}: 422 {v}", m.text);
+            }
             if !r.status().is_success() {
                 bail!("seeding the memory {:?}: {} {}", m.text, r.status(), r.text().await.unwrap_or_default());
             }

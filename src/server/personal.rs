@@ -73,6 +73,13 @@ async fn add(State(st): State<Arc<AppState>>, user: UserAuth, Path(id): Path<Str
     if text.is_empty() || text.chars().count() > crate::memory::MAX_TEXT {
         return Err(ApiError::bad_request(format!("text must be 1 to {} characters", crate::memory::MAX_TEXT)));
     }
+    if crate::memory::keys::is_payment_instruction(text) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "payment_instruction",
+            "an instruction to pay without asking is not kept: every payment waits for the person's tap on Confirm",
+        ));
+    }
     let m = f.memory().remember(&user.id, text, kind, "said").await.map_err(failed)?;
     Ok((StatusCode::CREATED, Json(json!(m))).into_response())
 }
