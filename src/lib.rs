@@ -31,10 +31,14 @@
 //!        ▲                │    one constrained model call per message → commands
 //!        │                │    (start, set, pick, cancel, clarify, chat, none) over the
 //!        │                │    candidate flows (app and flow keywords) → values copied from
-//!        │                │    the message by grammar, checked against the words
+//!        │                │    the message by grammar, checked against the words; code reads
+//!        │                │    what it can exactly (places by role, addresses, enum changes,
+//!        │                │    dates, times, options by name/brand/time/order) and wins
 //!        │                │    (dialogue::value) → executor runs
 //!        │                │    the top flow's steps: ask · call · card · quote; a flow stack
-//!        │                │    for interruptions; the model writes only chat replies
+//!        │                │    for interruptions and a second task in the same message;
+//!        │                │    tools' roles (status, order id, final statuses) from manifests;
+//!        │                │    the model writes only chat replies
 //!        │                ├─ generic path (apps without flows): model rounds of tool calls;
 //!        │                │    route (manifest `keywords`), dialogue::ground (arguments from
 //!        │                │    the user or tool results, ids narrowed in the grammar)

@@ -926,11 +926,27 @@ impl Agent {
                     fr.quoted = true;
                     return Ok(Outcome::Waiting);
                 }
-                // Refused (closed, sold out, an unknown code): what was just said
-                // is emptied so the person can say something else.
-                for sl in step_slots(step) {
-                    if fresh.contains(&sl) {
-                        clear(flow, fr, &sl);
+                // Refused (closed, sold out, busy, an unknown code). The refusal
+                // names what it is about first ("Harbor Burger Co. (se07) is
+                // closed", "… is not free at 17:30 on 2026-12-10"): that slot is
+                // emptied and the rest kept, so the person chooses again. When it
+                // names none of them, what was just said is emptied.
+                let refusal = s.conv.dialogue.recent.last().filter(|(r, _)| r == "assistant").map(|(_, t)| t.to_lowercase()).unwrap_or_default();
+                let first = step_slots(step)
+                    .into_iter()
+                    .filter_map(|sl| {
+                        let v = fr.slots.get(&sl).and_then(Value::as_str)?.to_lowercase();
+                        (v.chars().count() >= 3).then(|| refusal.find(&v)).flatten().map(|i| (i, sl))
+                    })
+                    .min();
+                match first {
+                    Some((_, sl)) => clear(flow, fr, &sl),
+                    None => {
+                        for sl in step_slots(step) {
+                            if fresh.contains(&sl) {
+                                clear(flow, fr, &sl);
+                            }
+                        }
                     }
                 }
                 return Ok(Outcome::Stopped);
