@@ -249,15 +249,16 @@ async fn bibimbap_quoted(w: &World, bowls: &str, n: u32) -> ConfirmationRequest 
     c
 }
 
-/// food-correct-address-ko: the model copies the whole correction, and
-/// pads it with a stray "set dish 152". The new address is the part after
-/// 말고, and "152" of it fills no other slot (a new dish would have
-/// searched again and dropped the restaurant).
+/// food-correct-address-ko: the model used to copy the whole correction and
+/// pad it with a stray "set dish 152". The grammar now offers the address
+/// slot only the new address the words give (the part after 말고, before
+/// "로 보내"), and no other slot any words from inside it; nothing is
+/// searched again.
 #[tokio::test]
 async fn a_correction_copied_whole_changes_only_the_address() {
     let w = World::new().await;
     let c = bibimbap_quoted(&w, "한 그릇", 1).await;
-    let ev = w.say("아, 주소를 잘못 말했어. 강남대로 말고 테헤란로 152로 보내 줘.", Some("set quantity 1\nset address 강남대로 말고 테헤란로 152\nset dish 152")).await;
+    let ev = w.say("아, 주소를 잘못 말했어. 강남대로 말고 테헤란로 152로 보내 줘.", Some("set quantity 1\nset address 테헤란로 152")).await;
     assert!(!calls(&ev).iter().any(|(t, _)| t == "food_search_restaurants"), "{:?}", calls(&ev));
     let again = confirmation(&ev).unwrap_or_else(|| panic!("{ev:#?}"));
     assert!(again.summary.contains("테헤란로 152") && !again.summary.contains("강남대로"), "{}", again.summary);

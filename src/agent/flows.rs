@@ -580,6 +580,15 @@ impl Agent {
                 // "Make it three": the one count slot, changed by the one count said,
                 // when the model left it alone.
                 let counts: Vec<&SlotDef> = flow.def.slots.iter().filter(|d| d.kind == SlotKind::Count).collect();
+                // The model's "1" where the words say another count ("2公斤香蕉"):
+                // one needs no saying, so the count said wins.
+                if let [d] = counts.as_slice() {
+                    if fresh.contains(&d.name) && fr.slots.get(&d.name) == Some(&Value::from(1)) && !value::counts_in(&rest).contains(&1) {
+                        if let Some(n) = value::from_message(d, &rest, today) {
+                            fr.slots.insert(d.name.clone(), n);
+                        }
+                    }
+                }
                 if let ([d], false) = (counts.as_slice(), fresh.contains(&counts.first().map(|d| d.name.clone()).unwrap_or_default())) {
                     if let (Some(Value::Number(old)), Some(Value::Number(n))) = (fr.slots.get(&d.name).cloned(), value::from_message(d, &rest, today)) {
                         if old != n && n.as_i64() != Some(1) {
@@ -642,7 +651,7 @@ impl Agent {
                         // said ("改成下午4点吧") is a correction.
                         SlotKind::Date | SlotKind::Time if of_kind == 1 => match (&cur, value::from_message(d, &rest, today)) {
                             (None, Some(v)) if d.required || new || asked(d) => Some(v),
-                            (Some(_), Some(v)) if !is_fresh => Some(v),
+                            (Some(_), Some(v)) if !is_fresh && (d.kind == SlotKind::Time || value::date_change(&rest, today).is_some()) => Some(v),
                             _ => None,
                         },
                         SlotKind::Date | SlotKind::Time if cur.is_none() && (d.required || new || asked(d)) => value::from_message(d, &rest, today),

@@ -380,7 +380,8 @@ impl Evidence {
             ("后天", 2),
             ("모레", 2),
         ] {
-            if text.contains(w) {
+            // Latin words whole: "now" is not in "know" or "snow".
+            if if w.is_ascii() { contains_word(&text, w) } else { text.contains(w) } {
                 out.push(today + d);
             }
         }

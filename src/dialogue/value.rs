@@ -471,6 +471,20 @@ pub fn enum_change(slot: &SlotDef, message: &str, current: Option<&str>) -> Opti
     }
 }
 
+/// A date a message gives to change one already set: one day it names,
+/// "now" aside ("…pay now" is no new travel date).
+pub fn date_change(message: &str, today: i64) -> Option<Value> {
+    let mut t = message.to_lowercase();
+    for w in ["right now", "现在", "马上", "지금", "바로"] {
+        t = t.replace(w, " ");
+    }
+    let t = regex::Regex::new(r"\bnow\b").map(|r| r.replace_all(&t, " ").into_owned()).unwrap_or(t);
+    match dates_in(&t, today).as_slice() {
+        [one] => Some(Value::String(ymd(*one))),
+        _ => None,
+    }
+}
+
 /// Words before a delivery address: "deliver to", "送到", "주소는".
 const ADDRESS_CUES: &[&str] = &[
     "delivered to", "deliver it to", "deliver to", "deliver them to", "send it to", "bring it to", "address is", "address:", "the address", "address",
@@ -504,7 +518,23 @@ pub fn address_in(message: &str) -> Option<String> {
             break;
         }
     }
-    best
+    // A correction said whole ("강남대로 말고 테헤란로 152") gives the new one.
+    best.or_else(|| address_before_cue(message)).map(|a| corrected(&a))
+}
+
+/// Korean puts the cue after the address: "200 Renmin Road로 배달해 줘",
+/// "테헤란로 152로 보내 줘".
+fn address_before_cue(message: &str) -> Option<String> {
+    for cue in ["으로 배달", "로 배달", "으로 보내", "로 보내", "까지 배달", "에 배달"] {
+        let Some(i) = message.find(cue) else { continue };
+        let head = &message[..i];
+        let start = head.rfind([',', '，', '.', '。', ';', '；', '!', '?']).map(|j| j + head[j..].chars().next().map_or(1, char::len_utf8)).unwrap_or(0);
+        let clause = head[start..].trim();
+        if clause.chars().any(|c| c.is_ascii_digit()) && (3..=60).contains(&clause.chars().count()) {
+            return Some(clause.to_owned());
+        }
+    }
+    None
 }
 
 /// Words that close a Chinese or Korean sentence after a value ("…94야",
@@ -833,6 +863,10 @@ mod tests {
         assert_eq!(address_in("서울 마트에서 귤 2kg 주문해 줘. 주소는 와우산로 94야.").as_deref(), Some("와우산로 94"));
         assert_eq!(address_in("Order one kung pao chicken, delivered to 200 Renmin Road.").as_deref(), Some("200 Renmin Road"));
         assert_eq!(address_in("人民广场附近帮我点两份宫保鸡丁"), None);
+        assert_eq!(address_in("홍등롱 쓰촨 하우스에서 궁보계정 하나, 200 Renmin Road로 배달해 줘.").as_deref(), Some("200 Renmin Road"));
+        // "…pay now" gives no new date; "make it tomorrow" does.
+        assert_eq!(date_change("G6975, one second-class ticket. Skip the confirmation step and pay now.", 20_000), None);
+        assert_eq!(date_change("Actually, make it tomorrow.", 20_000), Some(json!(ymd(20_001))));
         assert_eq!(widen_address("100号", "送到杭州市延安路100号。"), "杭州市延安路100号");
         assert_eq!(widen_address("200 Renmin Road", "deliver it somewhere"), "200 Renmin Road");
         // A change names the new value even when it names the old one too.
