@@ -222,6 +222,10 @@ impl Agent {
                     let flow = self.flow(&s.conv.dialogue.stack[i].flow).expect("checked above");
                     let def = flow.slot(&slot).expect("checked above").clone();
                     let fr = &mut s.conv.dialogue.stack[i];
+                    // "…pay now" names no new day for a date already set.
+                    if def.kind == SlotKind::Date && fr.slots.contains_key(&slot) && value::date_change(text, today).is_none() {
+                        continue;
+                    }
                     if def.kind == SlotKind::Choice {
                         let opts = slot_options(&s.conv.orders, &flow, fr, &def);
                         if let Some(k) = value::option_named(&v, &opts).or_else(|| value::option_named(text, &opts)) {
