@@ -194,17 +194,8 @@ pub fn ymd(day: i64) -> String {
 /// An enum value the message names by the value itself or a synonym; only
 /// one may match.
 pub fn enum_in(slot: &SlotDef, message: &str) -> Option<String> {
-    let t = message.to_lowercase();
-    let hits: Vec<&String> = slot
-        .values
-        .iter()
-        .filter(|v| {
-            let own = contains_word(&t, &v.to_lowercase().replace('_', " ")) || contains_word(&t, &v.to_lowercase());
-            own || slot.synonyms.get(*v).is_some_and(|ws| ws.iter().any(|w| contains_word(&t, &w.to_lowercase())))
-        })
-        .collect();
-    match hits.as_slice() {
-        [one] => Some((*one).clone()),
+    match enums_named(slot, message).as_slice() {
+        [one] => Some(one.clone()),
         _ => None,
     }
 }
@@ -714,13 +705,19 @@ pub fn option_by_brand(text: &str, opts: &[Opt]) -> Option<usize> {
     }
 }
 
+/// Whether an option's data holds the time `hm` ("10:20" or "…T10:20").
+fn at_time(o: &Opt, hm: &str) -> bool {
+    let d = o.data.to_string();
+    d.contains(&format!("\"{hm}\"")) || d.contains(&format!("T{hm}"))
+}
+
 /// Of several options with the name the text says ("Neon Harbor at 10:00"
 /// when it shows at 10:00 and at 12:30), the one at the time it says.
 pub fn option_named_at(text: &str, opts: &[Opt]) -> Option<usize> {
     let t = fold(text);
     let hm = time_in(text)?;
     let named: Vec<usize> = opts.iter().enumerate().filter(|(_, o)| o.labels.iter().any(|l| fold(l).chars().count() >= 2 && t.contains(&fold(l)))).map(|(i, _)| i).collect();
-    let at: Vec<usize> = named.into_iter().filter(|&i| opts[i].data.to_string().contains(&format!("\"{hm}\"")) || opts[i].data.to_string().contains(&format!("T{hm}"))).collect();
+    let at: Vec<usize> = named.into_iter().filter(|&i| at_time(&opts[i], &hm)).collect();
     match at.as_slice() {
         [one] => Some(*one),
         _ => None,
@@ -731,10 +728,7 @@ pub fn option_named_at(text: &str, opts: &[Opt]) -> Option<usize> {
 /// the train leaving at 10:20).
 pub fn option_at_time(text: &str, opts: &[Opt]) -> Option<usize> {
     let hm = time_in(text)?;
-    let at: Vec<usize> = (0..opts.len()).filter(|&i| {
-        let d = opts[i].data.to_string();
-        d.contains(&format!("\"{hm}\"")) || d.contains(&format!("T{hm}"))
-    }).collect();
+    let at: Vec<usize> = (0..opts.len()).filter(|&i| at_time(&opts[i], &hm)).collect();
     match at.as_slice() {
         [one] => Some(*one),
         _ => None,
